@@ -1,0 +1,197 @@
+"""Loading unquantized Hugging Face gpt-oss checkpoints (bf16 / fp16 / fp32 safetensors) into the model.
+
+Tensors stream one at a time from memory-mapped safetensors, are transposed to our [in, out] layout, cast and put
+on device, so host memory never holds more than one tensor beyond the device copy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.params import ParamSpec, iter_specs, param_specs, path_str
+from gptoss_jax.safetensors_io import Checkpoint, CheckpointError
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# HF suffix within a layer -> (our path within the layer, transpose the last two dims?)
+_LAYER_MAP = {
+    "input_layernorm.weight": (("input_norm", "scale"), False),
+    "post_attention_layernorm.weight": (("post_attn_norm", "scale"), False),
+    "self_attn.q_proj.weight": (("attn", "q_proj", "weight"), True),
+    "self_attn.q_proj.bias": (("attn", "q_proj", "bias"), False),
+    "self_attn.k_proj.weight": (("attn", "k_proj", "weight"), True),
+    "self_attn.k_proj.bias": (("attn", "k_proj", "bias"), False),
+    "self_attn.v_proj.weight": (("attn", "v_proj", "weight"), True),
+    "self_attn.v_proj.bias": (("attn", "v_proj", "bias"), False),
+    "self_attn.o_proj.weight": (("attn", "o_proj", "weight"), True),
+    "self_attn.o_proj.bias": (("attn", "o_proj", "bias"), False),
+    "self_attn.sinks": (("attn", "sinks"), False),
+    "mlp.router.weight": (("mlp", "router", "weight"), True),
+    "mlp.router.bias": (("mlp", "router", "bias"), False),
+    "mlp.experts.gate_up_proj": (("mlp", "experts", "gate_up"), False),  # HF stores experts input-major already
+    "mlp.experts.gate_up_proj_bias": (("mlp", "experts", "gate_up_bias"), False),
+    "mlp.experts.down_proj": (("mlp", "experts", "down"), False),
+    "mlp.experts.down_proj_bias": (("mlp", "experts", "down_bias"), False),
+}
+_GLOBAL_MAP = {
+    "model.embed_tokens.weight": (("embed", "embedding"), False),
+    "model.norm.weight": (("norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "weight"), True),
+}
+
+
+def hf_to_param_path(name: str) -> tuple[tuple, bool] | None:
+    """Our parameter path for an HF tensor name and whether its last two dims are transposed; None if unknown."""
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    m = _LAYER.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        sub, transpose = _LAYER_MAP[m.group(2)]
+        return ("layers", int(m.group(1)), *sub), transpose
+    return None
+
+
+def param_path_to_hf(path: tuple) -> str:
+    """Inverse of hf_to_param_path (for writing HF checkpoints, e.g. in tests and demos)."""
+    for name, (p, _) in _GLOBAL_MAP.items():
+        if p == tuple(path):
+            return name
+    if path[0] == "layers":
+        for suffix, (p, _) in _LAYER_MAP.items():
+            if p == tuple(path[2:]):
+                return f"model.layers.{path[1]}.{suffix}"
+    raise KeyError(f"no Hugging Face name for parameter {path_str(path)}")
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16,
+                   place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
+    """Reads every tensor of an unquantized HF gpt-oss checkpoint into our parameter tree (pure dict).
+
+    `place(path, host_array)` puts one converted tensor on device (default: jax.device_put); pass a sharded
+    placement to load straight into shardings.
+    """
+    specs = dict(iter_specs(param_specs(config, dtype=dtype)))
+    place = place or (lambda p, a: jax.device_put(a))
+    params: dict = {}
+    seen: set = set()
+    unexpected = []
+    with Checkpoint(path) as ckpt:
+        for name in ckpt.keys():
+            mapped = hf_to_param_path(name)
+            if mapped is None:
+                unexpected.append(name)
+                continue
+            ppath, transpose = mapped
+            spec: ParamSpec | None = specs.get(ppath)
+            if spec is None:
+                unexpected.append(name)
+                continue
+            host = ckpt.get(name)
+            if host.dtype.kind not in "f" and host.dtype != np.dtype(jnp.bfloat16):
+                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {host.dtype}; an "
+                                      f"unquantized checkpoint needs float tensors (quantized checkpoints go "
+                                      f"through gptoss-convert)")
+            if transpose:
+                host = np.swapaxes(host, -1, -2)
+            if tuple(host.shape) != spec.shape:
+                raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape "
+                                      f"{tuple(np.swapaxes(host, -1, -2).shape) if transpose else host.shape}, "
+                                      f"config.json implies {spec.shape if not transpose else spec.shape[::-1]}")
+            set_path(params, ppath, place(ppath, np.ascontiguousarray(host).astype(spec.dtype)))
+            seen.add(ppath)
+    missing = [path_str(p) for p in specs if p not in seen]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json: missing parameters "
+                              f"{[param_path_to_hf(tuple(int(x) if x.isdigit() else x for x in m.split('.'))) for m in missing][:20]}"
+                              f"{' …' if len(missing) > 20 else ''}; unexpected tensors {unexpected[:20]}"
+                              f"{' …' if len(unexpected) > 20 else ''}")
+    return params
+
+
+def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, dtype=None,
+                       max_shard_bytes: int | None = None) -> None:
+    """Writes our parameter tree as a Hugging Face gpt-oss checkpoint (config.json + safetensors, optionally
+    sharded with an index). Used to make test and demo checkpoints that transformers can read."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    import ml_dtypes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    shards: list[dict] = [{}]
+    size = 0
+    for ppath, _ in iter_specs(param_specs(config)):
+        a = np.asarray(get_path(params, ppath))
+        if dtype is not None:
+            a = a.astype(dtype)
+        name = param_path_to_hf(ppath)
+        if hf_to_param_path(name)[1]:
+            a = np.swapaxes(a, -1, -2)
+        a = np.ascontiguousarray(a)
+        if max_shard_bytes and size + a.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = a
+        size += a.nbytes
+    del ml_dtypes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def abstract_model(config: GptOssConfig, *, dtype=jnp.bfloat16, quant=None):
+    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
+    from gptoss_jax.model import GptOss
+    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, quant=quant, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: GptOssConfig, params: dict, *, dtype=jnp.bfloat16, quant=None):
+    """Builds the model around an existing parameter tree (pure dict of arrays) without random init."""
+    model = abstract_model(config, dtype=dtype, quant=quant)
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    # the rotary constant is not a parameter: recompute it rather than leave an abstract leaf
+    from gptoss_jax.rope import yarn_inv_freq
+    model.inv_freq = nnx.Variable(jnp.asarray(yarn_inv_freq(config)[0], jnp.float32))
+    return model
+
+
+def params_of(model) -> dict:
+    """The pure-dict parameter tree of a model (what param_specs describes)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def load_hf_model(path: str | Path, *, dtype=jnp.bfloat16, config: GptOssConfig | None = None):
+    path = Path(path)
+    config = config or GptOssConfig.from_json(path if path.is_dir() else path.parent)
+    return model_from_params(config, load_hf_params(path, config, dtype=dtype), dtype=dtype)

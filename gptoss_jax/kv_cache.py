@@ -1,0 +1,69 @@
+"""The KV cache: one ring buffer per layer, keyed by absolute positions.
+
+Each layer keeps ``k, v [B, S, KV, D]`` and ``pos [B, S]`` (the absolute position held in each slot, -1 when empty).
+Full-attention layers have ``S = max_len`` slots; sliding-window layers only ``S = min(window, max_len)``, written
+round-robin (slot = position mod S), since no query ever sees further back. Because every slot carries its
+position, attention masks are computed from positions alone and padding (pos -1) is never visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.config import GptOssConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    k: jax.Array  # [B, S, KV, D]
+    v: jax.Array  # [B, S, KV, D]
+    pos: jax.Array  # [B, S] int32, -1 = empty
+
+    @property
+    def slots(self) -> int:
+        return self.pos.shape[1]
+
+
+def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> tuple[LayerCache, ...]:
+    caches = []
+    for i in range(config.num_hidden_layers):
+        slots = min(config.sliding_window, max_len) if config.is_sliding(i) else max_len
+        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                                 jnp.full((batch, slots), -1, jnp.int32)))
+    return tuple(caches)
+
+
+def cache_max_len(cache: tuple[LayerCache, ...]) -> int:
+    return max(c.slots for c in cache)
+
+
+def update_layer_cache(cache: LayerCache, k, v, positions, valid) -> LayerCache:
+    """Writes the new keys/values k, v [B,T,KV,D] at positions [B,T] (valid [B,T] a prefix of each row)."""
+    b, t = positions.shape
+    slots = cache.slots
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    if t == 1:
+        # Decode: one scatter per row (in place when the cache is donated). Invalid rows write out of bounds: dropped.
+        slot = jnp.where(valid[:, 0], positions[:, 0] % slots, slots)
+        rows = jnp.arange(b)
+        return LayerCache(cache.k.at[rows, slot].set(k[:, 0], mode="drop"),
+                          cache.v.at[rows, slot].set(v[:, 0], mode="drop"),
+                          cache.pos.at[rows, slot].set(positions[:, 0], mode="drop"))
+    # Several tokens: each slot s takes the newest new position p with p ≡ s (mod S), if there is one.
+    start = positions[:, :1]  # [B,1]
+    count = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.int32)  # [B,1]
+    last = start + count - 1
+    s = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    newest = last - jnp.mod(last - s, slots)  # [B,S]: the newest position ≤ last landing in slot s
+    take = (newest >= start) & (count > 0)
+    idx = jnp.clip(newest - start, 0, t - 1)
+    new_k = jnp.take_along_axis(k, idx[:, :, None, None], axis=1)
+    new_v = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
+    return LayerCache(jnp.where(take[:, :, None, None], new_k, cache.k),
+                      jnp.where(take[:, :, None, None], new_v, cache.v),
+                      jnp.where(take, newest, cache.pos))

@@ -1,0 +1,102 @@
+"""Weight containers and the two matmul call sites (dense and grouped) shared by 16-bit and int4 weights.
+
+A weight is either an ``nnx.Param`` holding an array ``[..., K, N]`` or an :class:`Int4Weight` module holding the
+packed int4 layout of :mod:`pallas_kernels.int4_layout`. :func:`linear` and :func:`grouped_linear` accept both and
+route int4 weights to the Pallas kernels (``pallas_kernels.dense_matmul`` / ``grouped_matmul``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.params import QuantSpec
+from pallas_kernels import int4_layout
+from pallas_kernels.int4_layout import Int4Tensor
+
+
+def precision_for(dtype):
+    """float32 paths must stay float32 (no tf32/bf16 passes on GPU/TPU): the fp32 model is checked to 1e-4."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+class Int4Weight(nnx.Module):
+    """A 4-bit weight [..., K, N]: packed codes, group scales and (asymmetric only) zero points."""
+
+    def __init__(self, value, quant: QuantSpec):
+        t = int4_layout.quantize(value, group_size=quant.group_for(value.shape[-2]), symmetric=quant.symmetric,
+                                 scale_dtype=jnp.dtype(quant.scale_dtype))
+        self.group_size = t.group_size
+        self.packed = nnx.Param(t.packed)
+        self.scales = nnx.Param(t.scales)
+        if t.zeros is not None:
+            self.zeros = nnx.Param(t.zeros)
+
+    def tensor(self) -> Int4Tensor:
+        zeros = self.zeros[...] if hasattr(self, "zeros") else None
+        return Int4Tensor(self.packed[...], self.scales[...], zeros, self.group_size)
+
+
+def weight(shape, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, std: float = 0.02):
+    """A randomly initialised weight of logical `shape` [..., K, N], 4-bit when `quant` is given."""
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    if quant is None:
+        return nnx.Param(value.astype(dtype))
+    return Int4Weight(value, quant)
+
+
+def operand(w):
+    """The array or Int4Tensor behind a weight container."""
+    return w.tensor() if isinstance(w, Int4Weight) else w[...]
+
+
+def linear(x, w, bias=None, *, out_dtype=None):
+    """x [..., K] @ W [K, N] (+ bias), float32 accumulation."""
+    out_dtype = out_dtype or x.dtype
+    w = operand(w)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(w, Int4Tensor):
+        from pallas_kernels import dense_matmul
+        y = dense_matmul(x2, w, bias, out_dtype=jnp.float32)
+    else:
+        y = jnp.dot(x2, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision_for(x.dtype))
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def grouped_linear(x, w, group_sizes, bias=None):
+    """Rows of x [M, K] grouped by expert (group_sizes [E]) @ their expert's W [E, K, N] (+ bias [E, N])."""
+    w = operand(w)
+    if isinstance(w, Int4Tensor):
+        from pallas_kernels import grouped_matmul
+        return grouped_matmul(x, w, group_sizes, bias=bias, out_dtype=x.dtype)
+    y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
+                           precision=precision_for(x.dtype))
+    if bias is not None:
+        num_experts = group_sizes.shape[0]
+        row_expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=x.shape[0])
+        y = y + bias[row_expert].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs,
+                 bias: bool = True):
+        self.weight = weight((in_features, out_features), dtype=dtype, quant=quant, rngs=rngs)
+        if bias:
+            self.bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (out_features,), dtype))
+
+    def __call__(self, x, *, out_dtype=None):
+        bias = self.bias[...] if hasattr(self, "bias") else None
+        return linear(x, self.weight, bias, out_dtype=out_dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), dtype))
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0)

@@ -1,0 +1,100 @@
+"""Shared helpers for the grouped-matmul kernels: group metadata, tile choice, argument checks.
+
+Group metadata (megablox style, computed once per call by a few tiny XLA ops and scalar-prefetched / read by the
+kernels). Rows of ``x`` are sorted by group; group ``e`` owns rows ``[off_e, off_e + size_e)``. We append one
+*virtual* group ``E`` that owns the rows at or beyond ``sum(group_sizes)`` (they must come out as zeros) so every
+row belongs to exactly one group. A *work item* is a pair (group, m-tile) with a non-empty intersection; items are
+ordered by group, hence by m-tile (non-decreasing), which both kernels rely on (TPU: an output block is only
+revisited on consecutive grid steps; GPU: items of one tile write disjoint rows).
+
+The number of items is bounded statically by ``tiles_m + min(E + 1, M) - 1`` (every non-empty group adds at most one
+partial tile), so kernels use a static grid of that size and idle items (index >= num_items) do nothing. For a
+batch-1 decode step (M = 4 rows, 4 distinct experts) that is 4 items: only the 4 touched experts' weights are read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class GroupMeta(NamedTuple):
+    group_ids: jax.Array  # int32 [W]: group of each item (E = virtual zero group)
+    m_tiles: jax.Array  # int32 [W]: m-tile of each item
+    row_starts: jax.Array  # int32 [W]: first row of the item (absolute)
+    row_ends: jax.Array  # int32 [W]: one past the last row (absolute); == row_starts for idle items
+    weight_ids: jax.Array  # int32 [W]: expert whose weights the item reads (virtual/idle: the previous one)
+    is_real: jax.Array  # int32 [W]: 1 when the item computes a real group, else 0
+    num_items: jax.Array  # int32 []: number of items (<= W)
+
+
+def num_work_items(m: int, tm: int, num_groups: int) -> int:
+    tiles_m = -(-m // tm)
+    return max(1, tiles_m + min(num_groups + 1, m) - 1)
+
+
+def make_group_meta(group_sizes: jax.Array, m: int, tm: int) -> GroupMeta:
+    """Work-item metadata for rows [0, m) split in tiles of tm rows (see module docstring)."""
+    e = group_sizes.shape[0]
+    gs = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(gs), m)
+    ext_ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+    ext_starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ext_ends[:-1]])
+    ext_sizes = ext_ends - ext_starts
+    first_tile = ext_starts // tm
+    ntiles = jnp.where(ext_sizes > 0, (ext_ends + tm - 1) // tm - first_tile, 0)
+    cum = jnp.cumsum(ntiles)
+    num_items = cum[-1]
+    w = num_work_items(m, tm, e)
+    items = jnp.arange(w, dtype=jnp.int32)
+    # group of item i = number of groups whose cumulative tile count is <= i.
+    g = jnp.sum((cum[None, :] <= items[:, None]).astype(jnp.int32), axis=1)
+    g = jnp.minimum(g, e)
+    valid = items < num_items
+    m_tile = first_tile[g] + items - (cum[g] - ntiles[g])
+    m_tile = jnp.clip(m_tile, 0, -(-m // tm) - 1)
+    rs = jnp.maximum(ext_starts[g], m_tile * tm)
+    re = jnp.minimum(ext_ends[g], (m_tile + 1) * tm)
+    is_real = jnp.logical_and(valid, g < e)
+    last_valid = jnp.maximum(num_items - 1, 0)
+    # Idle items repeat the last valid item's tile so that no new block is fetched or written back.
+    m_tile = jnp.where(valid, m_tile, m_tile[last_valid])
+    g = jnp.where(valid, g, g[last_valid])
+    re = jnp.where(valid, re, rs)  # idle items own no rows
+    wid = jax.lax.cummax(jnp.where(is_real, g, -1), axis=0)
+    wid = jnp.maximum(wid, 0) if e else jnp.zeros_like(wid)
+    return GroupMeta(g.astype(jnp.int32), m_tile.astype(jnp.int32), rs.astype(jnp.int32), re.astype(jnp.int32),
+                     wid.astype(jnp.int32), is_real.astype(jnp.int32), num_items.astype(jnp.int32))
+
+
+def row_group_ids(group_sizes: jax.Array, m: int) -> jax.Array:
+    """int32 [m]: the group of each row; E for rows at or beyond sum(group_sizes)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    rows = jnp.arange(m, dtype=jnp.int32)
+    return jnp.sum((ends[None, :] <= rows[:, None]).astype(jnp.int32), axis=1)
+
+
+def largest_divisor(n: int, target: int, multiple_of: int = 1) -> int | None:
+    """Largest d <= target with d | n and multiple_of | d, or None."""
+    best = None
+    for d in range(multiple_of, min(n, target) + 1, multiple_of):
+        if n % d == 0:
+            best = d
+    return best
+
+
+def pow2_divisor(n: int, target: int, minimum: int = 16) -> int | None:
+    """Largest power of two p with minimum <= p <= target and p | n, or None."""
+    p = 1 << int(math.log2(max(target, 1)))
+    while p >= minimum:
+        if n % p == 0:
+            return p
+        p //= 2
+    return None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,255 @@
+"""Grouped (ragged) int4 / float matmul for NVIDIA GPUs in Pallas, Triton lowering.
+
+Why Triton and not Mosaic GPU (the default Pallas GPU backend since jax 0.9):
+* The op is dominated by decode: a batch-1 step sends 4 rows to 4 of 128 experts, so every touched expert is a
+  [1..16, K] x [K, N] product — a GEMV that is purely HBM bound (2880 x 5760 int4 = 8.3 MB per expert). What matters
+  is streaming the packed words of the touched experts at full bandwidth with enough CTAs in flight; tensor-core
+  shape is irrelevant. Mosaic GPU's building blocks (TMA + wgmma) want 64-row warpgroup tiles and its mixed-type
+  Hopper matmul in jax (hopper_mixed_type_matmul_mgpu) supports int8 x bf16 only, so an int4 path there means
+  writing the nibble unpack into a warp-specialised TMA pipeline — not verifiable without the GPU.
+* The Triton lowering gives pointer-level masked loads (ragged groups, N = 2880 partial tiles) and lets us unpack
+  8 nibbles per 32-bit word with shifts in registers; it runs in Pallas' interpret mode on CPU, which is how this
+  file is tested, and (only) its lowering can be checked on CPU with ``jax.jit(...).trace(...).lower(
+  lowering_platforms=("cuda",))``.
+* Measured on H100 (docs/BENCHMARKS.md): this kernel against XLA's bf16 ``ragged_dot`` and the dequantize-all XLA
+  baseline; see there for the numbers that back this choice.
+
+Kernel structure: grid = (work items, N tiles); a work item is one (group, m-tile) pair from
+``_common.make_group_meta``; idle items return at once, the virtual group (rows past sum(group_sizes)) stores zeros
+without touching weights, so only experts that received rows are read. Each program loops over K in ``bk`` steps:
+load x [bm, bk] (rows of other groups masked to 0), packed words [bk/8, bn] of its expert, unpack to [bk, bn] codes,
+subtract the zero point, and either multiply the f32 partial product by the scale row (``group_size % bk == 0``:
+one scale row per K step, the cheap path) or dequantize per element (``bk % group_size == 0``).
+Accumulation is float32; f32 inputs use an IEEE f32 dot (Triton's default for f32 operands without TF32
+precision), so fp32 models keep full precision.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import _common
+
+try:  # jax >= 0.4.3x; Triton lowering is deprecated in 0.11 but still present.
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+AVAILABLE = pltriton is not None
+
+DEFAULT_TILING = dict(bm=16, bk=128, bn=64, num_warps=4, num_stages=4)
+PREFILL_TILING = dict(bm=64, bk=64, bn=128, num_warps=4, num_stages=3)
+
+
+def _unstack2(y):
+    """[..., 2] -> two arrays (Triton: tt.split)."""
+    if hasattr(jax.lax, "unstack"):
+        return jax.lax.unstack(y, axis=-1)
+    return y[..., 0], y[..., 1]
+
+
+def _load(ref, mask=None, other=None):
+    return pltriton.load(ref, mask=mask, other=other)
+
+
+def _store(ref, val, mask=None):
+    return pltriton.store(ref, val, mask=mask)
+
+
+def default_tiling(m: int, k: int, n: int, group_size: int | None, num_groups: int) -> dict:
+    t = dict(DEFAULT_TILING if m <= 4 * num_groups and m <= 256 else PREFILL_TILING)
+    return t
+
+
+def resolve_tiling(tiling, m, k, n, group_size, num_groups) -> dict:
+    t = default_tiling(m, k, n, group_size, num_groups)
+    if tiling:
+        t.update({kk: v for kk, v in dict(tiling).items() if v is not None})
+    bk = _common.pow2_divisor(k, t["bk"], minimum=16)
+    if bk is None:
+        raise ValueError(f"gpu kernel: K={k} has no power-of-two divisor >= 16")
+    if group_size is not None and not (group_size % bk == 0 or bk % group_size == 0):
+        # make bk divide the group (group sizes are multiples of 8; use the largest pow2 dividing both)
+        bk2 = _common.pow2_divisor(group_size, bk, minimum=16)
+        if bk2 is None or k % bk2:
+            raise ValueError(f"gpu kernel: no K tile fits K={k}, group={group_size}")
+        bk = bk2
+    t["bk"] = bk
+    return t
+
+
+def supports(x_shape, w_shape, group_size) -> bool:
+    """Whether the kernel handles these shapes (else callers fall back to XLA)."""
+    if not AVAILABLE:
+        return False
+    _, k = x_shape
+    if _common.pow2_divisor(k, 128, minimum=16) is None:
+        return False
+    if group_size is not None:
+        if group_size % 16 and not _pow2(group_size):
+            # groups like 8 or 24: only fine if some pow2 >= 16 divides the group
+            return False
+        if _common.pow2_divisor(group_size, 128, minimum=16) is None and group_size < 16:
+            return False
+    return True
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, *, epilogue, alpha, limit,
+                       out_dtype, tiling=None, interpret=False):
+    """x [M, K]; packed int32 [E, K/8, N] (int4) or float weights [E, K, N] when scales is None."""
+    m, k = x.shape
+    e = group_sizes.shape[0]
+    quant = scales is not None
+    n = packed.shape[-1]
+    t = resolve_tiling(tiling, m, k, n, group_size if quant else None, e)
+    bm, bk, bn = t["bm"], t["bk"], t["bn"]
+    cdt = x.dtype
+    swiglu = epilogue == "swiglu"
+    if swiglu and (n % 2 or bn % 2):
+        raise ValueError("swiglu epilogue needs even N and bn")
+    n_out = n // 2 if swiglu else n
+    meta = _common.make_group_meta(group_sizes, m, bm)
+    w_items = meta.group_ids.shape[0]
+    meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
+                          meta.is_real])
+    tiles_n = _common.cdiv(n, bn)
+    tiles_k = k // bk
+    per_element_scale = quant and group_size < bk
+    has_zeros = quant and zeros is not None
+    has_bias = bias is not None
+
+    def kernel(*refs):
+        refs = list(refs)
+        meta_ref, x_ref, p_ref = refs[:3]
+        pos = 3
+        s_ref = z_ref = b_ref = None
+        if quant:
+            s_ref = refs[pos]; pos += 1
+            if has_zeros:
+                z_ref = refs[pos]; pos += 1
+        if has_bias:
+            b_ref = refs[pos]; pos += 1
+        o_ref = refs[pos]
+
+        item = pl.program_id(0)
+        nt = pl.program_id(1)
+        m_tile = meta_ref[1, item]
+        rs = meta_ref[2, item]
+        re = meta_ref[3, item]
+        wid = meta_ref[4, item]
+        real = meta_ref[5, item]
+        row0 = m_tile * bm
+        rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+        rmask = jnp.logical_and(rows >= rs, rows < re)
+        n0 = nt * bn
+        cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+        cmask = cols < n
+
+        def store(y):
+            if swiglu:
+                y3 = y.reshape(bm, bn // 2, 2)
+                gate, up = _unstack2(y3)
+                gate = jnp.minimum(gate, limit)
+                up = jnp.clip(up, -limit, limit)
+                y = (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+                ocols = nt * (bn // 2) + jax.lax.broadcasted_iota(jnp.int32, (bn // 2,), 0)
+                omask = jnp.logical_and(rmask[:, None], (ocols < n_out)[None, :])
+                _store(o_ref.at[pl.ds(row0, bm), pl.ds(nt * (bn // 2), bn // 2)], y.astype(o_ref.dtype), mask=omask)
+            else:
+                omask = jnp.logical_and(rmask[:, None], cmask[None, :])
+                _store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=omask)
+
+        @pl.when(jnp.logical_and(re > rs, real == 0))
+        def _zero():
+            store(jnp.zeros((bm, bn), jnp.float32))
+
+        @pl.when(jnp.logical_and(re > rs, real != 0))
+        def _compute():
+            shifts = (jax.lax.broadcasted_iota(jnp.int32, (1, 8, 1), 1) * 4)
+
+            def body(kt, acc):
+                k0 = kt * bk
+                xt = _load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=rmask[:, None], other=0)
+                if not quant:
+                    wt = _load(p_ref.at[wid, pl.ds(k0, bk), pl.ds(n0, bn)], mask=cmask[None, :], other=0)
+                    return acc + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)
+                words = _load(p_ref.at[wid, pl.ds(k0 // 8, bk // 8), pl.ds(n0, bn)], mask=cmask[None, :],
+                              other=0)
+                q = (words[:, None, :] >> shifts) & 0xF  # [bk/8, 8, bn]; row 8*kw + j
+                q = q.reshape(bk, bn)
+                if per_element_scale:
+                    ng = bk // group_size
+                    s = _load(s_ref.at[wid, pl.ds(k0 // group_size, ng), pl.ds(n0, bn)], mask=cmask[None, :],
+                              other=0).astype(jnp.float32)
+                    if has_zeros:
+                        z = _load(z_ref.at[wid, pl.ds(k0 // group_size, ng), pl.ds(n0, bn)], mask=cmask[None, :],
+                                  other=0).astype(jnp.int32)
+                    else:
+                        z = jnp.full((ng, bn), 8, jnp.int32)
+                    qf = q.reshape(ng, group_size, bn).astype(jnp.float32)
+                    wdq = (qf - z[:, None, :].astype(jnp.float32)) * s[:, None, :]
+                    wdq = wdq.reshape(bk, bn).astype(cdt)
+                    return acc + jnp.dot(xt, wdq, preferred_element_type=jnp.float32)
+                grow = k0 // group_size
+                s = _load(s_ref.at[wid, pl.ds(grow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
+                          other=0).astype(jnp.float32)
+                if has_zeros:
+                    z = _load(z_ref.at[wid, pl.ds(grow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
+                              other=0).astype(jnp.int32)
+                else:
+                    z = jnp.full((1, bn), 8, jnp.int32)
+                wq = (q - z).astype(cdt)  # exact small integers in [-15, 15]
+                part = jnp.dot(xt, wq, preferred_element_type=jnp.float32)
+                return acc + part * s
+
+            acc = jax.lax.fori_loop(0, tiles_k, body, jnp.zeros((bm, bn), jnp.float32))
+            if has_bias:
+                b = _load(b_ref.at[pl.ds(wid, 1), pl.ds(n0, bn)], mask=cmask[None, :], other=0)
+                acc = acc + b.astype(jnp.float32)
+            store(acc)
+
+    m_pad = m
+    if interpret:
+        # The interpreter clamps out-of-range dynamic slices instead of masking pointers as Triton does, so pad
+        # rows/columns to whole tiles there (the kernel still masks against the true m and n).
+        m_pad = _common.cdiv(m, bm) * bm
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+        n_pad = tiles_n * bn - n
+        if n_pad:
+            pad3 = ((0, 0), (0, 0), (0, n_pad))
+            packed = jnp.pad(packed, pad3)
+            if quant:
+                scales = jnp.pad(scales, pad3)
+                zeros = None if zeros is None else jnp.pad(zeros, pad3)
+            if has_bias:
+                bias = jnp.pad(bias, ((0, 0), (0, n_pad)))
+    args = [meta_arr, x, packed]
+    if quant:
+        args.append(scales)
+        if has_zeros:
+            args.append(zeros)
+    if has_bias:
+        args.append(bias)
+    n_out_alloc = (tiles_n * bn // 2 if swiglu else tiles_n * bn) if interpret else n_out
+    kwargs = {}
+    if not interpret:
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t["num_warps"], num_stages=t["num_stages"])
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_out_alloc), out_dtype),
+        grid=(w_items, tiles_n),
+        interpret=interpret,
+        name="int4_grouped_matmul" if quant else "grouped_matmul",
+        **kwargs,
+    )(*args)
+    if out.shape != (m, n_out):
+        out = out[:m, :n_out]
+    return out
