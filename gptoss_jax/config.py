@@ -29,7 +29,7 @@ _IGNORED_HF_KEYS = frozenset(
         "_name_or_path", "name_or_path", "return_dict", "output_hidden_states", "output_attentions",
         "pretraining_tp", "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "rope_scaling",
         "rope_theta", "rope_parameters", "layer_types", "swiglu_limit", "swiglu_alpha", "eos_token_id",
-        "pad_token_id", "max_position_embeddings", "sliding_window", "is_encoder_decoder",
+        "pad_token_id", "max_position_embeddings", "sliding_window", "is_encoder_decoder", "initial_context_length",
     }
 )
 
