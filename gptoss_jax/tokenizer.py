@@ -13,7 +13,6 @@ tokenizer instead of hard-coding the o200k_harmony values (199998 ... 200012).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -268,9 +267,3 @@ def build_tiny_tokenizer(
         out.save(path)
     return out
 
-
-def _is_tokenizer_json(path: Path) -> bool:  # pragma: no cover - small helper for callers
-    try:
-        return "model" in json.loads(path.read_text(encoding="utf-8"))
-    except Exception:
-        return False
