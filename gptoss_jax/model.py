@@ -61,14 +61,18 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)
-        if cache is not None and attend_to_cache:
+        new_cache = None if cache is None else update_layer_cache(cache, k, v, positions, valid)
+        if cache is not None and attend_to_cache and t == 1:
+            # Decode: the new key is already in the cache. The slot it overwrote held position p - S, which the query
+            # at p never sees (S = window on sliding layers), so attending over the updated cache alone is exact.
+            keys, values, key_pos = new_cache.k.astype(k.dtype), new_cache.v.astype(v.dtype), new_cache.pos
+        elif cache is not None and attend_to_cache:
             keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             key_pos = jnp.concatenate([cache.pos, key_pos], axis=1)
         else:
             keys, values = k, v
         out = attention(q, keys, values, positions, key_pos, self.sinks[...], self.window)
-        new_cache = None if cache is None else update_layer_cache(cache, k, v, positions, valid)
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
@@ -149,8 +153,13 @@ class MoE(nnx.Module):
     def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
         self.router = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, quant=quant, rngs=rngs)
+        # Set by gptoss_jax.sharding.shard_model: experts split over a mesh (see gptoss_jax.moe_parallel).
+        self.parallel = None
 
     def __call__(self, x):
+        if self.parallel is not None:
+            from gptoss_jax.moe_parallel import moe_forward
+            return moe_forward(self, x, self.parallel)
         b, t, h = x.shape
         x = x.reshape(b * t, h)
         experts, weights = self.router(x)  # [N, k]
