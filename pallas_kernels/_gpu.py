@@ -20,13 +20,11 @@ without touching weights, so only experts that received rows are read. Each prog
 load x [bm, bk] (rows of other groups masked to 0), packed words [bk/8, bn] of its expert, unpack to [bk, bn] codes,
 subtract the zero point, and either multiply the f32 partial product by the scale row (``group_size % bk == 0``:
 one scale row per K step, the cheap path) or dequantize per element (``bk % group_size == 0``).
-Accumulation is float32; f32 inputs use an IEEE f32 dot (Triton's default for f32 operands without TF32
-precision), so fp32 models keep full precision.
+Accumulation is float32; f32 inputs use ``Precision.HIGHEST`` = an IEEE f32 dot (Triton's DEFAULT is TF32), so
+fp32 models keep full precision.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +39,10 @@ except ImportError:  # pragma: no cover
 
 AVAILABLE = pltriton is not None
 
-DEFAULT_TILING = dict(bm=16, bk=128, bn=64, num_warps=4, num_stages=4)
-PREFILL_TILING = dict(bm=64, bk=64, bn=128, num_warps=4, num_stages=3)
+# Defaults (bm chosen from the mean rows per active group, see default_tiling). bk is cut to the largest power of
+# two dividing K (64 for K = 2880). bn = 128: measured on H200 (jax 0.11.2, docs/BENCHMARKS.md), bn=128 beat bn=64
+# and bn=32 at batch 1 (gate_up 55.8 vs 68.5 vs 73.9 us) and batch 64 (848 vs 1096 vs 1220 us; down 477 vs 574 us).
+DEFAULT_TILING = dict(bm=16, bk=128, bn=128, num_warps=4, num_stages=4)
 
 
 def _unstack2(y):
@@ -61,7 +61,12 @@ def _store(ref, val, mask=None):
 
 
 def default_tiling(m: int, k: int, n: int, group_size: int | None, num_groups: int) -> dict:
-    t = dict(DEFAULT_TILING if m <= 4 * num_groups and m <= 256 else PREFILL_TILING)
+    t = dict(DEFAULT_TILING)
+    rows = m / max(1, min(num_groups, m))  # mean rows per group when every group can be hit
+    if rows > 32:
+        t.update(bm=64, bk=64, bn=128, num_stages=3)
+    elif rows > 16:
+        t.update(bm=32)
     return t
 
 
@@ -82,19 +87,66 @@ def resolve_tiling(tiling, m, k, n, group_size, num_groups) -> dict:
     return t
 
 
+# Split-K: decode steps have few (group, N-tile) programs, each streaming all of K through a latency-bound loop
+# (measured on H200, jax 0.11.2: 2880->512 with one work item took 41 us for 0.9 MB, i.e. ~0.9 us per K step).
+# Splitting K fills the machine: aim for TARGET_PROGRAMS programs with at least MIN_K_STEPS K steps each.
+TARGET_PROGRAMS = 1024
+MIN_K_STEPS = 4
+
+
+INTERPRET_TARGET_PROGRAMS = 2  # interpret mode (CPU tests): keep the grid small, still exercise split-K
+
+
+def resolve_splits(splits, w_items, tiles_n, tiles_k, target=TARGET_PROGRAMS) -> int:
+    if splits is None:
+        want = _common.cdiv(target, max(1, w_items * tiles_n))
+        splits = max(1, min(want, tiles_k // MIN_K_STEPS))
+    splits = max(1, min(int(splits), tiles_k))
+    kps = _common.cdiv(tiles_k, splits)
+    return _common.cdiv(tiles_k, kps)
+
+
+def _item_from_group_sizes(gs_ref, item, e, m, bm):
+    """In-kernel twin of _common.make_group_meta for one work item (vector ops over the padded group sizes)."""
+    e_pad = gs_ref.shape[0]
+    gs = gs_ref[...]
+    idx = jax.lax.broadcasted_iota(jnp.int32, (e_pad,), 0)
+    gs = jnp.where(idx < e, gs, 0)
+    total = jnp.minimum(jnp.sum(gs), m)
+    ext_sizes = jnp.where(idx == e, m - total, gs)
+    ext_ends = jnp.minimum(jnp.cumsum(ext_sizes), m)
+    ext_sizes = jnp.minimum(ext_sizes, ext_ends)
+    ext_starts = ext_ends - ext_sizes
+    first = jax.lax.div(ext_starts, bm)
+    nt = jnp.where(ext_sizes > 0, jax.lax.div(ext_ends + (bm - 1), bm) - first, 0)
+    cum = jnp.cumsum(nt)
+    num_items = jnp.sum(nt)
+    it = jnp.minimum(item, jnp.maximum(num_items - 1, 0))
+    g = jnp.minimum(jnp.sum((cum <= it).astype(jnp.int32)), e)
+    sel = idx == g
+
+    def pick(v):
+        return jnp.sum(jnp.where(sel, v, 0))
+
+    m_tile = pick(first) + it - (pick(cum) - pick(nt))
+    rs = jnp.maximum(pick(ext_starts), m_tile * bm)
+    re = jnp.minimum(pick(ext_ends), (m_tile + 1) * bm)
+    valid = item < num_items
+    re = jnp.where(valid, re, rs)
+    real = jnp.logical_and(valid, g < e).astype(jnp.int32)
+    wid = jnp.minimum(g, e - 1)
+    return m_tile, rs, re, wid, real
+
+
 def supports(x_shape, w_shape, group_size) -> bool:
-    """Whether the kernel handles these shapes (else callers fall back to XLA)."""
+    """Whether the kernel handles these shapes (else auto mode falls back to XLA): K needs a power-of-two tile
+    >= 16 that nests with the quantization group."""
     if not AVAILABLE:
         return False
-    _, k = x_shape
-    if _common.pow2_divisor(k, 128, minimum=16) is None:
+    try:
+        resolve_tiling(None, max(1, x_shape[0]), x_shape[1], w_shape[-1], group_size, w_shape[0])
+    except ValueError:
         return False
-    if group_size is not None:
-        if group_size % 16 and not _pow2(group_size):
-            # groups like 8 or 24: only fine if some pow2 >= 16 divides the group
-            return False
-        if _common.pow2_divisor(group_size, 128, minimum=16) is None and group_size < 16:
-            return False
     return True
 
 
@@ -112,16 +164,34 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     t = resolve_tiling(tiling, m, k, n, group_size if quant else None, e)
     bm, bk, bn = t["bm"], t["bk"], t["bn"]
     cdt = x.dtype
+    # Triton maps DEFAULT/HIGH precision of f32 dots to TF32 (measured: 5e-4 relative error on H200); HIGHEST
+    # gives an IEEE f32 dot.
+    prec = jax.lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
     swiglu = epilogue == "swiglu"
     if swiglu and (n % 2 or bn % 2):
         raise ValueError("swiglu epilogue needs even N and bn")
     n_out = n // 2 if swiglu else n
-    meta = _common.make_group_meta(group_sizes, m, bm)
-    w_items = meta.group_ids.shape[0]
-    meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
-                          meta.is_real])
+    meta_in_kernel = t.get("meta") == "kernel"
+    w_items = _common.num_work_items(m, bm, e)
+    if meta_in_kernel:
+        # Experimental (tiling=dict(meta="kernel")): every program derives its work item from the group sizes
+        # itself (a few vector ops over E), so no XLA ops run before the kernel. Interpret-tested and lowered to
+        # Triton IR on CPU; NOT yet compiled or timed on a GPU, hence not the default.
+        e_pad = max(16, 1 << (e + 1 - 1).bit_length())
+        meta_arr = jnp.zeros((e_pad,), jnp.int32).at[:e].set(jnp.maximum(group_sizes.astype(jnp.int32), 0))
+    else:
+        meta = _common.make_group_meta(group_sizes, m, bm)
+        meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
+                              meta.is_real])
     tiles_n = _common.cdiv(n, bn)
     tiles_k = k // bk
+    splits = resolve_splits(t.get("splits"), w_items, tiles_n, tiles_k,
+                            target=INTERPRET_TARGET_PROGRAMS if interpret else TARGET_PROGRAMS)
+    kps = _common.cdiv(tiles_k, splits)  # K tiles per split
+    split = splits > 1
+    # With split-K the kernel writes float32 partial sums [splits, M, N]; the sum, bias and epilogue then run as one
+    # small XLA fusion (see the end of this function).
+    fused_epilogue = not split
     per_element_scale = quant and group_size < bk
     has_zeros = quant and zeros is not None
     has_bias = bias is not None
@@ -135,17 +205,21 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
             s_ref = refs[pos]; pos += 1
             if has_zeros:
                 z_ref = refs[pos]; pos += 1
-        if has_bias:
+        if has_bias and fused_epilogue:
             b_ref = refs[pos]; pos += 1
         o_ref = refs[pos]
 
         item = pl.program_id(0)
         nt = pl.program_id(1)
-        m_tile = meta_ref[1, item]
-        rs = meta_ref[2, item]
-        re = meta_ref[3, item]
-        wid = meta_ref[4, item]
-        real = meta_ref[5, item]
+        sp = pl.program_id(2)
+        if meta_in_kernel:
+            m_tile, rs, re, wid, real = _item_from_group_sizes(meta_ref, item, e, m, bm)
+        else:
+            m_tile = meta_ref[1, item]
+            rs = meta_ref[2, item]
+            re = meta_ref[3, item]
+            wid = meta_ref[4, item]
+            real = meta_ref[5, item]
         row0 = m_tile * bm
         rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
         rmask = jnp.logical_and(rows >= rs, rows < re)
@@ -154,7 +228,10 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         cmask = cols < n
 
         def store(y):
-            if swiglu:
+            if split:
+                omask = jnp.logical_and(rmask[:, None], cmask[None, :])
+                _store(o_ref.at[sp, pl.ds(row0, bm), pl.ds(n0, bn)], y, mask=omask)
+            elif swiglu:
                 y3 = y.reshape(bm, bn // 2, 2)
                 gate, up = _unstack2(y3)
                 gate = jnp.minimum(gate, limit)
@@ -180,7 +257,7 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
                 xt = _load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=rmask[:, None], other=0)
                 if not quant:
                     wt = _load(p_ref.at[wid, pl.ds(k0, bk), pl.ds(n0, bn)], mask=cmask[None, :], other=0)
-                    return acc + jnp.dot(xt, wt.astype(cdt), preferred_element_type=jnp.float32)
+                    return acc + jnp.dot(xt, wt.astype(cdt), precision=prec, preferred_element_type=jnp.float32)
                 words = _load(p_ref.at[wid, pl.ds(k0 // 8, bk // 8), pl.ds(n0, bn)], mask=cmask[None, :],
                               other=0)
                 q = (words[:, None, :] >> shifts) & 0xF  # [bk/8, 8, bn]; row 8*kw + j
@@ -197,7 +274,7 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
                     qf = q.reshape(ng, group_size, bn).astype(jnp.float32)
                     wdq = (qf - z[:, None, :].astype(jnp.float32)) * s[:, None, :]
                     wdq = wdq.reshape(bk, bn).astype(cdt)
-                    return acc + jnp.dot(xt, wdq, preferred_element_type=jnp.float32)
+                    return acc + jnp.dot(xt, wdq, precision=prec, preferred_element_type=jnp.float32)
                 grow = k0 // group_size
                 s = _load(s_ref.at[wid, pl.ds(grow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
                           other=0).astype(jnp.float32)
@@ -207,11 +284,13 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
                 else:
                     z = jnp.full((1, bn), 8, jnp.int32)
                 wq = (q - z).astype(cdt)  # exact small integers in [-15, 15]
-                part = jnp.dot(xt, wq, preferred_element_type=jnp.float32)
+                part = jnp.dot(xt, wq, precision=prec, preferred_element_type=jnp.float32)
                 return acc + part * s
 
-            acc = jax.lax.fori_loop(0, tiles_k, body, jnp.zeros((bm, bn), jnp.float32))
-            if has_bias:
+            k_lo = sp * kps
+            k_hi = jnp.minimum(k_lo + kps, tiles_k)
+            acc = jax.lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
+            if has_bias and fused_epilogue:
                 b = _load(b_ref.at[pl.ds(wid, 1), pl.ds(n0, bn)], mask=cmask[None, :], other=0)
                 acc = acc + b.astype(jnp.float32)
             store(acc)
@@ -229,14 +308,14 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
             if quant:
                 scales = jnp.pad(scales, pad3)
                 zeros = None if zeros is None else jnp.pad(zeros, pad3)
-            if has_bias:
+            if has_bias and fused_epilogue:
                 bias = jnp.pad(bias, ((0, 0), (0, n_pad)))
     args = [meta_arr, x, packed]
     if quant:
         args.append(scales)
         if has_zeros:
             args.append(zeros)
-    if has_bias:
+    if has_bias and fused_epilogue:
         args.append(bias)
     n_out_alloc = (tiles_n * bn // 2 if swiglu else tiles_n * bn) if interpret else n_out
     kwargs = {}
@@ -244,12 +323,24 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t["num_warps"], num_stages=t["num_stages"])
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_out_alloc), out_dtype),
-        grid=(w_items, tiles_n),
+        out_shape=(jax.ShapeDtypeStruct((splits, m_pad, tiles_n * bn if interpret else n), jnp.float32) if split
+                   else jax.ShapeDtypeStruct((m_pad, n_out_alloc), out_dtype)),
+        grid=(w_items, tiles_n, splits),
         interpret=interpret,
         name="int4_grouped_matmul" if quant else "grouped_matmul",
         **kwargs,
     )(*args)
+    if split:
+        y = jnp.sum(out, axis=0)[:m, :n]
+        rg = _common.row_group_ids(group_sizes, m)
+        if has_bias:
+            y = y + jnp.take(bias, jnp.minimum(rg, e - 1), axis=0).astype(jnp.float32)
+        if swiglu:
+            gate, up = y[:, 0::2], y[:, 1::2]
+            gate = jnp.minimum(gate, limit)
+            up = jnp.clip(up, -limit, limit)
+            y = (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+        return jnp.where((rg < e)[:, None], y, 0.0).astype(out_dtype)
     if out.shape != (m, n_out):
         out = out[:m, :n_out]
     return out

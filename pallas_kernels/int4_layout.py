@@ -123,8 +123,9 @@ def from_unsigned(q, scales, zeros=None, *, group_size: int, name: str = "weight
     xp = _xp(q)
     if q.shape[-2] % group_size:
         raise Int4LayoutError(f"{name}: group size {group_size} does not divide the input dim {q.shape[-2]}")
-    qmax = int(q.max()) if q.size else 0
-    if qmax > 15 or (q.size and int(q.min()) < 0):
+    traced = isinstance(q, jax.core.Tracer)  # abstract models (eval_shape) carry no values to check
+    qmax = int(q.max()) if q.size and not traced else 0
+    if qmax > 15 or (q.size and not traced and int(q.min()) < 0):
         raise Int4LayoutError(f"{name}: codes must lie in [0, 15]")
     if zeros is not None:
         zeros = zeros.astype(xp.uint8)
@@ -169,7 +170,7 @@ def quantize(w, *, group_size: int | None = 64, symmetric: bool = True, scale_dt
         raise Int4LayoutError(f"{name}: group size {g} does not divide the input dim {k}")
     ftype = xp.float64 if xp is np else xp.float32
     wg = w.astype(ftype).reshape(*lead, k // g, g, n)
-    if not bool(xp.all(xp.isfinite(wg))):
+    if not isinstance(wg, jax.core.Tracer) and not bool(xp.all(xp.isfinite(wg))):
         raise Int4LayoutError(f"{name}: weight has non-finite values")
     if symmetric:
         scale = xp.max(xp.abs(wg), axis=-2) / 7.0

@@ -11,7 +11,9 @@
 * ``"tpu"``: Pallas Mosaic TPU kernel (``_tpu.py``), in interpret mode off-TPU when asked explicitly.
 * ``"gpu"``: Pallas GPU kernel, Triton lowering (``_gpu.py`` says why), interpret mode off-GPU when asked.
 * ``None``: by backend — tpu -> "tpu", gpu -> "gpu", else "xla". If a kernel does not support the shapes
-  (e.g. K without a power-of-two divisor >= 16 on GPU), auto mode falls back to "xla".
+  (e.g. K without a power-of-two divisor >= 16 on GPU), auto mode falls back to "xla". Exceptions on GPU:
+  ``dense_matmul`` picks "xla" (measured faster, docs/BENCHMARKS.md), and ``grouped_matmul`` with float (16-bit)
+  weights picks "xla" (that kernel variant was never compiled on a GPU).
 
 All paths accumulate in float32, add the bias in float32, apply the epilogue in float32 and cast once to
 ``out_dtype`` (default ``x.dtype``). Float32 inputs use ``Precision.HIGHEST`` / IEEE dots (no TF32).
@@ -19,16 +21,14 @@ All paths accumulate in float32, add the bias in float32, apply the epilogue in 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _common
-from .int4_layout import SYMMETRIC_ZERO, Int4Tensor, dequantize, validate
+from .int4_layout import Int4Tensor, dequantize, validate
 
 IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 SWIGLU_ALPHA = 1.702
@@ -176,11 +176,18 @@ def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     group_sizes = group_sizes.astype(jnp.int32)
+    if x.shape[0] == 0:
+        n_out = w.shape[2] // 2 if epilogue == "swiglu" else w.shape[2]
+        return jnp.zeros((0, n_out), out_dtype)
     if impl == "xla":
         return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
     xk, packed, scales, zeros, gsz = _kernel_operands(x, w)
     if impl == "gpu":
         from . import _gpu
+        if auto and not isinstance(w, Int4Tensor):
+            # The float-weight variant of the GPU kernel is tested in interpret mode only (never compiled and timed
+            # on a GPU), so auto mode keeps XLA's ragged_dot (on the compacted experts) for 16-bit weights.
+            return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
         if not _gpu.supports(x.shape, w.shape, gsz):
             if auto:
                 return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
@@ -205,6 +212,11 @@ def dense_matmul(x, w, bias=None, *, implementation: str | None = None, tiling: 
         raise ValueError(f"dense_matmul: x {x.shape} and w {tuple(w.shape)} do not match")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     impl = implementation or default_implementation()
+    if implementation is None and impl == "gpu":
+        # Measured on H200 (docs/BENCHMARKS.md): for the attention projections XLA's dequantize + dot (XLA fuses
+        # the dequantization into its GEMM) is as fast or faster than the Pallas kernel at batch 1 and clearly
+        # faster at batch 8..256 (e.g. q 2880->4096 at 64 tokens: 12.7 vs 22.2 us), so auto picks "xla" on GPU.
+        impl = "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "xla":
