@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.params import QuantSpec
-from pallas_kernels import int4_layout
+from pallas_kernels import dense_matmul, grouped_matmul, int4_layout
 from pallas_kernels.int4_layout import Int4Tensor
 
 
@@ -58,7 +58,6 @@ def linear(x, w, bias=None, *, out_dtype=None):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, Int4Tensor):
-        from pallas_kernels import dense_matmul
         y = dense_matmul(x2, w, bias, out_dtype=jnp.float32)
     else:
         y = jnp.dot(x2, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision_for(x.dtype))
@@ -67,19 +66,14 @@ def linear(x, w, bias=None, *, out_dtype=None):
     return y.astype(out_dtype).reshape(*lead, y.shape[-1])
 
 
-def grouped_linear(x, w, group_sizes, bias=None):
-    """Rows of x [M, K] grouped by expert (group_sizes [E]) @ their expert's W [E, K, N] (+ bias [E, N])."""
-    w = operand(w)
-    if isinstance(w, Int4Tensor):
-        from pallas_kernels import grouped_matmul
-        return grouped_matmul(x, w, group_sizes, bias=bias, out_dtype=x.dtype)
-    y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
-                           precision=precision_for(x.dtype))
-    if bias is not None:
-        num_experts = group_sizes.shape[0]
-        row_expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=x.shape[0])
-        y = y + bias[row_expert].astype(jnp.float32)
-    return y.astype(x.dtype)
+def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] | None = None):
+    """Rows of x [M, K] grouped by expert (group_sizes [E]) @ their expert's W [E, K, N] (+ bias [E, N]).
+
+    swiglu=(alpha, limit) applies gpt-oss's clamped SwiGLU in the matmul's epilogue (output [M, N/2]), so the
+    [M, N] gate_up activations never round-trip through memory.
+    """
+    epilogue = {} if swiglu is None else dict(epilogue="swiglu", swiglu_alpha=swiglu[0], swiglu_limit=swiglu[1])
+    return grouped_matmul(x, operand(w), group_sizes, bias=bias, out_dtype=x.dtype, **epilogue)
 
 
 class Linear(nnx.Module):

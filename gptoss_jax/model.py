@@ -117,16 +117,11 @@ class Router(nnx.Module):
         return experts, jax.nn.softmax(top_logits, axis=-1)
 
 
-def clamped_swiglu(gate_up, alpha: float, limit: float):
-    """gpt-oss's SwiGLU: gate = even columns, up = odd columns, both clamped; (up + 1) · gate · σ(alpha · gate)."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = jnp.minimum(gate, limit)
-    up = jnp.clip(up, -limit, limit)
-    return (up + 1) * (gate * jax.nn.sigmoid(alpha * gate))
-
-
 class Experts(nnx.Module):
-    """E independent MLPs: x → gate_up (+bias) → clamped SwiGLU → down (+bias), on rows grouped by expert."""
+    """E independent MLPs: x → gate_up (+bias) → clamped SwiGLU → down (+bias), on rows grouped by expert.
+
+    gate_up is fused [E, H, 2I] with gate in the even and up in the odd columns (as the checkpoints store it).
+    """
 
     def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
@@ -137,9 +132,14 @@ class Experts(nnx.Module):
         self.down_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, h), dtype))
 
     def __call__(self, x_sorted, group_sizes):
-        """x_sorted [M, H], rows grouped by expert with group_sizes [E] → [M, H]."""
-        h = layers.grouped_linear(x_sorted, self.gate_up, group_sizes, self.gate_up_bias[...])
-        h = clamped_swiglu(h.astype(jnp.float32), self.alpha, self.limit).astype(x_sorted.dtype)
+        """x_sorted [M, H], rows grouped by expert with group_sizes [E] → [M, H].
+
+        The clamped SwiGLU runs fused into the gate_up matmul's epilogue (pallas_kernels.clamped_swiglu):
+        gate = even columns, up = odd columns; gate = min(gate, limit); up = clip(up, -limit, limit);
+        h = (up + 1) · gate · sigmoid(alpha · gate).
+        """
+        h = layers.grouped_linear(x_sorted, self.gate_up, group_sizes, self.gate_up_bias[...],
+                                  swiglu=(self.alpha, self.limit))
         return layers.grouped_linear(h, self.down, group_sizes, self.down_bias[...])
 
 

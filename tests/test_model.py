@@ -177,3 +177,53 @@ def test_moe_groups_tokens_instead_of_running_every_expert():
             shape = tuple(getattr(var.aval, "shape", ()))
             if len(shape) >= 3 and shape not in weight_shapes:
                 assert not (e in shape and (2 * i in shape or i in shape)), (eqn.primitive.name, shape)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, True), (64, False), (None, True)])
+def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, group_size, symmetric):
+    from gptoss_jax.hf_loader import model_from_params, save_hf_checkpoint
+    from gptoss_jax.layers import Int4Weight
+    from gptoss_jax.params import QuantSpec
+    from pallas_kernels import int4_layout
+
+    cfg = CONFIGS["h320_groups1_top4"]
+    quant = QuantSpec(group_size=group_size, symmetric=symmetric, scale_dtype="float32")
+    model = GptOss(cfg, dtype=jnp.float32, quant=quant, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    # the int4 weights really are packed int4 in the model
+    chex.assert_type(model.layers[0].mlp.experts.gate_up.packed[...], jnp.int32)
+    assert isinstance(model.layers[0].attn.q_proj.weight, Int4Weight)
+
+    dequantized = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Int4Weight):
+            dequantized[path] = int4_layout.dequantize(module.tensor(), jnp.float32)
+    params = params_of(model)
+    for path, value in dequantized.items():
+        node = params
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    save_hf_checkpoint(params, cfg, tmp_path)
+    from transformers import GptOssForCausalLM
+    hf = GptOssForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    hf.config._attn_implementation = "eager"
+
+    ids = rng.integers(0, cfg.vocab_size, (2, 2 * cfg.sliding_window + 5))
+    ref = testing.hf_logits(hf, ids)
+    ours = jit_forward(model)(ids)
+    assert testing.rel_err(ours, ref) <= 1e-4
+    float_model = model_from_params(cfg, params, dtype=jnp.float32)
+    assert testing.rel_err(jit_forward(float_model)(ids), ref) <= 1e-4
+
+    # bf16 activations over the same int4 weights: within 1.5x transformers' own bf16-vs-fp32 error
+    def to_bf16(path, leaf):
+        keep = getattr(path[-1], "key", None) in ("packed", "scales", "zeros")
+        return leaf if keep else leaf.astype(jnp.bfloat16)
+
+    int4_bf16 = model_from_params(cfg, jax.tree_util.tree_map_with_path(to_bf16, params_of(model)),
+                                  dtype=jnp.bfloat16, quant=quant)
+    hf16 = GptOssForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    ref_err = testing.rel_err(testing.hf_logits(hf16, ids), ref)
+    ours_err = testing.rel_err(jit_forward(int4_bf16)(ids), ref)
+    print(f"int4 bf16 rel err: ours {ours_err:.3e}, transformers bf16 {ref_err:.3e}")
+    assert 0 < ours_err <= 1.5 * ref_err
