@@ -96,6 +96,26 @@ class SafetensorsFile:
         buf = memoryview(self._mmap)[self._data_start + begin: self._data_start + end]
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def nbytes_of(self, name: str) -> int:
+        _, _, begin, end = self.entries[name]
+        return end - begin
+
+    def release(self, name: str, index: int | None = None) -> None:
+        """Drops the pages of one tensor (or of entry `index` of its leading dim) from this process's resident set
+        (they are re-read from the file if used again), so streaming through a checkpoint keeps resident memory
+        flat. Views stay valid."""
+        if self._mmap is None or isinstance(self._mmap, bytes) or name not in self.entries:
+            return
+        dtype, shape, begin, end = self.entries[name]
+        if index is not None and shape:
+            stride = (end - begin) // shape[0]
+            begin, end = begin + index * stride, begin + (index + 1) * stride
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = self._data_start + end
+        if stop > start and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self):
         if self._mmap is not None and not isinstance(self._mmap, bytes):
             try:
@@ -158,6 +178,15 @@ class Checkpoint:
         if name not in self.tensor_file:
             raise CheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint")
         return self.files[self.tensor_file[name]].get(name)
+
+    def release(self, name: str, index: int | None = None) -> None:
+        """Drops one tensor's pages (or those of entry `index` of its leading dim) from resident memory (see
+        SafetensorsFile.release)."""
+        if name in self.tensor_file:
+            self.files[self.tensor_file[name]].release(name, index)
+
+    def nbytes_of(self, name: str) -> int:
+        return self.files[self.tensor_file[name]].nbytes_of(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.tensor_file:

@@ -1,0 +1,384 @@
+"""Writers of source checkpoints in each input format, for tests and benchmarks (needs torch; compressed-tensors for
+that format).
+
+They are deliberately independent of the converter's readers: compressed-tensors sources are quantized and packed
+with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ
+sources are packed by a loop over the documented nibble order, MXFP4 sources are random E2M1 bytes and E8M0 scales.
+
+``write_source(config, model, path, fmt, ...)`` writes a source checkpoint from a float32 transformers model and
+updates the model *in place* to the weights the source really stores (16-bit tensors rounded to bf16, quantized
+weights dequantized), so the model is then the exact reference for logits. The unquantized ``hf`` and ``mxfp4``
+formats are quantized by the converter (round-to-nearest); for them the reference weights are computed by
+:func:`rtn_reference`, a float64 transcription of the documented rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+AWQ_DOCUMENTED_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+# ----------------------------------------------------------------------------------------------- quantizers (refs)
+def rtn_reference(w_in_out: np.ndarray, group: int | None, symmetric: bool, scale_dtype=ml_dtypes.bfloat16):
+    """Dequantized float64 [in, out] of the converter's documented round-to-nearest rule (int4_layout.quantize)."""
+    w = np.asarray(w_in_out, np.float64)
+    k, n = w.shape[-2:]
+    g = k if group is None else group
+    wg = w.reshape(*w.shape[:-2], k // g, g, n)
+    if symmetric:
+        s = np.abs(wg).max(axis=-2) / 7.0
+        s = np.where(s == 0, 1.0, s).astype(scale_dtype).astype(np.float64)[..., None, :]
+        q = np.clip(np.round(wg / s), -8, 7)
+        deq = q * s
+    else:
+        lo = np.minimum(wg.min(axis=-2), 0.0)
+        hi = np.maximum(wg.max(axis=-2), 0.0)
+        s = (hi - lo) / 15.0
+        s = np.where(s == 0, 1.0, s).astype(scale_dtype).astype(np.float64)
+        z = np.clip(np.round(-lo / s), 0, 15)[..., None, :]
+        s = s[..., None, :]
+        q = np.clip(np.round(wg / s) + z, 0, 15)
+        deq = (q - z) * s
+    return deq.reshape(w.shape)
+
+
+def ct_quantize_linear(w_out_in: np.ndarray, group: int | None, symmetric: bool, scale_dtype=None):
+    """compressed-tensors pack-quantized tensors of one linear [out, in] with the package's own quantizer and packer.
+    Returns ({suffix: torch tensor}, dequantized float64 [out, in])."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scale_dtype = scale_dtype or torch.bfloat16
+    args = ct_args(group, symmetric)
+    w = torch.as_tensor(np.asarray(w_out_in, np.float32))
+    out, inp = w.shape
+    g = inp if group is None else group
+    wg = w.reshape(out, inp // g, g)
+    scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)  # [out, groups]
+    scale = scale.to(scale_dtype)
+    zp = zp.to(torch.int8)
+    q = quantize(w, scale.float(), zp, args, dtype=torch.int8)
+    deq = dequantize(q, scale.float(), zp, args, dtype=torch.float32)
+    tensors = {"weight_packed": pack_to_int32(q, 4), "weight_scale": scale,
+               "weight_shape": torch.tensor([out, inp], dtype=torch.int64)}
+    if not symmetric:
+        tensors["weight_zero_point"] = pack_to_int32(zp, 4, packed_dim=0).contiguous()
+    return tensors, deq.double().numpy()
+
+
+def ct_args(group: int | None, symmetric: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+    if group is None:
+        return QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="channel")
+    return QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group)
+
+
+def ct_quantization_config(group: int | None, symmetric: bool, ignore: list[str]) -> dict:
+    """config.json's quantization_config as the compressed-tensors package serializes it."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    scheme = QuantizationScheme(targets=["Linear"], weights=ct_args(group, symmetric))
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                             quantization_status="compressed", ignore=ignore)
+    d = json.loads(cfg.model_dump_json())
+    d["quant_method"] = "compressed-tensors"
+    return d
+
+
+def awq_quantize_linear(w_out_in: np.ndarray, group: int | None):
+    """AutoAWQ GEMM tensors of one linear (asymmetric RTN, fp16 scales), packed by a loop over the documented order.
+    Returns ({suffix: np array}, dequantized float64 [out, in])."""
+    w = np.asarray(w_out_in, np.float64).T  # [in, out]
+    inp, out = w.shape
+    g = inp if group is None else group
+    wg = w.reshape(inp // g, g, out)
+    lo, hi = wg.min(axis=1), wg.max(axis=1)
+    scales = ((hi - lo) / 15.0).astype(np.float16)
+    scales = np.where(scales == 0, np.float16(1.0), scales)
+    s = scales.astype(np.float64)
+    zeros = np.clip(np.round(-lo / s), 0, 15).astype(np.int64)
+    q = np.clip(np.round(wg / s[:, None, :]) + zeros[:, None, :], 0, 15).astype(np.int64)
+    deq = ((q - zeros[:, None, :]) * s[:, None, :]).reshape(inp, out)
+    q = q.reshape(inp, out)
+
+    def pack(codes):  # [rows, out] -> int32 [rows, out/8]: nibble i holds column 8c + order[i]
+        words = np.zeros((codes.shape[0], out // 8), np.int64)
+        for i, col in enumerate(AWQ_DOCUMENTED_ORDER):
+            words |= codes[:, col::8] << (4 * i)
+        return words.astype(np.uint32).view(np.int32)
+
+    return {"qweight": pack(q), "qzeros": pack(zeros), "scales": scales}, deq.T
+
+
+def mxfp4_random(rng: np.random.Generator, lead: tuple, out: int, inp: int):
+    """Random MXFP4 blocks uint8 [*lead, out, in/32, 16] and E8M0 scales [*lead, out, in/32] (exponents near 2^-5)."""
+    blocks = rng.integers(0, 256, size=(*lead, out, inp // 32, 16), dtype=np.uint8)
+    scales = rng.integers(127 - 8, 127 - 3, size=(*lead, out, inp // 32), dtype=np.uint8)
+    return blocks, scales
+
+
+def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float64 [*lead, out, in] by the documented rule: table[nibble] · 2^(scale − 127), low nibble first."""
+    table = np.array(E2M1, np.float64)
+    lo, hi = table[blocks & 0xF], table[blocks >> 4]
+    vals = np.stack([lo, hi], axis=-1).reshape(*blocks.shape[:-1], 32)
+    vals = vals * np.power(2.0, scales.astype(np.float64) - 127.0)[..., None]
+    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+# ---------------------------------------------------------------------------------------------------- the writer
+def _bf16_round_(model) -> None:
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> None:
+    import torch
+    from safetensors.torch import save_file
+    items = [(k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+             for k, v in tensors.items()]
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in items:
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                  indent=1))
+
+
+def write_source(config, model, path, fmt: str, *, group: int | None = 64, symmetric: bool = False,
+                 quantize_attention: bool = True, fused_gate_up: bool = False, max_shard_bytes: int | None = None,
+                 seed: int = 0, tokenizer: bool = True) -> dict[str, Any]:
+    """Writes `model` (float32 transformers GptOssForCausalLM of `config`) as a `fmt` source checkpoint at `path`
+    and sets the model's weights to what the converted checkpoint must hold (see module docstring).
+
+    group / symmetric: the source scheme (compressed-tensors, awq) or the RTN scheme the test will ask the
+    converter for (hf, mxfp4). Returns the config.json dict written."""
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    _bf16_round_(model)
+    c = config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors: dict[str, Any] = {}
+    hf = c.to_hf_dict()
+
+    def keep16(name):
+        tensors[name] = sd[name].to(torch.bfloat16)
+
+    quantized_src = fmt in ("compressed-tensors", "awq")
+
+    def quantize_linear(w_out_in):
+        if fmt == "compressed-tensors":
+            return ct_quantize_linear(w_out_in, group, symmetric)
+        return awq_quantize_linear(w_out_in, group)
+
+    new_sd: dict[str, torch.Tensor] = {}
+    for name in sd:
+        if ".experts." in name:
+            continue
+        is_attn_w = ".self_attn." in name and name.endswith("_proj.weight")
+        if is_attn_w and quantized_src and quantize_attention:
+            prefix = name[: -len(".weight")]
+            ts, deq = quantize_linear(sd[name].double().numpy())
+            for suffix, t in ts.items():
+                tensors[f"{prefix}.{suffix}"] = t
+            new_sd[name] = torch.from_numpy(deq).float()
+        elif is_attn_w and not quantized_src:
+            keep16(name)
+            new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric).T).float()
+        elif is_attn_w:  # 16-bit in a quantized source: the converter applies RTN with the source's scheme
+            keep16(name)
+            sdt = ml_dtypes.bfloat16 if fmt == "compressed-tensors" else np.float16
+            new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric,
+                                                          sdt).T).float()
+        else:
+            keep16(name)
+
+    h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
+    for li in range(c.num_hidden_layers):
+        base = f"model.layers.{li}.mlp.experts."
+        gate_up = sd[base + "gate_up_proj"].double().numpy()  # [E, H, 2I]
+        down = sd[base + "down_proj"].double().numpy()  # [E, I, H]
+        gu_bias, down_bias = sd[base + "gate_up_proj_bias"], sd[base + "down_proj_bias"]
+        new_gu, new_down = np.empty_like(gate_up), np.empty_like(down)
+        if fmt == "hf":
+            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(torch.bfloat16)
+            tensors[base + "down_proj"] = sd[base + "down_proj"].to(torch.bfloat16)
+            new_gu = rtn_reference(gate_up, group, symmetric)
+            new_down = rtn_reference(down, group, symmetric)
+        elif fmt == "mxfp4":
+            for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
+                blocks, scales = mxfp4_random(rng, (e,), n, k)
+                tensors[base + which + "_blocks"] = blocks
+                tensors[base + which + "_scales"] = scales
+                exact = np.swapaxes(mxfp4_reference(blocks, scales), -1, -2)  # [E, in, out]
+                ref = rtn_reference(exact, group, symmetric)
+                if which == "gate_up_proj":
+                    new_gu = ref
+                else:
+                    new_down = ref
+        else:
+            for ex in range(e):
+                ep = f"{base}{ex}."
+                if fused_gate_up:
+                    ts, deq = quantize_linear(gate_up[ex].T)
+                    for suffix, t in ts.items():
+                        tensors[f"{ep}gate_up_proj.{suffix}"] = t
+                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(torch.bfloat16)
+                    new_gu[ex] = deq.T
+                else:
+                    for sub, cols in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+                        ts, deq = quantize_linear(gate_up[ex][:, cols].T)
+                        for suffix, t in ts.items():
+                            tensors[f"{ep}{sub}.{suffix}"] = t
+                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(torch.bfloat16)
+                        new_gu[ex][:, cols] = deq.T
+                ts, deq = quantize_linear(down[ex].T)
+                for suffix, t in ts.items():
+                    tensors[f"{ep}down_proj.{suffix}"] = t
+                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(torch.bfloat16)
+                new_down[ex] = deq.T
+        if fmt in ("hf", "mxfp4"):
+            tensors[base + "gate_up_proj_bias"] = gu_bias.to(torch.bfloat16)
+            tensors[base + "down_proj_bias"] = down_bias.to(torch.bfloat16)
+        new_sd[base + "gate_up_proj"] = torch.from_numpy(new_gu).float()
+        new_sd[base + "down_proj"] = torch.from_numpy(new_down).float()
+
+    model.load_state_dict({**sd, **new_sd})
+
+    ignore = ["lm_head"] + [f"model.layers.{li}.mlp.router" for li in range(c.num_hidden_layers)]
+    if not quantize_attention:
+        ignore.append("re:.*self_attn.*")
+    if fmt == "compressed-tensors":
+        hf["quantization_config"] = ct_quantization_config(group, symmetric, ignore)
+    elif fmt == "awq":
+        hf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": -1 if group is None else group,
+                                     "zero_point": True, "version": "gemm", "modules_to_not_convert": ignore}
+    elif fmt == "mxfp4":
+        hf["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192}))
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": hf["eos_token_id"]}))
+    _save_tensors(tensors, path, max_shard_bytes)
+    return hf
+
+
+def synthetic_source(config, path, *, fmt: str = "compressed-tensors", group: int | None = 64,
+                     symmetric: bool = True, seed: int = 0) -> None:
+    """A random source checkpoint of any size without building a model (benchmarks): random codes / values, one
+    shard per layer written in turn, so the writer never holds more than one layer. Values are random but valid
+    (finite scales, in-range codes), so every format converts."""
+    import torch
+    from safetensors.torch import save_file
+
+    if fmt not in ("compressed-tensors", "awq", "hf", "mxfp4"):
+        raise ValueError(f"unknown format {fmt!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    c = config
+    h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
+
+    def f16(*shape):
+        return torch.from_numpy(rng.standard_normal(shape, np.float32) * 0.02).to(torch.bfloat16)
+
+    def words(*shape):
+        return torch.from_numpy(rng.integers(0, 2**32, shape, dtype=np.uint32).view(np.int32))
+
+    def scales(*shape, dtype=torch.bfloat16):
+        return torch.from_numpy(rng.uniform(1e-3, 1e-2, shape).astype(np.float32)).to(dtype)
+
+    def linear(prefix, out, inp, t):
+        g = inp if group is None else group
+        if fmt == "compressed-tensors":
+            t[prefix + ".weight_packed"] = words(out, inp // 8)
+            t[prefix + ".weight_scale"] = scales(out, inp // g)
+            t[prefix + ".weight_shape"] = torch.tensor([out, inp])
+            if not symmetric:
+                t[prefix + ".weight_zero_point"] = words(-(-out // 8), inp // g)
+        elif fmt == "awq":
+            t[prefix + ".qweight"] = words(inp, out // 8)
+            t[prefix + ".qzeros"] = words(inp // g, out // 8)
+            t[prefix + ".scales"] = scales(inp // g, out, dtype=torch.float16)
+        else:
+            t[prefix + ".weight"] = f16(out, inp)
+
+    weight_map = {}
+
+    def flush(t, name):
+        save_file(t, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+
+    n_files = c.num_hidden_layers + 1
+    flush({"model.embed_tokens.weight": f16(c.vocab_size, h), "model.norm.weight": f16(h),
+           "lm_head.weight": f16(c.vocab_size, h)}, f"model-00001-of-{n_files:05d}.safetensors")
+    for li in range(c.num_hidden_layers):
+        t = {}
+        p = f"model.layers.{li}."
+        t[p + "input_layernorm.weight"] = f16(h)
+        t[p + "post_attention_layernorm.weight"] = f16(h)
+        t[p + "self_attn.sinks"] = f16(c.num_attention_heads)
+        for proj, (out, inp) in (("q_proj", (c.q_dim, h)), ("k_proj", (c.kv_dim, h)), ("v_proj", (c.kv_dim, h)),
+                                 ("o_proj", (h, c.q_dim))):
+            linear(p + f"self_attn.{proj}", out, inp, t)
+            t[p + f"self_attn.{proj}.bias"] = f16(out)
+        t[p + "mlp.router.weight"] = f16(e, h)
+        t[p + "mlp.router.bias"] = f16(e)
+        if fmt in ("compressed-tensors", "awq"):
+            for ex in range(e):
+                for sub, out, inp in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                    linear(f"{p}mlp.experts.{ex}.{sub}", out, inp, t)
+                    t[f"{p}mlp.experts.{ex}.{sub}.bias"] = f16(out)
+        else:
+            for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
+                if fmt == "hf":
+                    t[f"{p}mlp.experts.{which}"] = f16(e, k, n)
+                else:
+                    t[f"{p}mlp.experts.{which}_blocks"] = torch.from_numpy(
+                        rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8))
+                    t[f"{p}mlp.experts.{which}_scales"] = torch.from_numpy(
+                        rng.integers(118, 124, (e, n, k // 32), dtype=np.uint8))
+            t[p + "mlp.experts.gate_up_proj_bias"] = f16(e, 2 * i)
+            t[p + "mlp.experts.down_proj_bias"] = f16(e, h)
+        flush(t, f"model-{li + 2:05d}-of-{n_files:05d}.safetensors")
+        del t
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hf = c.to_hf_dict()
+    ignore = ["lm_head", "re:.*mlp.router$"]
+    if fmt == "compressed-tensors":
+        hf["quantization_config"] = ct_quantization_config(group, symmetric, ignore)
+    elif fmt == "awq":
+        hf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": -1 if group is None else group,
+                                     "zero_point": True, "version": "gemm", "modules_to_not_convert": ignore}
+    elif fmt == "mxfp4":
+        hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router",
+                                                                                        "embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
