@@ -144,28 +144,10 @@ def _bf16_round_(model) -> None:
 
 def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> None:
     import torch
-    from safetensors.torch import save_file
-    items = [(k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
-             for k, v in tensors.items()]
-    shards: list[dict] = [{}]
-    size = 0
-    for k, v in items:
-        nbytes = v.numel() * v.element_size()
-        if max_shard_bytes and size + nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                  indent=1))
+
+    from gptoss_jax.safetensors_io import write_sharded
+    write_sharded(((k, v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+                   for k, v in tensors.items()), path, max_shard_bytes=max_shard_bytes)
 
 
 def write_source(config, model, path, fmt: str, *, group: int | None = 64, symmetric: bool = False,

@@ -175,12 +175,12 @@ def cmd_generate(args) -> int:
         if stop_ids is None:
             stop_ids = list(harmony.stop_token_ids(model.tokenizer))
     kw = _sampling_kwargs(args)
-    on_chunk = None
-    if args.stream:
-        def on_chunk(chunk):
-            if chunk.text and chunk.text[0]:
-                sys.stdout.write(chunk.text[0])
-                sys.stdout.flush()
+    def stream_chunk(chunk):
+        if chunk.text and chunk.text[0]:
+            sys.stdout.write(chunk.text[0])
+            sys.stdout.flush()
+
+    on_chunk = stream_chunk if args.stream else None
     results, stats = model.generate(prompts if len(prompts) > 1 else prompts[0], stop_token_ids=stop_ids,
                                     stop_strings=args.stop, on_chunk=on_chunk, return_stats=True, **kw)
     results = results if isinstance(results, list) else [results]
@@ -345,11 +345,11 @@ def cmd_info(args) -> int:
           f"(top-{c['num_experts_per_tok']}), vocab {c['vocab_size']}, sliding window {c['sliding_window']}")
     print(f"parameters:    {info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)")
     print(f"weights:       {_human_bytes(info['bytes'])} in memory, dtype {info['dtype']}")
-    print(f"quantization:  " + ("none" if q is None else f"{q['method']}, group size {q['group_size']}, "
+    print("quantization:  " + ("none" if q is None else f"{q['method']}, group size {q['group_size']}, "
                                 f"{'symmetric' if q['symmetric'] else 'asymmetric'}, scales {q['scale_dtype']}"))
     print(f"context:       max_seq_len {info['max_seq_len']} (config allows {c['max_position_embeddings']})")
     tok = info["tokenizer"]
-    print(f"tokenizer:     " + ("none" if tok is None else f"{tok['vocab_size']} ids ({tok['path']})"))
+    print("tokenizer:     " + ("none" if tok is None else f"{tok['vocab_size']} ids ({tok['path']})"))
     print(f"stop ids:      {info['stop_token_ids']}")
     print(f"devices:       {info['backend']}: {', '.join(info['devices'])}")
     if info["mesh"]:

@@ -134,38 +134,21 @@ def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, 
     sharded with an index). Used to make test and demo checkpoints that transformers can read."""
     import json
 
-    from safetensors.numpy import save_file
-
-    import ml_dtypes
+    from gptoss_jax.safetensors_io import write_sharded
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    shards: list[dict] = [{}]
-    size = 0
-    for ppath, _ in iter_specs(param_specs(config)):
-        a = np.asarray(get_path(params, ppath))
-        if dtype is not None:
-            a = a.astype(dtype)
-        name = param_path_to_hf(ppath)
-        if hf_to_param_path(name)[1]:
-            a = np.swapaxes(a, -1, -2)
-        a = np.ascontiguousarray(a)
-        if max_shard_bytes and size + a.nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = a
-        size += a.nbytes
-    del ml_dtypes
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def tensors():
+        for ppath, _ in iter_specs(param_specs(config)):
+            a = np.asarray(get_path(params, ppath))
+            if dtype is not None:
+                a = a.astype(dtype)
+            name = param_path_to_hf(ppath)
+            yield name, (np.swapaxes(a, -1, -2) if hf_to_param_path(name)[1] else a)
+
+    write_sharded(tensors(), path, max_shard_bytes=max_shard_bytes)
 
 
 def abstract_model(config: GptOssConfig, *, dtype=jnp.bfloat16, quant=None):

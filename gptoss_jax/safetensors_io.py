@@ -204,3 +204,34 @@ class Checkpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_sharded(tensors, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
+    """Writes (name, array) pairs as model.safetensors, or as numbered shards plus model.safetensors.index.json when
+    they exceed max_shard_bytes. Arrays are numpy (bfloat16 via ml_dtypes) or torch tensors, not mixed."""
+    path = Path(path)
+    shards: list[dict] = [{}]
+    size = 0
+    is_torch = False
+    for name, a in tensors:
+        is_torch = type(a).__module__.startswith("torch")
+        nbytes = a.numel() * a.element_size() if is_torch else a.nbytes
+        if max_shard_bytes and size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = a.contiguous() if is_torch else np.ascontiguousarray(a)
+        size += nbytes
+    if is_torch:
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                  indent=1))

@@ -40,12 +40,7 @@ _FORCE = os.environ.get("GPTOSS_KERNELS") or None
 
 def clamped_swiglu(h, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
     """gpt-oss SwiGLU on interleaved [.., 2F] -> [.., F]: gate = even, up = odd columns (computed in float32)."""
-    hf = h.astype(jnp.float32)
-    gate = hf[..., 0::2]
-    up = hf[..., 1::2]
-    gate = jnp.minimum(gate, limit)
-    up = jnp.clip(up, -limit, limit)
-    return ((up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)).astype(h.dtype)
+    return _swiglu_f32(h.astype(jnp.float32), alpha, limit).astype(h.dtype)
 
 
 def _swiglu_f32(hf, alpha, limit):

@@ -12,7 +12,6 @@ import pytest
 
 from pallas_kernels import Int4Tensor, clamped_swiglu, default_implementation, dense_matmul, grouped_matmul
 from pallas_kernels import int4_layout as L
-from pallas_kernels import ops
 
 KERNELS = ["gpu", "tpu"]
 ALL = ["xla", *KERNELS]

@@ -167,7 +167,6 @@ def test_moe_groups_tokens_instead_of_running_every_expert():
     graphdef, state = nnx.split(model)
     tokens = jnp.zeros((1, 12), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens)[0])(state)
-    text = str(jaxpr)
     prims = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     assert sum(p.startswith("ragged_dot") for p in prims) == 2 * TINY.num_hidden_layers
     e, i, h = TINY.num_local_experts, TINY.intermediate_size, TINY.hidden_size
