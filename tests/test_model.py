@@ -75,7 +75,8 @@ def test_fp32_logits_match_transformers(name, tmp_root, rng):
 def test_bf16_error_within_transformers_own_bf16_error(name, tmp_root, rng):
     path, hf = _checkpoint(name, tmp_root)
     cfg = CONFIGS[name]
-    ids = rng.integers(0, cfg.vocab_size, (2, 2 * cfg.sliding_window + 3))
+    # many tokens: bf16 errors are dominated by rare top-k routing flips, so few tokens make a noisy ratio
+    ids = rng.integers(0, cfg.vocab_size, (8, 4 * cfg.sliding_window + 3))
     ref32 = testing.hf_logits(hf, ids)
     from transformers import GptOssForCausalLM
     hf16 = GptOssForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
