@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import Int4Tensor, clamped_swiglu, dense_matmul, grouped_matmul  # noqa: E402
+from pallas_kernels.reference import grouped_matmul_f64, max_rel_err  # noqa: E402
 from pallas_kernels.int4_layout import dequantize, unpack  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
@@ -105,35 +106,6 @@ def np_dequant(w: Int4Tensor, ids):
         z = 8.0 if w.zeros is None else np.repeat(np.asarray(w.zeros[i]).astype(np.float64), w.group_size, axis=0)
         out[int(i)] = (q - z) * s
     return out
-
-
-def np_swiglu(h, alpha=1.702, limit=7.0):
-    gate, up = h[:, 0::2], h[:, 1::2]
-    gate = np.minimum(gate, limit)
-    up = np.clip(up, -limit, limit)
-    return (up + 1) * gate / (1 + np.exp(-alpha * gate))
-
-
-def np_grouped(x, wd, gs, bias, epilogue):
-    m = x.shape[0]
-    n = next(iter(wd.values())).shape[1]
-    y = np.zeros((m, n))
-    off = 0
-    for e, c in enumerate(gs):
-        if c:
-            y[off:off + c] = x[off:off + c] @ wd[e] + (0 if bias is None else bias[e])
-        off += c
-    if epilogue == "swiglu":
-        y = np_swiglu(y)
-        y[off:] = 0
-    return y
-
-
-def rel_err(y, ref):
-    y = np.asarray(jnp.asarray(y).astype(jnp.float32)).astype(np.float64)
-    if not np.all(np.isfinite(y)):
-        return float("inf")
-    return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -212,13 +184,13 @@ def main():
                 x64 = np.asarray(xj.astype(jnp.float32)).astype(np.float64)
                 wd = np_dequant(w, np.nonzero(gs)[0])
                 bn = np.asarray(b.astype(jnp.float32)).astype(np.float64)
-                ref = np_grouped(x64, wd, gs, bn, epi)
+                ref = grouped_matmul_f64(x64, wd, gs, bn, epi)
                 gsj = jnp.asarray(gs)
                 res = {}
                 for impl in ("xla", "gpu"):
                     y = jax.jit(lambda x_, g_, w_, b_: grouped_matmul(x_, w_, g_, bias=b_, epilogue=epi,
                                                                       implementation=impl))(xj, gsj, w, b)
-                    res[impl] = rel_err(y, ref)
+                    res[impl] = max_rel_err(y, ref)
                     tail_zero = bool(np.all(np.asarray(y[int(gs.sum()):].astype(jnp.float32)) == 0))
                     res[impl + "_tail0"] = tail_zero
                 tol = 1e-4 if dt == jnp.float32 else 2 * res["xla"] + 1e-3
@@ -238,7 +210,7 @@ def main():
             wd = np_dequant(Int4Tensor(w.packed[None], w.scales[None], None if w.zeros is None else w.zeros[None],
                                        w.group_size), [0])[0]
             ref = x64 @ wd + np.asarray(bias.astype(jnp.float32))
-            res = {impl: rel_err(jax.jit(lambda x_, w_, b_: dense_matmul(x_, w_, b_, implementation=impl))(x, w, bias),
+            res = {impl: max_rel_err(jax.jit(lambda x_, w_, b_: dense_matmul(x_, w_, b_, implementation=impl))(x, w, bias),
                                  ref) for impl in ("xla", "gpu")}
             ok = res["gpu"] <= 2 * res["xla"] + 1e-3
             gpu_ok[name] = ok

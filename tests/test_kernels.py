@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import Int4Tensor, clamped_swiglu, default_implementation, dense_matmul, grouped_matmul
+from pallas_kernels import clamped_swiglu, default_implementation, dense_matmul, grouped_matmul
+from pallas_kernels.reference import dequantize_f64, grouped_matmul_f64, max_rel_err, swiglu_f64
 from pallas_kernels import int4_layout as L
 
 KERNELS = ["gpu", "tpu"]
@@ -27,42 +28,6 @@ def make_int4(rng, e, k, n, group, sym, scale_dtype=np.float32):
     s = (rng.random((e, k // g, n)) * 0.02 + 0.005).astype(scale_dtype)
     z = None if sym else rng.integers(0, 16, size=(e, k // g, n), dtype=np.uint8)
     return L.from_unsigned(q, s, z, group_size=g)
-
-
-def deq64(t: Int4Tensor):
-    q = L.unpack(np.asarray(t.packed)).astype(np.float64)
-    s = np.repeat(np.asarray(t.scales).astype(np.float64), t.group_size, axis=-2)
-    z = 8.0 if t.zeros is None else np.repeat(np.asarray(t.zeros).astype(np.float64), t.group_size, axis=-2)
-    return (q - z) * s
-
-
-def np_swiglu(h, alpha=1.702, limit=7.0):
-    gate, up = h[:, 0::2], h[:, 1::2]
-    gate = np.minimum(gate, limit)
-    up = np.clip(up, -limit, limit)
-    return (up + 1) * gate / (1 + np.exp(-alpha * gate))
-
-
-def ref_grouped(x64, w64, gs, bias64=None, epilogue=None):
-    m = x64.shape[0]
-    y = np.zeros((m, w64.shape[-1]))
-    off = 0
-    for e, c in enumerate(gs):
-        c = int(c)
-        if c:
-            y[off:off + c] = x64[off:off + c] @ w64[e] + (0 if bias64 is None else bias64[e])
-        off += c
-    if epilogue == "swiglu":
-        y = np_swiglu(y)
-        y[off:] = 0
-    return y
-
-
-def rel_err(y, ref):
-    y = np.asarray(jnp.asarray(y).astype(jnp.float32)).astype(np.float64)
-    if not np.all(np.isfinite(y)):  # NaN / inf never passes
-        return np.inf
-    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
 def group_sizes(rng, m, e, kind):
@@ -97,7 +62,7 @@ def run_grouped(impl, x, w, gs, **kw):
 def check(impl, y, ref, dtype, tol_ref, shape, out_dtype=None):
     chex.assert_shape(y, shape)
     chex.assert_type(y, out_dtype or dtype)
-    err = rel_err(y, ref)
+    err = max_rel_err(y, ref)
     tol = F32_TOL if dtype == jnp.float32 else 2 * tol_ref + 1e-3
     assert err <= tol, f"{impl}: rel err {err:.3e} > tol {tol:.3e}"
     return err
@@ -106,7 +71,7 @@ def check(impl, y, ref, dtype, tol_ref, shape, out_dtype=None):
 # ---------------------------------------------------------------------------------------------------- reference
 def test_clamped_swiglu_matches_numpy(rng):
     h = rng.standard_normal((5, 16)) * 6
-    np.testing.assert_allclose(np.asarray(clamped_swiglu(jnp.asarray(h, jnp.float32))), np_swiglu(h), rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(clamped_swiglu(jnp.asarray(h, jnp.float32))), swiglu_f64(h), rtol=1e-5,
                                atol=1e-5)
     chex.assert_shape(clamped_swiglu(jnp.zeros((2, 8), jnp.bfloat16)), (2, 4))
 
@@ -133,7 +98,7 @@ def test_grouped_xla_matches_f64(rng, m, k, n, group, sym):
     w = make_int4(rng, e, k, n, group, sym)
     gs = group_sizes(rng, m, e, "random" if m > 3 else "tail")
     x, x64 = inputs(rng, m, k, jnp.float32)
-    ref = ref_grouped(x64, deq64(w), gs)
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs)
     check("xla", run_grouped("xla", x, w, gs), ref, jnp.float32, 0, (m, n))
 
 
@@ -144,7 +109,7 @@ def test_grouped_xla_120b_shapes(rng, m, k, n):
     w = make_int4(rng, e, k, n, 32, False, ml_dtypes.bfloat16)
     gs = group_sizes(rng, m, e, "random")
     x, x64 = inputs(rng, m, k, jnp.float32)
-    check("xla", run_grouped("xla", x, w, gs), ref_grouped(x64, deq64(w), gs), jnp.float32, 0, (m, n))
+    check("xla", run_grouped("xla", x, w, gs), grouped_matmul_f64(x64, dequantize_f64(w), gs), jnp.float32, 0, (m, n))
 
 
 def test_xla_int4_reads_only_present_experts(rng):
@@ -199,9 +164,9 @@ def test_grouped_kernels_interpret(rng, impl, case):
     x, x64 = inputs(rng, m, k, dtype)
     bias = jnp.asarray(rng.standard_normal((e, n)) * 0.5, dtype) if use_bias else None
     b64 = None if bias is None else np.asarray(bias.astype(jnp.float32)).astype(np.float64)
-    ref = ref_grouped(x64, deq64(w), gs, b64, epi)
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs, b64, epi)
     y_xla = run_grouped("xla", x, w, gs, bias=bias, epilogue=epi)
-    err_xla = rel_err(y_xla, ref) if np.any(ref) else 0.0
+    err_xla = max_rel_err(y_xla, ref) if np.any(ref) else 0.0
     y = run_grouped(impl, x, w, gs, bias=bias, epilogue=epi)
     nout = n // 2 if epi else n
     if not np.any(ref):
@@ -210,7 +175,7 @@ def test_grouped_kernels_interpret(rng, impl, case):
         return
     check(impl, y, ref, dtype, err_xla, (m, nout))
     # all implementations agree with each other (within the same bf16 budget)
-    agree = rel_err(y, np.asarray(y_xla.astype(jnp.float32)).astype(np.float64))
+    agree = max_rel_err(y, np.asarray(y_xla.astype(jnp.float32)).astype(np.float64))
     assert agree <= (F32_TOL if dtype == jnp.float32 else 2 * err_xla + 2e-3)
     total = int(gs.sum())
     assert np.all(np.asarray(y[total:].astype(jnp.float32)) == 0)
@@ -223,7 +188,7 @@ def test_grouped_float_weights(rng, impl):
     gs = np.array([4, 0, 5], np.int32)  # 1 trailing row
     x, x64 = inputs(rng, m, k, jnp.float32)
     y = grouped_matmul(x, jnp.asarray(w), jnp.asarray(gs), implementation=impl)
-    check(impl, y, ref_grouped(x64, w.astype(np.float64), gs), jnp.float32, 0, (m, n))
+    check(impl, y, grouped_matmul_f64(x64, w.astype(np.float64), gs), jnp.float32, 0, (m, n))
 
 
 @pytest.mark.parametrize("impl", ALL)
@@ -235,14 +200,14 @@ def test_dense_matmul(rng, impl, quant):
         w64 = np.asarray(w).astype(np.float64)
     else:
         wt = make_int4(rng, 1, k, n, 32, False)[0]
-        w64 = deq64(wt)
+        w64 = dequantize_f64(wt)
         w = jax.tree.map(jnp.asarray, wt)
     bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
     for dtype in (jnp.float32, jnp.bfloat16):
         x, x64 = inputs(rng, m, k, dtype)
         ref = x64 @ w64 + np.asarray(bias, np.float64)
         y_xla = dense_matmul(x, w, bias.astype(dtype), implementation="xla")
-        err_xla = rel_err(y_xla, ref)
+        err_xla = max_rel_err(y_xla, ref)
         y = dense_matmul(x, w, bias.astype(dtype), implementation=impl)
         check(impl, y, ref, dtype, err_xla, (m, n))
 
@@ -256,8 +221,8 @@ def test_grouped_kernels_120b_gate_up(rng, impl):
     gs = group_sizes(rng, m, e, "tail")
     x, x64 = inputs(rng, m, k, jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal((e, n)) * 0.5, jnp.bfloat16)
-    ref = ref_grouped(x64, deq64(w), gs, np.asarray(bias.astype(jnp.float32)).astype(np.float64), "swiglu")
-    err_xla = rel_err(run_grouped("xla", x, w, gs, bias=bias, epilogue="swiglu"), ref)
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs, np.asarray(bias.astype(jnp.float32)).astype(np.float64), "swiglu")
+    err_xla = max_rel_err(run_grouped("xla", x, w, gs, bias=bias, epilogue="swiglu"), ref)
     check(impl, run_grouped(impl, x, w, gs, bias=bias, epilogue="swiglu"), ref, jnp.bfloat16, err_xla, (m, n // 2))
 
 
@@ -268,7 +233,7 @@ def test_grouped_kernels_120b_down_f32(rng, impl):
     w = make_int4(rng, e, k, n, 64, True)
     gs = group_sizes(rng, m, e, "random")
     x, x64 = inputs(rng, m, k, jnp.float32)
-    check(impl, run_grouped(impl, x, w, gs), ref_grouped(x64, deq64(w), gs), jnp.float32, 0, (m, n))
+    check(impl, run_grouped(impl, x, w, gs), grouped_matmul_f64(x64, dequantize_f64(w), gs), jnp.float32, 0, (m, n))
 
 
 @pytest.mark.gpu
@@ -279,8 +244,8 @@ def test_gpu_kernel_compiled(rng, dtype):
     w = make_int4(rng, e, k, n, 32, False, ml_dtypes.bfloat16)
     gs = group_sizes(rng, m, e, "tail")
     x, x64 = inputs(rng, m, k, dtype)
-    ref = ref_grouped(x64, deq64(w), gs, None, "swiglu")
-    err_xla = rel_err(run_grouped("xla", x, w, gs, epilogue="swiglu"), ref)
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs, None, "swiglu")
+    err_xla = max_rel_err(run_grouped("xla", x, w, gs, epilogue="swiglu"), ref)
     y = run_grouped("gpu", x, w, gs, epilogue="swiglu", interpret=False)
     check("gpu", y, ref, dtype, err_xla, (m, n // 2))
 
@@ -291,12 +256,12 @@ def test_tiling_override_and_partial_tiles(rng):
     w = make_int4(rng, e, k, n, 64, False)
     gs = group_sizes(rng, m, e, "random")
     x, x64 = inputs(rng, m, k, jnp.float32)
-    ref = ref_grouped(x64, deq64(w), gs)
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs)
     check("gpu", run_grouped("gpu", x, w, gs, tiling=dict(bm=16, bk=32, bn=128, splits=1)), ref, jnp.float32, 0,
           (m, n))
     # split-K: float32 partial sums reduced outside the kernel, bias + swiglu applied there
     bias = jnp.asarray(rng.standard_normal((e, n)), jnp.float32)
-    ref_s = ref_grouped(x64, deq64(w), gs, np.asarray(bias, np.float64), "swiglu")
+    ref_s = grouped_matmul_f64(x64, dequantize_f64(w), gs, np.asarray(bias, np.float64), "swiglu")
     check("gpu", run_grouped("gpu", x, w, gs, bias=bias, epilogue="swiglu", tiling=dict(bk=64, bn=64, splits=3)),
           ref_s, jnp.float32, 0, (m, n // 2))
     check("tpu", run_grouped("tpu", x, w, gs, tiling=dict(tm=8, tk=128, tn=256)), ref, jnp.float32, 0, (m, n))
@@ -353,6 +318,6 @@ def test_gpu_in_kernel_metadata_matches(rng, splits):
     gs = group_sizes(rng, m, e, "tail")
     x, x64 = inputs(rng, m, k, jnp.float32)
     bias = jnp.asarray(rng.standard_normal((e, n)), jnp.float32)
-    ref = ref_grouped(x64, deq64(w), gs, np.asarray(bias, np.float64), "swiglu")
+    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs, np.asarray(bias, np.float64), "swiglu")
     y = run_grouped("gpu", x, w, gs, bias=bias, epilogue="swiglu", tiling=dict(splits=splits, meta="kernel"))
     check("gpu", y, ref, jnp.float32, 0, (m, n // 2))

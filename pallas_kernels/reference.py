@@ -1,0 +1,56 @@
+"""Float64 numpy references for the kernels (used by tests/test_kernels.py and bench/bench_kernels.py).
+
+Plain loops over groups, no JAX: the ground truth every implementation (xla, tpu, gpu) is checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .int4_layout import SYMMETRIC_ZERO, Int4Tensor, unpack
+
+
+def dequantize_f64(t: Int4Tensor) -> np.ndarray:
+    """W = (q - zero) * scale in float64, [..., K, N] (zero = 8 when symmetric)."""
+    q = unpack(np.asarray(t.packed)).astype(np.float64)
+    s = np.repeat(np.asarray(t.scales).astype(np.float32).astype(np.float64), t.group_size, axis=-2)
+    z = SYMMETRIC_ZERO if t.zeros is None else np.repeat(np.asarray(t.zeros).astype(np.float64), t.group_size,
+                                                         axis=-2)
+    return (q - z) * s
+
+
+def swiglu_f64(h, alpha: float = 1.702, limit: float = 7.0):
+    """gpt-oss clamped SwiGLU on interleaved columns: gate = even, up = odd."""
+    gate, up = h[:, 0::2], h[:, 1::2]
+    gate = np.minimum(gate, limit)
+    up = np.clip(up, -limit, limit)
+    return (up + 1) * gate / (1 + np.exp(-alpha * gate))
+
+
+def grouped_matmul_f64(x, weights, group_sizes, bias=None, epilogue: str | None = None):
+    """Rows [off_e, off_e + group_sizes[e]) of x times weights[e] (+ bias[e]); rows past the groups are 0.
+
+    `weights` is indexable by expert id (an [E, K, N] array, or a dict holding only the touched experts).
+    """
+    m = x.shape[0]
+    n = next(np.shape(weights[e])[-1] for e, c in enumerate(group_sizes) if c) if np.any(group_sizes) else (
+        np.shape(weights)[-1])
+    y = np.zeros((m, n))
+    off = 0
+    for e, c in enumerate(group_sizes):
+        c = int(c)
+        if c:
+            y[off:off + c] = x[off:off + c] @ weights[e] + (0 if bias is None else bias[e])
+        off += c
+    if epilogue == "swiglu":
+        y = swiglu_f64(y)
+        y[off:] = 0
+    return y
+
+
+def max_rel_err(y, ref) -> float:
+    """max |y - ref| / max |ref| in float64; non-finite y never passes (inf)."""
+    y = np.asarray(np.asarray(y).astype(np.float32), np.float64)
+    if not np.all(np.isfinite(y)):
+        return float("inf")
+    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
