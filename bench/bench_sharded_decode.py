@@ -38,9 +38,9 @@ from flax import nnx  # noqa: E402
 
 from gptoss_jax import sharding  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.hf_loader import model_from_params  # noqa: E402
+from gptoss_jax.model import build_model, shard_model  # noqa: E402
 from gptoss_jax.kv_cache import init_cache  # noqa: E402
-from gptoss_jax.params import QuantSpec, iter_specs, param_specs, path_str  # noqa: E402
+from gptoss_jax.params import QuantSpec, iter_specs, model_specs, path_str  # noqa: E402
 
 T0 = time.time()
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
@@ -90,7 +90,7 @@ def random_params(config, *, dtype, quant, shardings_of, seed=0):
     """Parameter tree generated on device; shardings_of(path, spec) gives each leaf's sharding."""
     base = jax.random.key(seed)
     out: dict = {}
-    for path, spec in iter_specs(param_specs(config, dtype=dtype, quant=quant)):
+    for path, spec in iter_specs(model_specs(config, dtype=dtype, quant=quant)):  # layers stacked
         kind = _leaf_kind(path)
         # key from the path with the layer index folded in separately: layer i is the same in any model depth
         name = path_str(tuple("L" if isinstance(p, int) else p for p in path))
@@ -134,10 +134,10 @@ def make_steps(model):
             jax.jit(decode_tokens_only, donate_argnums=(3,)))
 
 
-def build_model(config, params, *, dtype, quant, mesh=None, strategy="auto"):
-    model = model_from_params(config, params, dtype=dtype, quant=quant)
+def make_model(config, params, *, dtype, quant, mesh=None, strategy="auto"):
+    model = build_model(config, params, dtype=dtype, quant=quant)
     if mesh is not None:
-        sharding.shard_model(model, mesh, moe_strategy=strategy)
+        model = shard_model(model, mesh, moe_strategy=strategy)
     return model
 
 
@@ -215,7 +215,7 @@ def main():
             t1 = time.time()
             ref_params = random_params(cfg, dtype=cdtype, quant=quant,
                                        shardings_of=lambda p, s: jax.sharding.SingleDeviceSharding(one[0]))
-            ref_logits, ref_tokens = greedy(build_model(cfg, ref_params, dtype=cdtype, quant=quant), cfg, prompt,
+            ref_logits, ref_tokens = greedy(make_model(cfg, ref_params, dtype=cdtype, quant=quant), cfg, prompt,
                                             lengths, steps, cdtype, None)
             del ref_params
             log(f"{label} one-device reference ({args.check_layers} layers): tokens {ref_tokens.tolist()} "
@@ -234,7 +234,7 @@ def main():
                     mesh = sharding.make_mesh(1, n, 1, config=cfg)
                     params = random_params(cfg, dtype=cdtype, quant=quant,
                                            shardings_of=sharding.sharding_rule(mesh))
-                    model = build_model(cfg, params, dtype=cdtype, quant=quant, mesh=mesh, strategy=strategy)
+                    model = make_model(cfg, params, dtype=cdtype, quant=quant, mesh=mesh, strategy=strategy)
                     logits, tokens = greedy(model, cfg, prompt, lengths, steps, cdtype, mesh)
                     margin = np.sort(ref_logits, -1)
                     r = dict(dtype=label, gpus=n, strategy=strategy, layers=args.check_layers,
@@ -271,7 +271,7 @@ def main():
             log(f"n={n}: {layers}-layer weights generated in {time.time() - t1:.1f}s; "
                 f"{per_device / 2**30:.2f} GiB of weights per device")
             RESULTS.setdefault("weights_gib_per_device", {})[n] = round(per_device / 2**30, 2)
-            model = build_model(cfg, params, dtype=dtype, quant=quant, mesh=mesh, strategy="auto")
+            model = make_model(cfg, params, dtype=dtype, quant=quant, mesh=mesh, strategy="auto")
             state, prefill, _, decode_tokens = make_steps(model)
         except Exception as e:  # noqa: BLE001
             log(f"timing n={n} setup FAILED:", repr(e)[:2000])
@@ -300,7 +300,7 @@ def main():
                 step = (time.time() - t1) / args.steps
                 r = dict(gpus=n, batch=b, layers=layers, decode_step_ms=round(step * 1e3, 3),
                          tokens_per_s=round(b / step, 1), cache_slots=max_len, compile_s=round(compile_s, 1),
-                         moe_strategy=model.layers[0].mlp.parallel.strategy_for(b))
+                         moe_strategy=model.layers.mlp.parallel.strategy_for(b))
                 RESULTS["timings"].append(r)
                 log(what, r)
                 del cache
@@ -317,7 +317,7 @@ def main():
                 rng = np.random.default_rng(b)
                 prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, args.prompt)), jnp.int32)
                 lengths = jnp.full((b,), args.prompt, jnp.int32)
-                strategy = model.layers[0].mlp.parallel.strategy_for(b * args.prompt)
+                strategy = model.layers.mlp.parallel.strategy_for(b * args.prompt)
                 t1 = time.time()
                 try:
                     _, nxt, cache = prefill(state, prompt, lengths, new_cache(cfg, b, max_len, dtype, mesh))
@@ -325,7 +325,7 @@ def main():
                 except Exception as e:  # noqa: BLE001 — e.g. ragged_all_to_all missing: fall back, keep timing
                     log(what, "FAILED, retrying with the replicated MoE strategy:", repr(e)[:1500])
                     RESULTS["errors"].append(dict(what=what, error=traceback.format_exc()[-4000:]))
-                    sharding.shard_model(model, mesh, moe_strategy="replicated")
+                    model = shard_model(model, mesh, moe_strategy="replicated")
                     state, prefill, _, decode_tokens = make_steps(model)
                     strategy = "replicated (fallback)"
                     _, nxt, cache = prefill(state, prompt, lengths, new_cache(cfg, b, max_len, dtype, mesh))

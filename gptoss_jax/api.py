@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax import harmony
+from gptoss_jax import checkpoint, harmony, sharding
+from gptoss_jax.compilation import enable_compilation_cache
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.hf_loader import load_hf_model
+from gptoss_jax.moe_parallel import MoEParallel
 from gptoss_jax.generate import (DEFAULT_CHUNK_SIZE, GenerationChunk, GenerationError, GenerationStats,
                                  GenerationStream, Generator, SamplingParams)
 
@@ -151,7 +154,7 @@ class InferenceModel:
     @property
     def params(self) -> dict:
         """The parameter tree (pure dict, the layout of gptoss_jax.params.param_specs)."""
-        from gptoss_jax.hf_loader import params_of
+        from gptoss_jax.model import params_of
         return params_of(self.generator.model())
 
     @property
@@ -381,25 +384,8 @@ def _has_safetensors(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
 
 
-def _checkpoint_module():
-    try:
-        from gptoss_jax import checkpoint
-        return checkpoint
-    except ImportError:
-        return None
-
-
-def _sharding_module():
-    try:
-        from gptoss_jax import sharding
-        return sharding
-    except ImportError:
-        return None
-
-
 def _is_converted_checkpoint(path: Path) -> bool:
-    ckpt = _checkpoint_module()
-    return ckpt is not None and (path / ckpt.METADATA_FILE).exists()
+    return (path / checkpoint.METADATA_FILE).exists()
 
 
 def _generation_stop_ids(path: Path, config: GptOssConfig) -> tuple[int, ...]:
@@ -420,9 +406,6 @@ def resolve_mesh(mesh, config: GptOssConfig | None = None):
     """A jax Mesh, None, or a "data,expert,tensor" spec (string such as "1,4,2", or a tuple) → Mesh or None."""
     if mesh is None or isinstance(mesh, jax.sharding.Mesh):
         return mesh
-    sharding = _sharding_module()
-    if sharding is None:
-        raise LoadError("a mesh was requested but gptoss_jax.sharding is not available")
     sharding.maybe_initialize_distributed()
     sizes = sharding.parse_mesh_arg(mesh) if isinstance(mesh, str) else tuple(mesh)
     return sharding.make_mesh(*sizes, config=config)
@@ -432,7 +415,6 @@ def _cache_constraint(mesh):
     """Inside the prefill: pins the fresh KV cache to the sharding rules' layout (batch / KV heads)."""
     if mesh is None:
         return None
-    from gptoss_jax import sharding
 
     def constrain(cache):
         return jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, mesh))
@@ -451,25 +433,25 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
     max_seq_len: longest prompt + generation (default min(4096, max_position_embeddings)).
     tokenizer: a tokenizer.json path, False for none, None (default) for the folder's tokenizer.json if present.
     """
-    path = Path(path)
+    path = Path(path).expanduser().absolute()
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
+    enable_compilation_cache()
     if not path.is_dir():
         raise LoadError(f"{path}: expected a checkpoint folder")
     dtype = parse_dtype(dtype)
     config = GptOssConfig.from_json(path / "config.json") if (path / "config.json").exists() else None
     mesh = resolve_mesh(mesh, config)
-    sharding = _sharding_module() if mesh is not None else None
 
+    # One straight line: config (read above) → metadata → shardings → restore into them → the model.
+    sharding_of, moe_par = None, None
+    if mesh is not None:
+        sharding_of = sharding.sharding_rule(mesh)
+        moe_par = MoEParallel.from_rules(mesh, sharding.RULES)
     if _is_converted_checkpoint(path):
-        from gptoss_jax import checkpoint
-        from gptoss_jax.params import param_specs
-        shardings = None
-        if mesh is not None:
-            meta = checkpoint.read_metadata(path)
-            specs = param_specs(config, quant=checkpoint.quant_of(meta))
-            shardings = sharding.shardings_for(specs, mesh)
-        module = checkpoint.load_model(path, dtype=dtype, shardings=shardings)
+        meta = checkpoint.read_metadata(path)
+        module = checkpoint.load_model(path, dtype=dtype, shardings=sharding_of, moe_parallel=moe_par, meta=meta,
+                                       config=config)
         source_format = "gptoss-jax (int4)" if module.quant is not None else "gptoss-jax (16-bit)"
     elif config is not None and _has_safetensors(path):
         qc = json.loads((path / "config.json").read_text()).get("quantization_config")
@@ -477,14 +459,12 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
             raise LoadError(f"{path / 'config.json'}: a quantized checkpoint "
                             f"(quant_method={qc.get('quant_method', '?')!r}); convert it first with "
                             f"`gptoss-convert {path} OUT` and load OUT")
-        from gptoss_jax.hf_loader import load_hf_model
-        module = load_hf_model(path, dtype=dtype or jnp.bfloat16, config=config)
+        module = load_hf_model(path, dtype=dtype or jnp.bfloat16, config=config, sharding_of=sharding_of,
+                               moe_parallel=moe_par)
         source_format = "huggingface"
     else:
         raise LoadError(f"{path}: neither a gptoss-convert checkpoint nor a Hugging Face folder with config.json "
                         f"and *.safetensors")
-    if mesh is not None:
-        module = sharding.shard_model(module, mesh)  # places the parameters and switches MoE to shard_map
 
     tok = None
     if tokenizer is not False:

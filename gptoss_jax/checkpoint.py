@@ -36,7 +36,10 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.params import ParamSpec, QuantSpec, iter_specs, param_specs, path_str
+from gptoss_jax import sharding
+from gptoss_jax.model import build_model
+from gptoss_jax.params import (ParamSpec, QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
+                               unstack_layers)
 from gptoss_jax.safetensors_io import CheckpointError
 from pallas_kernels.int4_layout import LAYOUT_VERSION
 
@@ -183,7 +186,7 @@ class CheckpointWriter:
 
     def __init__(self, dst: str | os.PathLike, config: GptOssConfig, *, dtype="bfloat16",
                  quant: QuantSpec | None = None, force: bool = False):
-        self.dst = Path(dst)
+        self.dst = Path(dst).expanduser().absolute()  # Orbax needs absolute paths
         if self.dst.exists() and not force:
             raise CheckpointError(f"{self.dst}: already exists (pass --force / force=True to overwrite)")
         self.config = config
@@ -276,7 +279,10 @@ class CheckpointWriter:
 def save_params(path: str | os.PathLike, params: dict, config: GptOssConfig, *, dtype="bfloat16",
                 quant: QuantSpec | None = None, metadata: Mapping[str, Any] | None = None,
                 force: bool = False, extra_files: Iterable[str | os.PathLike] = ()) -> Path:
-    """Saves a whole parameter tree (arrays or numpy) as a checkpoint, item by item."""
+    """Saves a whole parameter tree (arrays or numpy; the storage tree or the stacked model tree) as a checkpoint,
+    item by item."""
+    if params["layers"] and not all(isinstance(k, int) for k in params["layers"]):
+        params = unstack_layers(params)
     with CheckpointWriter(path, config, dtype=dtype, quant=quant, force=force) as w:
         for name in item_names(config):
             w.write_item(name, _copy_dicts(select_item(params, name)))  # write_item moves leaves; keep `params`
@@ -315,38 +321,52 @@ def quant_of(meta: Mapping[str, Any]) -> QuantSpec | None:
     return None if q is None else QuantSpec.from_dict(q)
 
 
-def _sharding_for(shardings: Shardings, path: tuple, spec: ParamSpec):
+def sharding_fn(shardings: Shardings):
+    """Any accepted `shardings` form → a callable (model-tree path, ParamSpec) -> Sharding."""
     if shardings is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda path, spec: device
     if isinstance(shardings, jax.sharding.Sharding):
-        return shardings
+        return lambda path, spec: shardings
     if callable(shardings):
-        return shardings(path, spec)
-    node = shardings
-    for key in path:
-        node = node[key]
-    return node
+        return shardings
+
+    def from_tree(path, spec):
+        node = shardings
+        for key in path:
+            node = node[key]
+        return node
+    return from_tree
 
 
-def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=None
-                ) -> tuple[GptOssConfig, QuantSpec | None, dict]:
+def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=None, meta: Mapping | None = None,
+                config: GptOssConfig | None = None) -> tuple[GptOssConfig, QuantSpec | None, dict]:
     """Restores (config, quant, params) from a checkpoint, item by item, straight into device arrays.
 
-    `shardings`: None (first device), one ``jax.sharding.Sharding`` for all leaves, a tree shaped like the params, or
-    a callable ``(path, ParamSpec) -> Sharding``. `dtype` casts the 16-bit tensors (not the int4 codes, scales or
-    zero points) while reading; default: the dtype the checkpoint was written in.
+    params is the model tree (layers stacked, :func:`gptoss_jax.params.model_specs`); each layer item is restored
+    into the layer slice's sharding and written into the stacked arrays in place
+    (:class:`gptoss_jax.params.StackedTreeBuilder`), so no second copy of the model is ever held.
+    `shardings`: None (first device), one ``jax.sharding.Sharding`` for all leaves, a tree shaped like the model
+    tree, or a callable ``(model-tree path, ParamSpec) -> Sharding`` (e.g. :func:`gptoss_jax.sharding.sharding_rule`).
+    `dtype` casts the 16-bit tensors (not the int4 codes, scales or zero points) while reading; default: the dtype
+    the checkpoint was written in. `meta` / `config`: already read by the caller (read here otherwise).
+    Raises CheckpointError naming the folder or item for anything missing, malformed or mismatched.
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    meta = read_metadata(path)
-    config = GptOssConfig.from_json(path / "config.json")
+    path = Path(path).expanduser().absolute()  # Orbax needs absolute paths
+    meta = read_metadata(path) if meta is None else meta
+    config = GptOssConfig.from_json(path / "config.json") if config is None else config
     quant = quant_of(meta)
     stored = jnp.dtype(meta["dtype"])
     target = stored if dtype is None else jnp.dtype(dtype_name(dtype))
     stored_specs = param_specs(config, dtype=stored, quant=quant)
+
+    def dtype_of(model_path, spec):
+        return target if model_path[-1] not in ("packed", "scales", "zeros") else jnp.dtype(spec.dtype)
+
+    builder = StackedTreeBuilder(model_specs(config, dtype=stored, quant=quant), sharding_fn(shardings), dtype_of)
     checkpointer = ocp.PyTreeCheckpointer()
-    params: dict = {}
     plan = item_names(config)
     missing = [n for n in plan if n not in meta.get("items", [])]
     if missing:
@@ -367,34 +387,53 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
             raise CheckpointError(f"{item_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
         _check_item(name, stored_tree, specs, str(item_dir))
 
-        def restore_arg(rel: tuple, spec: ParamSpec):
-            full = (*prefix, *rel)
-            is_16bit = rel[-1] not in ("packed", "scales", "zeros")
-            want = target if is_16bit else jnp.dtype(spec.dtype)
-            return ocp.ArrayRestoreArgs(sharding=_sharding_for(shardings, full, spec), global_shape=spec.shape,
-                                        dtype=want)
-
         restore_args = {}
         for rel, spec in iter_specs(specs):
+            full = (*prefix, *rel)
             node = restore_args
             for key in rel[:-1]:
                 node = node.setdefault(key, {})
-            node[rel[-1]] = restore_arg(rel, spec)
+            model_path, _ = builder.model_path(full)
+            node[rel[-1]] = ocp.ArrayRestoreArgs(sharding=builder.layer_sharding(full), global_shape=spec.shape,
+                                                 dtype=dtype_of(model_path, spec))
         try:
             tree = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{item_dir}: could not restore ({type(e).__name__}: {e})") from None
-        _deep_update(params, _rooted(name, tree))
-    return config, quant, params
+        for rel, value in _leaves(tree):
+            builder.put((*prefix, *rel), value)
+        del tree
+    return config, quant, builder.tree()
 
 
-def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = None):
-    """The GptOss model of a checkpoint, its int4 weights kept packed (quant from the metadata)."""
-    from gptoss_jax.hf_loader import model_from_params
-    meta = read_metadata(path)
-    config, quant, params = load_params(path, shardings=shardings, dtype=dtype)
+def restore_params(path: str | os.PathLike, mesh, *, dtype=None, rules=None):
+    """(config, quant, params) restored straight into the shardings of the rules table on `mesh`: each process reads
+    only what its devices hold, item by item. Checks the mesh against the config first (clear error before any
+    reading)."""
+    path = Path(path).expanduser().absolute()
+    rules = sharding.RULES if rules is None else rules
+    config = GptOssConfig.from_json(path / "config.json")
+    sharding.validate_mesh_shape(config, dict(mesh.shape), rules)
+    return load_params(path, shardings=sharding.sharding_rule(mesh, rules=rules), dtype=dtype, config=config)
+
+
+def _leaves(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = None, moe_parallel=None,
+               meta: Mapping | None = None, config: GptOssConfig | None = None):
+    """The GptOss model of a checkpoint, its int4 weights kept packed (quant from the metadata).
+
+    shardings: as for :func:`load_params`; moe_parallel: the MoE mesh plan (None: one device)."""
+    meta = read_metadata(path) if meta is None else meta
+    config, quant, params = load_params(path, shardings=shardings, dtype=dtype, meta=meta, config=config)
     compute = jnp.dtype(dtype_name(dtype)) if dtype is not None else jnp.dtype(meta["dtype"])
-    return model_from_params(config, params, dtype=compute, quant=quant)
+    return build_model(config, params, dtype=compute, quant=quant, moe_parallel=moe_parallel)
 
 
 def host_dtype(name: str):

@@ -364,7 +364,8 @@ def make_tiny_checkpoint(out: str | Path, *, preset: str = "tiny", seed: int = 0
     from flax import nnx
 
     from gptoss_jax.config import GptOssConfig
-    from gptoss_jax.hf_loader import params_of, save_hf_checkpoint
+    from gptoss_jax.hf_loader import save_hf_checkpoint
+    from gptoss_jax.model import params_of
     from gptoss_jax.model import GptOss
     from gptoss_jax.tokenizer import build_tiny_tokenizer
 

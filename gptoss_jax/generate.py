@@ -54,6 +54,12 @@ def length_bucket(n: int, *, minimum: int = DEFAULT_MIN_BUCKET, cap: int | None 
     return b
 
 
+def batch_bucket(n: int, multiple: int = 1) -> int:
+    """Rows a batch of n sequences is padded to: the next power of two, then up to a multiple of `multiple`."""
+    b = 1 << max(int(n) - 1, 0).bit_length()
+    return -(-b // multiple) * multiple
+
+
 def bucket_set(max_seq_len: int, minimum: int = DEFAULT_MIN_BUCKET) -> list[int]:
     """Every bucket length that can occur for sequences up to max_seq_len."""
     out, b = [], length_bucket(1, minimum=minimum, cap=max_seq_len)
@@ -354,12 +360,13 @@ class Generator:
         return out
 
     def _padded(self, prompts: list[list[int]]):
-        """Right-pads prompts to a length bucket → tokens [R, Tb], lengths [R]. R is len(prompts) rounded up to a
-        multiple of `batch_multiple` (the mesh's data-parallel size); the extra rows repeat prompt 0 and their
-        outputs are dropped."""
+        """Right-pads prompts to a length bucket → tokens [R, Tb], lengths [R]. R is the batch bucket of
+        len(prompts) (:func:`batch_bucket`: the next power of two, rounded up to a multiple of `batch_multiple`, the
+        mesh's data-parallel size), so batch sizes share compilations like prompt lengths do; the extra rows repeat
+        prompt 0, start finished, and their outputs are dropped."""
         longest = max(len(p) for p in prompts)
         width = length_bucket(longest, minimum=self.min_bucket, cap=self.max_seq_len)
-        rows = -(-len(prompts) // self.batch_multiple) * self.batch_multiple
+        rows = batch_bucket(len(prompts), self.batch_multiple)
         prompts = prompts + [prompts[0]] * (rows - len(prompts))
         tokens = np.zeros((rows, width), np.int32)
         for i, p in enumerate(prompts):
@@ -404,6 +411,67 @@ class Generator:
                                        or chunk_size < 1):
             raise GenerationError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         return GenerationStream(self, prompts, params, decode, chunk_size or self.chunk_size)
+
+
+class TextStreamer:
+    """One row's text, detokenized incrementally, with stop strings: what the generation loop streams.
+
+    Each new token costs two decodes of a few-token window instead of decoding the row's whole text per chunk
+    (the approach of vLLM's incremental detokenizer): with ``prefix`` … ``read`` the tokens already turned into
+    text, ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text, confirmed only once it does
+    not end in U+FFFD (an incomplete UTF-8 sequence of a byte-level tokenizer). Stop strings are searched only in the
+    newly confirmed tail. Text that could still be the start of a stop string is held back from :meth:`take`.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ()):
+        self._decode, self._stops = decode, tuple(stop_strings)
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+        self._text = ""  # confirmed text
+        self._ends: list[int] = []  # len(confirmed text) after each token
+        self._searched = 0  # stop strings cannot start before this index of _text
+        self._emitted = 0
+        self._final: str | None = None
+
+    def add(self, ids: Sequence[int]) -> int | None:
+        """Adds tokens. Returns None, or — when a stop string appeared — how many of all tokens added so far to keep
+        (the shortest prefix whose text contains it); the text then ends where the stop string starts."""
+        for t in ids:
+            self._ids.append(int(t))
+            before = self._decode(self._ids[self._prefix:self._read])
+            after = self._decode(self._ids[self._prefix:])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self._text += after[len(before):]
+                self._prefix, self._read = self._read, len(self._ids)
+            self._ends.append(len(self._text))
+            if self._stops:
+                hits = [(i, s) for s in self._stops if (i := self._text.find(s, self._searched)) >= 0]
+                if hits:
+                    cut, stop = min(hits)
+                    keep = next(n for n, end in enumerate(self._ends, 1) if end >= cut + len(stop))
+                    self._final = self._text[:cut]
+                    return keep
+                self._searched = max(0, len(self._text) - max(len(s) for s in self._stops) + 1)
+        return None
+
+    def final_text(self) -> str:
+        """The row's whole text once it finished (pending bytes flushed, cut at a stop string)."""
+        if self._final is None:
+            self._final = self._decode(self._ids)
+        return self._final
+
+    def take(self) -> str:
+        """The text not yet returned that is safe to show (not possibly the start of a stop string)."""
+        if self._final is not None:
+            safe, text = len(self._final), self._final
+        else:
+            text = self._text
+            safe = len(text) - _holdback(text, self._stops)
+        if safe <= self._emitted:
+            return ""
+        out = text[self._emitted:safe]
+        self._emitted = safe
+        return out
 
 
 def _holdback(text: str, stop_strings: Sequence[str]) -> int:
@@ -473,8 +541,11 @@ class GenerationStream:
         first, cache = _prefill(gen.graph, gen.state_leaves, tokens, lengths, key, temperature, top_k, top_p,
                                 cache_len=cache_len, cache_dtype=gen.cache_dtype,
                                 cache_constraint=gen.cache_constraint, mode=mode)
-        last = first  # stays on device: the decode loop's input
+        # The small loop-carried values (last token, positions, counters) go back and forth as host arrays: passing
+        # the previous call's device outputs instead would change the arguments from uncommitted to committed after
+        # the first chunk and compile the decode step twice. The KV cache stays on device (donated).
         first = np.asarray(first)
+        last = first
         self.stats.time_to_first_token_s = time.perf_counter() - t0
         self.stats.prefill_compiled = TRACE_COUNTS[("prefill", gen.graph)] > prefill_traces
 
@@ -486,49 +557,37 @@ class GenerationStream:
             elif params.max_new_tokens <= 1:
                 reasons[b] = "length"
         texts_done: list[str | None] = [None] * batch  # final text once a row finished
-        emitted_chars = [0] * batch
+        streamers = [None if self._decode_text is None else TextStreamer(self._decode_text, params.stop_strings)
+                     for _ in range(batch)]
 
         def text_updates(new_counts: list[int]) -> list[str] | None:
-            """Checks stop strings on the rows that got tokens and returns the new text that is safe to show."""
+            """Feeds each row's new tokens to its TextStreamer (stop strings) and returns the new safe text."""
             if self._decode_text is None:
                 return None
             deltas = [""] * batch
             for b in range(batch):
-                if new_counts[b] == 0 and texts_done[b] is not None:
+                if texts_done[b] is not None:
                     continue
-                ids = out_tokens[b]
-                body = ids[:-1] if reasons[b] == "stop_token" else ids
-                text = self._decode_text(body)
-                cut = None
-                if params.stop_strings:
-                    hits = [(text.find(s), s) for s in params.stop_strings if s in text]
-                    if hits:
-                        cut = min(h for h, _ in hits)
-                        # keep the shortest token prefix whose text contains the stop string
-                        for n in range(1, len(ids) + 1):
-                            if any(s in self._decode_text(ids[:n]) for s in params.stop_strings):
-                                break
-                        out_tokens[b] = ids[:n]
-                        reasons[b] = "stop_string"
-                if cut is not None:
-                    text = text[:cut]
+                st = streamers[b]
+                new = out_tokens[b][len(out_tokens[b]) - new_counts[b]:] if new_counts[b] else []
+                if reasons[b] == "stop_token":
+                    new = new[:-1]  # the stop token is not part of the text
+                keep = st.add(new)
+                if keep is not None:  # a stop string: keep the shortest token prefix that contains it
+                    out_tokens[b] = out_tokens[b][:keep]
+                    reasons[b] = "stop_string"
                 if reasons[b] is not None:
-                    texts_done[b] = text
-                    safe = len(text)
-                else:
-                    safe = len(text) - _holdback(text, params.stop_strings)
-                if safe > emitted_chars[b]:
-                    deltas[b] = text[emitted_chars[b]:safe]
-                    emitted_chars[b] = safe
+                    texts_done[b] = st.final_text()
+                deltas[b] = st.take()
             return deltas
 
         text = text_updates([1] * batch)
         finished = [r is not None for r in reasons]
         yield GenerationChunk([list(t) for t in out_tokens], text, list(finished), 0)
 
-        positions = jnp.asarray(lengths)
-        num_generated = jnp.ones((rows,), jnp.int32)
-        step = jnp.int32(1)
+        positions = np.asarray(lengths, np.int32)
+        num_generated = np.ones((rows,), np.int32)
+        step = np.int32(1)
         chunk_index = 0
         while not all(finished):
             chunk_index += 1
@@ -539,8 +598,8 @@ class GenerationStream:
                 gen.graph, gen.state_leaves, cache, last, positions, np.asarray(finished + padding_done), num_generated, step,
                 max_new_tokens, stop_ids, key, temperature, top_k, top_p,
                 steps=self._chunk_size, mode=mode)
-            out = np.asarray(out)
-            dev_finished = np.asarray(dev_finished)
+            out, dev_finished, last, positions, num_generated, step = jax.device_get(
+                (out, dev_finished, last, positions, num_generated, step))
             elapsed = time.perf_counter() - t_chunk
             self.stats.chunks += 1
             if TRACE_COUNTS[("decode", gen.graph)] > decode_traces:

@@ -1,7 +1,10 @@
 """Loading unquantized Hugging Face gpt-oss checkpoints (bf16 / fp16 / fp32 safetensors) into the model.
 
 Tensors stream one at a time from memory-mapped safetensors, are transposed to our [in, out] layout, cast and put
-on device, so host memory never holds more than one tensor beyond the device copy.
+on device into their shardings, so host memory never holds more than one tensor beyond the device copy.
+
+The name table below (:data:`_LAYER_MAP`, :data:`_GLOBAL_MAP`) is the one map between Hugging Face tensor names and
+our storage-tree paths (:func:`gptoss_jax.params.param_specs`), with the transpose rule of each.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.params import ParamSpec, iter_specs, param_specs, path_str
+from gptoss_jax.model import build_model
+from gptoss_jax.params import (ParamSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
+                               unstack_layers)
 from gptoss_jax.safetensors_io import Checkpoint, CheckpointError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -84,15 +87,17 @@ def get_path(tree, path: tuple):
 
 
 def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16,
-                   place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
-    """Reads every tensor of an unquantized HF gpt-oss checkpoint into our parameter tree (pure dict).
+                   sharding_of: Callable[[tuple, ParamSpec], Any] | None = None) -> dict:
+    """Reads every tensor of an unquantized HF gpt-oss checkpoint into the model tree (layers stacked).
 
-    `place(path, host_array)` puts one converted tensor on device (default: jax.device_put); pass a sharded
-    placement to load straight into shardings.
+    Each tensor is read (memory-mapped), transposed to our [in, out] layout, cast, and placed straight into its
+    sharding — `sharding_of(model_path, spec)` (default: the first device) — inside the stacked arrays
+    (:class:`gptoss_jax.params.StackedTreeBuilder`), so neither the host nor one device ever holds a second copy.
+    Raises CheckpointError naming the file and tensor for dtype/shape mismatches, missing or unexpected tensors.
     """
-    specs = dict(iter_specs(param_specs(config, dtype=dtype)))
-    place = place or (lambda p, a: jax.device_put(a))
-    params: dict = {}
+    storage_specs = dict(iter_specs(param_specs(config, dtype=dtype)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    builder = StackedTreeBuilder(model_specs(config, dtype=dtype), sharding_of or (lambda p, s: device))
     seen: set = set()
     unexpected = []
     with Checkpoint(path) as ckpt:
@@ -102,7 +107,7 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
                 unexpected.append(name)
                 continue
             ppath, transpose = mapped
-            spec: ParamSpec | None = specs.get(ppath)
+            spec: ParamSpec | None = storage_specs.get(ppath)
             if spec is None:
                 unexpected.append(name)
                 continue
@@ -117,15 +122,17 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
                 raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape "
                                       f"{tuple(np.swapaxes(host, -1, -2).shape) if transpose else host.shape}, "
                                       f"config.json implies {spec.shape if not transpose else spec.shape[::-1]}")
-            set_path(params, ppath, place(ppath, np.ascontiguousarray(host).astype(spec.dtype)))
+            host = np.ascontiguousarray(host).astype(spec.dtype)
+            builder.put(ppath, jax.device_put(host, builder.layer_sharding(ppath)))
+            del host
             seen.add(ppath)
-    missing = [path_str(p) for p in specs if p not in seen]
+    missing = [path_str(p) for p in storage_specs if p not in seen]
     if missing or unexpected:
         raise CheckpointError(f"{path}: checkpoint does not match config.json: missing parameters "
                               f"{[param_path_to_hf(tuple(int(x) if x.isdigit() else x for x in m.split('.'))) for m in missing][:20]}"
                               f"{' …' if len(missing) > 20 else ''}; unexpected tensors {unexpected[:20]}"
                               f"{' …' if len(unexpected) > 20 else ''}")
-    return params
+    return builder.tree()
 
 
 def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, dtype=None,
@@ -140,6 +147,9 @@ def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
 
+    if params["layers"] and not all(isinstance(k, int) for k in params["layers"]):
+        params = unstack_layers(params)  # a model tree: write layer by layer
+
     def tensors():
         for ppath, _ in iter_specs(param_specs(config)):
             a = np.asarray(get_path(params, ppath))
@@ -151,30 +161,10 @@ def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, 
     write_sharded(tensors(), path, max_shard_bytes=max_shard_bytes)
 
 
-def abstract_model(config: GptOssConfig, *, dtype=jnp.bfloat16, quant=None):
-    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
-    from gptoss_jax.model import GptOss
-    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, quant=quant, rngs=nnx.Rngs(0)))
-
-
-def model_from_params(config: GptOssConfig, params: dict, *, dtype=jnp.bfloat16, quant=None):
-    """Builds the model around an existing parameter tree (pure dict of arrays) without random init."""
-    model = abstract_model(config, dtype=dtype, quant=quant)
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
-    # the rotary constant is not a parameter: recompute it rather than leave an abstract leaf
-    from gptoss_jax.rope import yarn_inv_freq
-    model.inv_freq = nnx.Variable(jnp.asarray(yarn_inv_freq(config)[0], jnp.float32))
-    return model
-
-
-def params_of(model) -> dict:
-    """The pure-dict parameter tree of a model (what param_specs describes)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
-
-
-def load_hf_model(path: str | Path, *, dtype=jnp.bfloat16, config: GptOssConfig | None = None):
+def load_hf_model(path: str | Path, *, dtype=jnp.bfloat16, config: GptOssConfig | None = None,
+                  sharding_of=None, moe_parallel=None):
+    """The GptOss model of an unquantized HF folder, placed straight into `sharding_of`'s shardings."""
     path = Path(path)
     config = config or GptOssConfig.from_json(path if path.is_dir() else path.parent)
-    return model_from_params(config, load_hf_params(path, config, dtype=dtype), dtype=dtype)
+    params = load_hf_params(path, config, dtype=dtype, sharding_of=sharding_of)
+    return build_model(config, params, dtype=dtype, moe_parallel=moe_parallel)

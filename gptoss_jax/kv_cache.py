@@ -4,6 +4,10 @@ Each layer keeps ``k, v [B, S, KV, D]`` and ``pos [B, S]`` (the absolute positio
 Full-attention layers have ``S = max_len`` slots; sliding-window layers only ``S = min(window, max_len)``, written
 round-robin (slot = position mod S), since no query ever sees further back. Because every slot carries its
 position, attention masks are computed from positions alone and padding (pos -1) is never visible.
+
+The model scans over blocks of ``p`` layers (:func:`gptoss_jax.params.layer_period`), so the cache is a tuple of
+``p`` LayerCache, one per block position, each stacked over the ``L / p`` blocks: ``k, v [L/p, B, S_j, KV, D]``,
+``pos [L/p, B, S_j]``. Layer ``i`` lives in ``cache[i % p]`` at index ``i // p``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.params import layer_period
 
 
 @jax.tree_util.register_dataclass
@@ -25,17 +30,26 @@ class LayerCache:
 
     @property
     def slots(self) -> int:
-        return self.pos.shape[1]
+        return self.pos.shape[-1]
 
 
 def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> tuple[LayerCache, ...]:
+    """An empty cache for `batch` rows of up to `max_len` positions: p stacked LayerCache (see the module doc)."""
+    p = layer_period(config)
+    blocks = config.num_hidden_layers // p
     caches = []
-    for i in range(config.num_hidden_layers):
-        slots = min(config.sliding_window, max_len) if config.is_sliding(i) else max_len
-        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+    for j in range(p):
+        slots = min(config.sliding_window, max_len) if config.is_sliding(j) else max_len
+        shape = (blocks, batch, slots, config.num_key_value_heads, config.head_dim)
         caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                 jnp.full((batch, slots), -1, jnp.int32)))
+                                 jnp.full((blocks, batch, slots), -1, jnp.int32)))
     return tuple(caches)
+
+
+def layer_cache(cache: tuple[LayerCache, ...], layer: int) -> LayerCache:
+    """The cache of one layer (k, v [B, S, KV, D], pos [B, S]) out of the stacked cache."""
+    p = len(cache)
+    return jax.tree.map(lambda a: a[layer // p], cache[layer % p])
 
 
 def cache_max_len(cache: tuple[LayerCache, ...]) -> int:

@@ -11,6 +11,11 @@ through :mod:`gptoss_jax.layers`, so this file stays the same for both.
 A forward call processes ``T`` new tokens per sequence at positions ``start[b] + t``; the first ``lengths[b]`` of
 them are real and the rest padding. With a KV cache (see :mod:`gptoss_jax.kv_cache`) the new tokens also attend to
 the cached ones, and the cache comes back updated: prefill and decode are the same function.
+
+The decoder layers are one :class:`DecoderLayer` whose parameters are stacked along a leading layer axis, run under
+one ``jax.lax.scan`` over blocks of ``p`` layers (``p = params.layer_period(config)``: 2 for gpt-oss, a sliding and
+a full-attention layer), so compile time does not grow with depth. Each block position has its own KV cache stack
+(ring buffers of ``window`` slots for sliding layers, see :mod:`gptoss_jax.kv_cache`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import layers
+from gptoss_jax import layers, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import LayerCache, update_layer_cache
-from gptoss_jax.params import QuantSpec
+from gptoss_jax.moe_parallel import MoEParallel, local_experts_forward, moe_forward
+from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
 
@@ -42,10 +48,9 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with per-head sink logits; sliding-window or full causal."""
 
-    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.window = c.sliding_window if c.is_sliding(layer_idx) else None
         self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=quant, rngs=rngs)
         self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
         self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
@@ -53,7 +58,9 @@ class Attention(nnx.Module):
         # One learned logit per query head, appended as an extra softmax column that carries no value.
         self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
 
-    def __call__(self, x, cos, sin, positions, valid, cache: LayerCache | None, attend_to_cache: bool):
+    def __call__(self, x, cos, sin, positions, valid, cache: LayerCache | None, attend_to_cache: bool,
+                 window: int | None):
+        """window: the sliding window of this layer (None: full causal attention)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -72,7 +79,7 @@ class Attention(nnx.Module):
             key_pos = jnp.concatenate([cache.pos, key_pos], axis=1)
         else:
             keys, values = k, v
-        out = attention(q, keys, values, positions, key_pos, self.sinks[...], self.window)
+        out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
@@ -150,54 +157,61 @@ class MoE(nnx.Module):
     that touch only the experts that received tokens — the call sites where the int4 kernels plug in.
     """
 
-    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, parallel=None):
         self.router = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, quant=quant, rngs=rngs)
-        # Set by gptoss_jax.sharding.shard_model: experts split over a mesh (see gptoss_jax.moe_parallel).
-        self.parallel = None
+        # Experts split over a mesh (a gptoss_jax.moe_parallel.MoEParallel), or None for one device. Static.
+        self.parallel = parallel
 
     def __call__(self, x):
-        if self.parallel is not None:
-            from gptoss_jax.moe_parallel import moe_forward
-            return moe_forward(self, x, self.parallel)
         b, t, h = x.shape
-        x = x.reshape(b * t, h)
-        experts, weights = self.router(x)  # [N, k]
-        k = experts.shape[-1]
-        flat_experts = experts.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)  # assignment rows sorted by expert
-        group_sizes = jnp.bincount(flat_experts, length=self.experts.num_experts).astype(jnp.int32)
-        y_sorted = self.experts(x[order // k], group_sizes)  # [N·k, H]
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(b * t, k, h)
-        out = jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
+        experts, weights = self.router(x.reshape(b * t, h))  # [N, k] each
+        if self.parallel is not None:  # experts split over a mesh: tokens go to them (gptoss_jax.moe_parallel)
+            k = experts.shape[-1]
+            return moe_forward(self.experts, x, experts.reshape(b, t, k), weights.reshape(b, t, k), self.parallel)
+        # One device: the one-shard case of the sharded code (all experts local).
+        out = local_experts_forward(self.experts, x.reshape(b * t, h), experts, weights)
         return out.astype(x.dtype).reshape(b, t, h)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: GptOssConfig, layer_idx: int, *, dtype, quant, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, quant, rngs: nnx.Rngs, moe_parallel=None):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(config, layer_idx, dtype=dtype, quant=quant, rngs=rngs)
+        self.attn = Attention(config, dtype=dtype, quant=quant, rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs)
+        self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
 
-    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache):
-        attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache)
+    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window):
+        attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, cache
 
 
+def _stack_modules(modules):
+    """Modules of one structure → one module whose leaves are stacked along a new leading axis."""
+    graphdef, _ = nnx.split(modules[0])
+    states = [nnx.split(m)[1] for m in modules]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
 class GptOss(nnx.Module):
-    """gpt-oss for causal LM. `dtype` is the compute and parameter dtype (bf16 default, fp32 selectable)."""
+    """gpt-oss for causal LM. `dtype` is the compute and parameter dtype (bf16 default, fp32 selectable).
+
+    moe_parallel: a :class:`gptoss_jax.moe_parallel.MoEParallel` to run the experts split over a mesh (built by
+    :func:`gptoss_jax.sharding.build_model` / ``shard_model``), or None for one device.
+    """
 
     def __init__(self, config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | None = None,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, moe_parallel=None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         c = config
         self.config, self.dtype, self.quant = c, jnp.dtype(dtype), quant
+        self.moe_parallel = moe_parallel
         self.embed = layers.Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, quant=quant, rngs=rngs)
-                                for i in range(c.num_hidden_layers)])
+        # One DecoderLayer with every parameter stacked over the layers (leading axis L): see the module docstring.
+        self.layers = _stack_modules([DecoderLayer(c, dtype=dtype, quant=quant, rngs=rngs, moe_parallel=moe_parallel)
+                                      for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, dtype=dtype, quant=None, bias=False, rngs=rngs)
         inv_freq, self.rope_scale = yarn_inv_freq(c)
@@ -220,15 +234,81 @@ class GptOss(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq[...], self.rope_scale)
 
         x = self.embed(tokens)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, positions, valid, None if cache is None else cache[i],
-                                   attend_to_cache)
-            if cache is not None:
-                new_cache.append(layer_cache)
+        x, new_cache = self._decoder_layers(x, cos, sin, positions, valid, cache, attend_to_cache)
         if logits_for == "last":
             last = jnp.maximum(lengths - 1, 0)
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)
         x = self.norm(x)
         logits = self.lm_head(x, out_dtype=jnp.float32)
-        return logits, (tuple(new_cache) if cache is not None else None)
+        return logits, new_cache
+
+    def _decoder_layers(self, x, cos, sin, positions, valid, cache, attend_to_cache):
+        """The L layers as a lax.scan over L/p blocks of p layers (p = layer_period); cache: p stacked caches."""
+        c = self.config
+        p = layer_period(c)
+        blocks = c.num_hidden_layers // p
+        windows = [c.sliding_window if c.is_sliding(j) else None for j in range(p)]
+        graphdef, state = nnx.split(self.layers)
+        state = jax.tree.map(lambda a: a.reshape(blocks, p, *a.shape[1:]), state)  # layer b·p + j → [b, j]
+
+        def block(x, xs):
+            block_state, block_cache = xs
+            new = []
+            for j in range(p):
+                layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], block_state))
+                x, layer_cache = layer(x, cos, sin, positions, valid, None if block_cache is None else block_cache[j],
+                                       attend_to_cache, windows[j])
+                new.append(layer_cache)
+            return x, (None if block_cache is None else tuple(new))
+
+        x, new_cache = jax.lax.scan(block, x, (state, None if cache is None else tuple(cache)))
+        return x, new_cache
+
+
+# ------------------------------------------------------------------------------------------------ building
+def abstract_model(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | None = None, moe_parallel=None):
+    """The model with ShapeDtypeStruct leaves: no memory is allocated."""
+    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, quant=quant, rngs=nnx.Rngs(0),
+                                         moe_parallel=moe_parallel))
+
+
+def build_model(config: GptOssConfig, params: dict, *, dtype=jnp.bfloat16, quant: QuantSpec | None = None,
+                moe_parallel=None) -> GptOss:
+    """The model around an existing parameter tree (pure dict of arrays, no random init).
+
+    params: the model tree (layers stacked, :func:`gptoss_jax.params.model_specs`) or the storage tree
+    (``layers.{i}``, stacked here — a copy). Arrays keep their placement (shardings)."""
+    if params["layers"] and all(isinstance(k, int) for k in params["layers"]):
+        params = stack_layers(params)
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, quant=quant, moe_parallel=moe_parallel))
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    # the rotary constant is not a parameter: recompute it rather than leave an abstract leaf
+    model.inv_freq = nnx.Variable(jnp.asarray(yarn_inv_freq(config)[0], jnp.float32))
+    return model
+
+
+def params_of(model: GptOss) -> dict:
+    """The model tree of a model (pure dict; layers stacked, :func:`gptoss_jax.params.model_specs`)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def shard_model(model, mesh: Mesh, *, moe_strategy: str = "auto", dispatch_min_tokens: int | None = None,
+                rules=sharding.RULES):
+    """A copy of `model` with its parameters on their shardings and its MoE layers run under shard_map.
+
+    moe_strategy: "replicated" (decode-friendly: tokens replicated over the expert axes, local experts, psum),
+    "dispatch" (tokens sent to the shards owning their experts with a ragged all-to-all and back), or "auto"
+    (dispatch once a call has at least `dispatch_min_tokens` tokens). Loading with a mesh
+    (:func:`gptoss_jax.load`) places each tensor straight into its sharding instead; this is for in-memory models.
+    """
+    sharding.validate_mesh_shape(model.config, dict(mesh.shape), rules)
+    specs = model_specs(model.config, dtype=model.dtype, quant=model.quant)
+    sharded = sharding.shard_params(params_of(model), mesh, specs, rules=rules)
+    parallel = MoEParallel.from_rules(mesh, rules, strategy=moe_strategy, dispatch_min_tokens=dispatch_min_tokens)
+    return build_model(model.config, sharded, dtype=model.dtype, quant=model.quant, moe_parallel=parallel)
+
+
+def unshard_model(model):
+    """A copy of `model` running the single-device MoE code (parameters stay where they are)."""
+    return build_model(model.config, params_of(model), dtype=model.dtype, quant=model.quant)

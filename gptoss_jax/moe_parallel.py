@@ -35,6 +35,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from gptoss_jax import params as P_
+from gptoss_jax import sharding
+
 STRATEGIES = ("auto", "replicated", "dispatch")
 DEFAULT_DISPATCH_MIN_TOKENS = 4096
 
@@ -58,8 +61,6 @@ class MoEParallel:
     @classmethod
     def from_rules(cls, mesh: Mesh, rules: Mapping, *, strategy: str = "auto", dispatch_min_tokens: int | None = None,
                    ragged_a2a: str = "auto") -> "MoEParallel":
-        from gptoss_jax import params as P_
-        from gptoss_jax import sharding
         for logical in (P_.MLP, P_.EXPERT_EMBED):
             if sharding.mesh_axes_of(logical, rules):
                 raise NotImplementedError(f"the MoE shard_map keeps experts whole; rules map {logical!r} to "
@@ -80,13 +81,11 @@ class MoEParallel:
         return "dispatch" if num_tokens >= self.dispatch_min_tokens else "replicated"
 
 
-def moe_forward(moe, x, par: MoEParallel):
-    """The sharded twin of MoE.__call__: x [B, T, H] → [B, T, H]."""
+def moe_forward(experts_mod, x, experts, weights, par: MoEParallel):
+    """Routed tokens through experts split over the mesh: x [B, T, H], experts / weights [B, T, k] (the router's
+    top-k ids and weights, computed before, exactly as on one device) → [B, T, H]."""
     b, t, h = x.shape
-    experts, weights = moe.router(x.reshape(b * t, h))  # [N, k], same routing as one device
-    k = experts.shape[-1]
-    experts, weights = experts.reshape(b, t, k), weights.reshape(b, t, k)
-    graphdef, state = nnx.split(moe.experts)
+    graphdef, state = nnx.split(experts_mod)
     num_experts = jax.tree.leaves(state)[0].shape[0]
     if num_experts % par.num_shards:
         raise ValueError(f"{num_experts} experts cannot be split over mesh axes {par.expert_axes} "
@@ -101,6 +100,20 @@ def moe_forward(moe, x, par: MoEParallel):
     fn = jax.shard_map(local, mesh=par.mesh, in_specs=(tok, tok, tok, P(par.expert_axes or None)), out_specs=tok,
                        check_vma=False)
     return fn(x, experts, weights, state)
+
+
+def local_experts_forward(experts_mod, x, expert_ids, weights, first=0):
+    """The MoE on the experts [first, first + count) this device holds (all of them on one device, ``first=0``).
+
+    x [N, H]; expert_ids, weights [N, k] → [N, H] float32: each token's weighted sum over its assignments to local
+    experts (assignments to other shards' experts contribute 0). The N·k assignments are sorted by expert (stable)
+    so the local experts run as two grouped matmuls over only the rows they received."""
+    n, h = x.shape
+    k = expert_ids.shape[-1]
+    count = jax.tree.leaves(nnx.state(experts_mod))[0].shape[0]
+    order, group_sizes, is_local = _local_groups(expert_ids.reshape(n * k), first, count)
+    y_sorted = experts_mod(x[order // k], group_sizes)
+    return _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
 
 
 def _local_groups(expert_ids, first, count):
@@ -132,10 +145,8 @@ def _replicated(experts_mod, x, expert_ids, weights, par: MoEParallel):
     n = b * t
     local_count = jax.tree.leaves(nnx.state(experts_mod))[0].shape[0]
     shard = jax.lax.axis_index(par.expert_axes) if par.expert_axes else 0
-    flat_ids = expert_ids.reshape(n * k)
-    order, group_sizes, is_local = _local_groups(flat_ids, shard * local_count, local_count)
-    y_sorted = experts_mod(x.reshape(n, h)[order // k], group_sizes)
-    out = _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
+    out = local_experts_forward(experts_mod, x.reshape(n, h), expert_ids.reshape(n, k), weights.reshape(n, k),
+                                shard * local_count)
     if gather_axes:
         out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
         b = b // math.prod(par.mesh.shape[a] for a in gather_axes)

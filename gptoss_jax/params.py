@@ -1,7 +1,16 @@
 """Abstract parameter specs of gpt-oss: every parameter's path, shape, dtype and logical axes.
 
-The parameter tree is the pure-dict form of the Flax NNX model's state (``nnx.state(model).to_pure_dict()``).
-Layer indices are ints. The converter writes exactly this tree; the sharding rules map the logical axes to mesh axes.
+Two views of one tree:
+
+* the **storage tree** (:func:`param_specs`) — one subtree per layer, ``layers.{i}.…`` with int layer indices. It is
+  what checkpoints, converters and the Hugging Face name table (:mod:`gptoss_jax.hf_loader`) speak, item by item.
+* the **model tree** (:func:`model_specs`) — the pure-dict form of the Flax NNX model's state
+  (``nnx.state(model, nnx.Param).to_pure_dict()``): the same leaves, but the layers stacked along a leading
+  ``layers`` axis (``layers.attn.q_proj.weight [L, embed, q]``) so the model runs them under one ``lax.scan``.
+  :func:`stack_layers` / :func:`unstack_layers` convert between the two; loaders fill the stacked arrays layer by
+  layer (:class:`gptoss_jax.checkpoint.StackedTreeBuilder`) instead of stacking whole copies.
+
+The sharding rules map the logical axes to mesh axes.
 
 Quantized (W4A16) weights — the attention projections and the experts — are a dict
 ``{"packed", "scales"[, "zeros"]}`` in the layout of :mod:`pallas_kernels.int4_layout` instead of one array.
@@ -46,6 +55,7 @@ MLP = "mlp"
 EXPERT_EMBED = "expert_embed"  # the hidden dim as seen by experts (inputs of gate_up, outputs of down)
 GROUPS = "groups"  # quantization groups along the input dim
 PACKED = "packed"  # packed input dim (K / 8)
+LAYERS = "layers"  # the stacked-layers dim of the model tree (never split: the scan walks it)
 
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down")
 
@@ -145,6 +155,41 @@ def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
     }
 
 
+def model_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | None = None) -> dict[str, Any]:
+    """The model tree's specs: :func:`param_specs` with the layers stacked along a leading ``layers`` axis."""
+    storage = param_specs(config, dtype=dtype, quant=quant)
+    n = config.num_hidden_layers
+    stacked = jax.tree.map(lambda s: ParamSpec((n, *s.shape), s.dtype, (LAYERS, *s.axes)), storage["layers"][0],
+                           is_leaf=is_spec)
+    return {**storage, "layers": stacked}
+
+
+def stack_layers(tree: dict) -> dict:
+    """Storage tree (``layers.{i}``) → model tree (leaves stacked on a leading layer axis). Copies every layer."""
+    layers = tree["layers"]
+    per_layer = [layers[i] for i in sorted(layers)]
+    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(per_layer[0])) else jnp.stack
+    return {**tree, "layers": jax.tree.map(lambda *xs: stack(xs), *per_layer)}
+
+
+def unstack_layers(tree: dict) -> dict:
+    """Model tree → storage tree (``layers.{i}`` holding views/slices of the stacked leaves)."""
+    stacked = tree["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**tree, "layers": {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}}
+
+
+def layer_period(config: GptOssConfig) -> int:
+    """The shortest period p of the layer-type pattern (p divides the layer count): the model scans over blocks of
+    p layers (2 for gpt-oss's alternating sliding / full attention), each block position with its own KV cache
+    layout. A pattern without a shorter period gives p = num_hidden_layers (no scan, still correct)."""
+    types, n = config.layer_types, config.num_hidden_layers
+    for p in range(1, n + 1):
+        if n % p == 0 and all(types[i] == types[i % p] for i in range(n)):
+            return p
+    return n
+
+
 def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
@@ -171,3 +216,98 @@ def abstract_params(specs) -> Any:
 def count_parameters(config: GptOssConfig) -> int:
     """Number of logical (unquantized) parameters."""
     return sum(int(np.prod(s.shape)) for _, s in iter_specs(param_specs(config, dtype=jnp.float32)))
+
+
+# ------------------------------------------------------------------------------------------------ loading stacks
+def _without_leading_axis(sharding):
+    """The sharding of one layer's slice of a stacked array (the layer axis is never split)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)
+        if spec and spec[0] is not None:
+            raise ValueError(f"the stacked-layers axis must not be split, got {sharding.spec}")
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return sharding
+
+
+_UPDATES: dict = {}
+
+
+def _update_fn(sharding):
+    """jit(buffer.at[i].set(x)) with the buffer donated: written in place on accelerators (no second copy)."""
+    fn = _UPDATES.get(sharding)
+    if fn is None:
+        fn = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
+                     donate_argnums=0, out_shardings=sharding)
+        _UPDATES[sharding] = fn
+    return fn
+
+
+class StackedTreeBuilder:
+    """Builds the model tree (stacked layers) from storage-tree tensors arriving one at a time, on device.
+
+    Each stacked leaf is allocated once, empty, in its final sharding; each layer's tensor is placed into the layer's
+    slice of it (a donated in-place update) as it arrives, so loading never holds a second copy of the model.
+
+    specs: :func:`model_specs` (the target shapes/dtypes); sharding_of(path, spec) -> Sharding for a model-tree path.
+    dtype_of(path, spec) -> the dtype to store (default spec.dtype).
+    """
+
+    def __init__(self, specs, sharding_of, dtype_of=None):
+        self.specs = dict(iter_specs(specs))
+        self.sharding_of = sharding_of
+        self.dtype_of = dtype_of or (lambda path, spec: jnp.dtype(spec.dtype))
+        self._leaves: dict[tuple, Any] = {}
+        self._filled: dict[tuple, set] = {}
+
+    @staticmethod
+    def model_path(storage_path: tuple) -> tuple[tuple, int | None]:
+        """storage path ("layers", i, ...) → (("layers", ...), i); other paths unchanged with None."""
+        if storage_path[0] == "layers":
+            return ("layers", *storage_path[2:]), int(storage_path[1])
+        return tuple(storage_path), None
+
+    def layer_sharding(self, storage_path: tuple):
+        """Where to place one storage-tree tensor before it goes into the tree (the layer slice's sharding)."""
+        path, layer = self.model_path(storage_path)
+        sharding = self.sharding_of(path, self.specs[path])
+        return sharding if layer is None else _without_leading_axis(sharding)
+
+    def put(self, storage_path: tuple, value) -> None:
+        """Adds one tensor (host numpy or a jax array, ideally already in :meth:`layer_sharding`)."""
+        path, layer = self.model_path(storage_path)
+        spec = self.specs[path]
+        dtype = self.dtype_of(path, spec)
+        sharding = self.sharding_of(path, spec)
+        if layer is None:
+            self._leaves[path] = jax.device_put(value if isinstance(value, jax.Array) else np.asarray(value),
+                                                sharding).astype(dtype)
+            self._filled[path] = {None}
+            return
+        if path not in self._leaves:
+            self._leaves[path] = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=sharding)()
+            self._filled[path] = set()
+        if not isinstance(value, jax.Array):
+            value = jax.device_put(np.asarray(value), _without_leading_axis(sharding))
+        self._leaves[path] = _update_fn(sharding)(self._leaves[path], value, np.int32(layer))
+        self._filled[path].add(layer)
+
+    def missing(self) -> list[str]:
+        """Storage-tree paths not filled yet."""
+        out = []
+        for path, spec in self.specs.items():
+            want = {None} if path[0] != "layers" else set(range(spec.shape[0]))
+            for i in sorted(want - self._filled.get(path, set()), key=lambda x: -1 if x is None else x):
+                out.append(path_str(path if i is None else ("layers", i, *path[1:])))
+        return out
+
+    def tree(self) -> dict:
+        missing = self.missing()
+        if missing:
+            raise ValueError(f"parameters never loaded: {missing[:10]}{' …' if len(missing) > 10 else ''}")
+        out: dict = {}
+        for path, value in self._leaves.items():
+            node = out
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        return out

@@ -14,9 +14,9 @@ which mesh axes split the experts and which split the tokens.
 
 Typical use (one host or many)::
 
-    maybe_initialize_distributed()                   # no-op unless GPTOSS_COORDINATOR / JAX_COORDINATOR_ADDRESS set
+    maybe_initialize_distributed()                   # no-op unless JAX_COORDINATOR_ADDRESS is set
     mesh = make_mesh(*parse_mesh_arg("1,4,1"), config=config)
-    model = shard_model(model, mesh)                 # params onto their shardings, MoE switched to shard_map
+    model = gptoss_jax.model.shard_model(model, mesh)  # params onto their shardings, MoE under shard_map
     cache = shard_cache(init_cache(config, batch, max_len), mesh)
 
 or, with a converted Orbax checkpoint, :func:`restore_params` reads each device's part only.
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import params as P_
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kv_cache import LayerCache
 
 DATA, EXPERT, TENSOR = "data", "expert", "tensor"
 MESH_AXES = (DATA, EXPERT, TENSOR)
@@ -61,6 +62,7 @@ RULES: dict[str, MeshAxes] = {
     P_.EXPERTS: (EXPERT, TENSOR),  # each (expert, tensor) device owns E / (n_expert · n_tensor) whole experts
     P_.MLP: None,  # experts stay whole: the int4 grouped kernel runs per shard on whole expert matrices
     P_.EXPERT_EMBED: None,
+    P_.LAYERS: None,  # the stacked-layers axis: the scan walks it, every device holds its part of every layer
     # activations and KV cache
     BATCH: DATA,
     SEQ: None,
@@ -244,13 +246,12 @@ def activation_sharding(mesh: Mesh, *logical_axes: str | None, shape=None,
 
 
 def cache_shardings(cache, mesh: Mesh, *, rules: Mapping[str, MeshAxes] = RULES):
-    """Shardings for a KV cache (tuple of LayerCache): k/v [B,S,KV,D] split like batch and KV heads; pos [B,S]."""
-    from gptoss_jax.kv_cache import LayerCache
-
+    """Shardings for a KV cache (tuple of stacked LayerCache, :mod:`gptoss_jax.kv_cache`): k/v [L/p,B,S,KV,D] split
+    like batch and KV heads; pos [L/p,B,S]."""
     def one(c):
-        kv = NamedSharding(mesh, spec_for((BATCH, CACHE_SLOTS, CACHE_KV_HEADS, HEAD_DIM), c.k.shape, mesh,
+        kv = NamedSharding(mesh, spec_for((P_.LAYERS, BATCH, CACHE_SLOTS, CACHE_KV_HEADS, HEAD_DIM), c.k.shape, mesh,
                                           rules=rules, name="kv_cache.k"))
-        pos = NamedSharding(mesh, spec_for((BATCH, CACHE_SLOTS), c.pos.shape, mesh, rules=rules,
+        pos = NamedSharding(mesh, spec_for((P_.LAYERS, BATCH, CACHE_SLOTS), c.pos.shape, mesh, rules=rules,
                                            name="kv_cache.pos"))
         return LayerCache(kv, kv, pos)
 
@@ -289,7 +290,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def _model_specs(model):
-    return P_.param_specs(model.config, dtype=model.dtype, quant=model.quant)
+    return P_.model_specs(model.config, dtype=model.dtype, quant=model.quant)
 
 
 def _tree_like(params, shardings):
@@ -308,52 +309,7 @@ def shard_params(params, mesh: Mesh, specs, *, rules: Mapping[str, MeshAxes] = R
     return to_global(params, _tree_like(params, shardings_for(specs, mesh, rules=rules)))
 
 
-def shard_model(model, mesh: Mesh, *, moe_strategy: str = "auto", dispatch_min_tokens: int | None = None,
-                rules: Mapping[str, MeshAxes] = RULES):
-    """Moves the model's parameters onto their shardings and switches every MoE layer to the shard_map path.
-
-    moe_strategy: "replicated" (decode-friendly: tokens replicated over the expert axes, local experts, psum),
-    "dispatch" (tokens sent to the shards owning their experts with a ragged all-to-all and back), or "auto"
-    (dispatch once a call has at least `dispatch_min_tokens` tokens). Returns the (same, mutated) model.
-    """
-    from flax import nnx
-
-    from gptoss_jax import moe_parallel
-
-    validate_mesh_shape(model.config, dict(mesh.shape), rules)
-    specs = _model_specs(model)
-    state = nnx.state(model, nnx.Param)
-    pure = state.to_pure_dict()
-    sharded = shard_params(pure, mesh, specs, rules=rules)
-    nnx.replace_by_pure_dict(state, sharded)
-    nnx.update(model, state)
-    parallel = moe_parallel.MoEParallel.from_rules(mesh, rules, strategy=moe_strategy,
-                                                   dispatch_min_tokens=dispatch_min_tokens)
-    for layer in model.layers:
-        layer.mlp.parallel = parallel
-    return model
-
-
-def unshard_model(model):
-    """Switches the MoE layers back to the single-device code (parameters stay where they are)."""
-    for layer in model.layers:
-        layer.mlp.parallel = None
-    return model
-
-
 # ------------------------------------------------------------------------------------------- restore from Orbax
-def restore_params(path, mesh: Mesh, *, dtype=None, rules: Mapping[str, MeshAxes] = RULES):
-    """(config, quant, params) of a converted checkpoint (``gptoss_jax.checkpoint``), restored straight into the
-    shardings of the rules table on `mesh`: each process reads only what its devices hold, item by item, so no host
-    ever holds the whole model. Checks the mesh against the config first (clear error before any reading)."""
-    from pathlib import Path
-
-    from gptoss_jax import checkpoint
-    config = GptOssConfig.from_json(Path(path) / "config.json")
-    validate_mesh_shape(config, dict(mesh.shape), rules)
-    return checkpoint.load_params(path, shardings=sharding_rule(mesh, rules=rules), dtype=dtype)
-
-
 def sharding_rule(mesh: Mesh, *, rules: Mapping[str, MeshAxes] = RULES):
     """A callable (param path, ParamSpec) -> NamedSharding, the form checkpoint.load_params accepts."""
     def sharding_of(path: tuple, spec: P_.ParamSpec) -> NamedSharding:
@@ -390,9 +346,10 @@ def _int_layer_keys(tree):
 
 
 # ------------------------------------------------------------------------------------------------- multi-host
-_ENV_COORDINATOR = ("GPTOSS_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
-_ENV_NUM_PROCESSES = ("GPTOSS_NUM_PROCESSES", "JAX_NUM_PROCESSES")
-_ENV_PROCESS_ID = ("GPTOSS_PROCESS_ID", "JAX_PROCESS_ID")
+# JAX's own variables (what jax.distributed.initialize documents); no private namespace.
+_ENV_COORDINATOR = ("JAX_COORDINATOR_ADDRESS",)
+_ENV_NUM_PROCESSES = ("JAX_NUM_PROCESSES",)
+_ENV_PROCESS_ID = ("JAX_PROCESS_ID",)
 
 
 def _env(names) -> str | None:
@@ -406,8 +363,8 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None, *, local_device_ids=None) -> bool:
     """Calls jax.distributed.initialize when a coordinator is given (argument or environment); else does nothing.
 
-    Environment: GPTOSS_COORDINATOR (or JAX_COORDINATOR_ADDRESS) "host:port", GPTOSS_NUM_PROCESSES (or
-    JAX_NUM_PROCESSES), GPTOSS_PROCESS_ID (or JAX_PROCESS_ID). Must run before anything touches jax devices.
+    Environment (JAX's own names): JAX_COORDINATOR_ADDRESS "host:port", JAX_NUM_PROCESSES, JAX_PROCESS_ID. Must
+    run before anything touches jax devices.
     Returns True when this process is (now) part of a multi-process job. Calling it twice is harmless.
     """
     coordinator = coordinator or _env(_ENV_COORDINATOR)
@@ -420,12 +377,11 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     if coordinator is None:
         if num_processes not in (None, 1):
             raise ShardingError(f"num_processes={num_processes} but no coordinator address: set "
-                                f"GPTOSS_COORDINATOR=host:port (or pass --coordinator)")
+                                f"JAX_COORDINATOR_ADDRESS=host:port")
         return False
     if num_processes is None or process_id is None:
         raise ShardingError(f"coordinator {coordinator!r} given but num_processes={num_processes}, "
-                            f"process_id={process_id}: set GPTOSS_NUM_PROCESSES and GPTOSS_PROCESS_ID "
-                            f"(or pass --num-processes / --process-id)")
+                            f"process_id={process_id}: set JAX_NUM_PROCESSES and JAX_PROCESS_ID")
     if not 0 <= process_id < num_processes:
         raise ShardingError(f"process_id {process_id} is outside [0, {num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("GPTOSS_TEST_GPU") is None else None
 
+# Tests compile many tiny shapes: keep them out of the user's persistent compilation cache (test_compile.py turns it
+# on explicitly in a subprocess with its own folder).
+os.environ.setdefault("GPTOSS_JAX_COMPILATION_CACHE", "0")
+
 import numpy as np
 import pytest
 

@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 
 from gptoss_jax import sharding  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.hf_loader import model_from_params, params_of  # noqa: E402
+from gptoss_jax.model import build_model, params_of, shard_model  # noqa: E402
 from gptoss_jax.kv_cache import init_cache  # noqa: E402
 from gptoss_jax.model import GptOss  # noqa: E402
 from gptoss_jax.params import QuantSpec  # noqa: E402
@@ -121,7 +121,7 @@ def equivalence(full: bool = False):
         for li in params["layers"]:
             r = params["layers"][li]["mlp"]["router"]
             r["weight"] = (r["weight"].astype(jnp.float32) * 20).astype(r["weight"].dtype)
-        base_model = model_from_params(config, params, **kw)
+        base_model = build_model(config, params, **kw)
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
         cases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
         if vname == "fp32":
@@ -134,15 +134,15 @@ def equivalence(full: bool = False):
             t0 = time.time()
             rules = experts_everywhere if rules_name == "experts_over_data" else sharding.RULES
             mesh = sharding.make_mesh(*mesh_shape, config=config, rules=rules)
-            model = model_from_params(config, params, **kw)
-            sharding.shard_model(model, mesh, moe_strategy=strategy, rules=rules)
+            model = build_model(config, params, **kw)
+            model = shard_model(model, mesh, moe_strategy=strategy, rules=rules)
             forced = ref_tokens[:, :-1] if "bf16" in vname else None
             logits, tokens = generate(model, prompt, lengths, mesh, forced=forced)
             errs = [rel(a, b) for a, b in zip(logits, ref_logits)]
             # where the reference's top-2 margin is clear, bf16 must pick the same token too
             margins = [np.sort(x, -1)[..., -1] - np.sort(x, -1)[..., -2] for x in ref_logits[1:]]
             shard_shapes = sorted({tuple(s.data.shape) for s in
-                                   model.layers[0].mlp.experts.down_bias[...].addressable_shards})
+                                   model.layers.mlp.experts.down_bias[...].addressable_shards})
             print(json.dumps(dict(
                 variant=vname, mesh=mesh_shape, strategy=strategy, rules=rules_name,
                 prefill_rel_err=errs[0], decode_rel_err=max(errs[1:]),
@@ -169,8 +169,8 @@ def multihost_forward():
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
     for strategy in ("replicated", "dispatch"):
         mesh = sharding.make_mesh(2, 2, 2, config=config)
-        model = model_from_params(config, params, **kw)
-        sharding.shard_model(model, mesh, moe_strategy=strategy)
+        model = build_model(config, params, **kw)
+        model = shard_model(model, mesh, moe_strategy=strategy)
         logits, tokens = generate(model, prompt, lengths, mesh)
         errs = [rel(a, b) for a, b in zip(logits, ref_logits)]
         print(json.dumps(dict(process=jax.process_index(), processes=jax.process_count(),
@@ -219,7 +219,7 @@ def _rss_kb(field: str) -> int:
 
 
 def restore(path, fmt):
-    sharding.maybe_initialize_distributed()  # env: GPTOSS_COORDINATOR, GPTOSS_NUM_PROCESSES, GPTOSS_PROCESS_ID
+    sharding.maybe_initialize_distributed()  # env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     config = restore_config()
     mesh = sharding.make_mesh(1, None, 1, config=config)  # experts over all 8 devices of both processes
     specs = sharding.P_.param_specs(config, dtype=jnp.float32)
@@ -236,7 +236,7 @@ def restore(path, fmt):
     rss_before = _rss_kb("VmRSS")
     t0 = time.time()
     if fmt == "converter":
-        _, _, params = sharding.restore_params(path, mesh)
+        _, _, params = checkpoint.restore_params(path, mesh)
     else:
         params = sharding.restore_orbax_tree(path, specs, shardings)
     jax.block_until_ready(params)

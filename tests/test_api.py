@@ -13,7 +13,8 @@ from gptoss_jax import harmony
 from gptoss_jax.api import InferenceModel, LoadError, TokenizerMissingError
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.generate import GenerationError
-from gptoss_jax.hf_loader import params_of, save_hf_checkpoint
+from gptoss_jax.hf_loader import save_hf_checkpoint
+from gptoss_jax.model import params_of
 from gptoss_jax.model import GptOss
 from gptoss_jax.params import QuantSpec, count_parameters
 from gptoss_jax.testing import rel_err
@@ -173,10 +174,10 @@ def scripted_module(config, tokenizer, chain, seed=0):
     expert outputs are zeroed, so the residual stream is just the token's embedding, and lm_head maps each
     embedding to its successor (a bigram model with a large margin)."""
     module = GptOss(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    for layer in module.layers:
-        for p in (layer.attn.o_proj.weight, layer.attn.o_proj.bias, layer.mlp.experts.down,
-                  layer.mlp.experts.down_bias):
-            p[...] = jnp.zeros_like(p[...])
+    layers = module.layers  # every layer, stacked
+    for p in (layers.attn.o_proj.weight, layers.attn.o_proj.bias, layers.mlp.experts.down,
+              layers.mlp.experts.down_bias):
+        p[...] = jnp.zeros_like(p[...])
     emb = np.random.default_rng(seed).normal(size=(config.vocab_size, config.hidden_size)).astype(np.float32)
     module.embed.embedding[...] = jnp.asarray(emb)
     module.norm.scale[...] = jnp.ones_like(module.norm.scale[...])

@@ -16,9 +16,9 @@ from flax import nnx
 
 from gptoss_jax import checkpoint
 from gptoss_jax.config import GptOssConfig, default_layer_types
-from gptoss_jax.hf_loader import params_of
+from gptoss_jax.model import params_of
 from gptoss_jax.model import GptOss
-from gptoss_jax.params import QuantSpec, iter_specs, param_specs
+from gptoss_jax.params import QuantSpec, iter_specs, model_specs, unstack_layers
 from gptoss_jax.safetensors_io import CheckpointError
 
 CONFIG = GptOssConfig.from_preset("tiny").replace(num_hidden_layers=2, layer_types=default_layer_types(2))
@@ -55,7 +55,7 @@ def test_round_trip_is_exact(params, saved):
     config, quant, restored = checkpoint.load_params(saved)
     assert config == CONFIG and quant == QUANT
     want, got = leaves(params), leaves(restored)
-    assert set(want) == set(got) == {p for p, _ in iter_specs(param_specs(CONFIG, quant=QUANT))}
+    assert set(want) == set(got) == {p for p, _ in iter_specs(model_specs(CONFIG, quant=QUANT))}
     for path, a in want.items():
         b = got[path]
         assert isinstance(b, jax.Array), path
@@ -69,7 +69,7 @@ def test_round_trip_is_exact(params, saved):
 
 def test_dtype_cast_keeps_int4_arrays(saved):
     _, quant, restored = checkpoint.load_params(saved, dtype="float32")
-    layer = restored["layers"][0]
+    layer = unstack_layers(restored)["layers"][0]
     assert restored["embed"]["embedding"].dtype == jnp.float32
     assert layer["attn"]["q_proj"]["bias"].dtype == jnp.float32
     w = layer["mlp"]["experts"]["gate_up"]
@@ -96,8 +96,8 @@ def test_shardings_forms(saved):
         return single
 
     _, _, restored = checkpoint.load_params(saved, shardings=by_path)
-    assert len(seen) == len(leaves(restored))
-    assert (("layers", 1, "mlp", "experts", "down", "packed"), (8, 256 // 8, 256)) in seen
+    assert {p for p, _ in seen} == set(leaves(restored))  # paths of the model tree (layers stacked)
+    assert (("layers", "mlp", "experts", "down", "packed"), (CONFIG.num_hidden_layers, 8, 256 // 8, 256)) in seen
     _, _, restored = checkpoint.load_params(saved, shardings=single)
     assert all(a.sharding == single for a in leaves(restored).values())
 
@@ -107,7 +107,7 @@ def test_unquantized_checkpoint(tmp_path):
     checkpoint.save_params(tmp_path / "fp", p, CONFIG, dtype="float32")
     _, quant, restored = checkpoint.load_params(tmp_path / "fp", dtype="bfloat16")
     assert quant is None
-    assert restored["layers"][1]["mlp"]["experts"]["down"].dtype == jnp.bfloat16
+    assert restored["layers"]["mlp"]["experts"]["down"].dtype == jnp.bfloat16
 
 
 def test_refuses_unfinished_or_foreign_folders(saved, tmp_path):
@@ -138,7 +138,7 @@ def test_writer_checks_items_and_cleans_up(params, tmp_path):
     dst = tmp_path / "w"
     with pytest.raises(CheckpointError, match="expected"):
         with checkpoint.CheckpointWriter(dst, CONFIG, quant=QUANT) as w:
-            bad = checkpoint.select_item(params, "layers.0")
+            bad = checkpoint.select_item(unstack_layers(params), "layers.0")
             bad["attn"] = {**bad["attn"], "sinks": np.zeros(3, np.float32)}
             w.write_item("layers.0", bad)
     assert not dst.exists() and not list(tmp_path.iterdir())
@@ -161,18 +161,20 @@ def test_sharded_restore_on_8_devices(saved):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from gptoss_jax import checkpoint
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-        def shard(path, spec):
-            if len(spec.shape) == 3 and spec.shape[0] % 2 == 0 and spec.shape[-1] % 4 == 0:
-                return NamedSharding(mesh, P("data", None, "model"))  # experts: split E and N
-            if len(spec.shape) == 2 and spec.shape[-1] % 4 == 0:
-                return NamedSharding(mesh, P(None, "model"))
+        def shard(path, spec):  # model-tree paths: layer leaves carry a leading (never split) layer axis
+            lead = (None,) if path[0] == "layers" else ()
+            shape = spec.shape[len(lead):]
+            if len(shape) == 3 and shape[0] % 2 == 0 and shape[-1] % 4 == 0:
+                return NamedSharding(mesh, P(*lead, "data", None, "model"))  # experts: split E and N
+            if len(shape) == 2 and shape[-1] % 4 == 0:
+                return NamedSharding(mesh, P(*lead, None, "model"))
             return NamedSharding(mesh, P())
         _, _, sharded = checkpoint.load_params({str(saved)!r}, shardings=shard)
         _, _, plain = checkpoint.load_params({str(saved)!r})
-        w = sharded["layers"][0]["mlp"]["experts"]["gate_up"]["packed"]
-        assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (4, 32, 128), \\
+        w = sharded["layers"]["mlp"]["experts"]["gate_up"]["packed"]
+        assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (2, 4, 32, 128), \\
             w.addressable_shards[0].data.shape
-        assert w.sharding.spec == P("data", None, "model")
+        assert w.sharding.spec == P(None, "data", None, "model")
         flat_s, flat_p = jax.tree.leaves(sharded), jax.tree.leaves(plain)
         assert len(flat_s) == len(flat_p)
         for a, b in zip(flat_s, flat_p):

@@ -18,7 +18,8 @@ from convert import packing, writers
 from convert.converter import convert
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types
-from gptoss_jax.hf_loader import model_from_params
+from gptoss_jax.model import build_model
+from gptoss_jax.params import unstack_layers
 from gptoss_jax.safetensors_io import Checkpoint
 from pallas_kernels import int4_layout
 
@@ -72,7 +73,7 @@ def run_round_trip(tmp_path, fmt, hidden, group, symmetric, *, check_dequantized
 
     if check_dequantized:
         cfg, quant, params = checkpoint.load_params(dst, dtype="float32")
-        fp32 = model_from_params(cfg, dequantized_params(params, quant), dtype=jnp.float32, quant=None)
+        fp32 = build_model(cfg, dequantized_params(params, quant), dtype=jnp.float32, quant=None)
         err = testing.rel_err(fp32(jnp.asarray(ids))[0], ref)
         assert err <= TOL, f"{fmt}: dequantized fp32 model rel err {err}"
     return src, dst
@@ -122,7 +123,7 @@ def test_codes_scales_and_zeros_are_bit_exact(tmp_path):
         convert(src, dst)
         _, quant, params = checkpoint.load_params(dst)
         assert quant.scale_dtype == ("bfloat16" if fmt == "compressed-tensors" else "float16")
-        layer = params["layers"][1]
+        layer = unstack_layers(params)["layers"][1]
         gate_up = layer["mlp"]["experts"]["gate_up"]
         down = layer["mlp"]["experts"]["down"]
         q = layer["attn"]["q_proj"]["weight"]
@@ -185,5 +186,5 @@ def test_tokenizer_files_and_metadata(tmp_path):
         assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     _, _, params = checkpoint.load_params(dst)
     assert params["embed"]["embedding"].dtype == jnp.float16
-    assert params["layers"][0]["attn"]["q_proj"]["weight"]["scales"].dtype == jnp.dtype(ml_dtypes.bfloat16)
+    assert params["layers"]["attn"]["q_proj"]["weight"]["scales"].dtype == jnp.dtype(ml_dtypes.bfloat16)
     assert json.loads((dst / "config.json").read_text())["hidden_size"] == 256

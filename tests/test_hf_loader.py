@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.hf_loader import load_hf_model, load_hf_params, params_of, save_hf_checkpoint
-from gptoss_jax.params import abstract_params, param_specs
+from gptoss_jax.hf_loader import load_hf_model, load_hf_params, save_hf_checkpoint
+from gptoss_jax.model import params_of
+from gptoss_jax.params import abstract_params, model_specs
 from gptoss_jax.safetensors_io import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -30,7 +31,7 @@ def test_sharded_checkpoint_loads_and_matches(sharded, rng):
     path, hf = sharded
     model = load_hf_model(path, dtype=jnp.float32)
     chex.assert_trees_all_equal_shapes_and_dtypes(params_of(model),
-                                                  abstract_params(param_specs(CFG, dtype=jnp.float32)))
+                                                  abstract_params(model_specs(CFG, dtype=jnp.float32)))
     ids = rng.integers(0, CFG.vocab_size, (1, 20))
     ours, _ = model(jnp.asarray(ids))
     assert testing.rel_err(ours, testing.hf_logits(hf, ids)) <= 1e-4

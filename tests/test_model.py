@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.hf_loader import load_hf_model, params_of
-from gptoss_jax.kv_cache import init_cache
+from gptoss_jax.hf_loader import load_hf_model
+from gptoss_jax.model import params_of
+from gptoss_jax.kv_cache import init_cache, layer_cache
 from gptoss_jax.model import GptOss
-from gptoss_jax.params import abstract_params, param_specs
+from gptoss_jax.params import abstract_params, layer_period, model_specs
 
 torch = pytest.importorskip("torch")
 testing = pytest.importorskip("gptoss_jax.testing")
@@ -120,8 +121,11 @@ def test_cached_decode_matches_full_forward(name, tmp_root, rng):
                                           attend_to_cache=attend_to_cache)
 
     cache = init_cache(cfg, 2, total, jnp.float32)
-    chex.assert_shape(cache[1 if cfg.is_sliding(1) else 0].k, (2, min(cfg.sliding_window, total),
-                                                                cfg.num_key_value_heads, cfg.head_dim))
+    sliding = 1 if cfg.is_sliding(1) else 0
+    chex.assert_shape(layer_cache(cache, sliding).k, (2, min(cfg.sliding_window, total), cfg.num_key_value_heads,
+                                                      cfg.head_dim))
+    chex.assert_shape(cache[sliding].k, (cfg.num_hidden_layers // len(cache), 2, min(cfg.sliding_window, total),
+                                         cfg.num_key_value_heads, cfg.head_dim))
     logits, cache = step(state, jnp.asarray(ids[:, :prompt.max()]), jnp.zeros(2, jnp.int32), jnp.asarray(prompt),
                          cache, attend_to_cache=False)
     logits = np.asarray(logits)
@@ -158,7 +162,31 @@ def test_chunked_prefill_through_cache_matches(tmp_root, rng):
 def test_param_tree_matches_specs():
     model = GptOss(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     chex.assert_trees_all_equal_shapes_and_dtypes(params_of(model),
-                                                  abstract_params(param_specs(TINY, dtype=jnp.bfloat16)))
+                                                  abstract_params(model_specs(TINY, dtype=jnp.bfloat16)))
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, including those inside scan / cond / pjit bodies."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+                elif hasattr(sub, "eqns"):
+                    yield from _all_eqns(sub)
+
+
+def test_layers_run_under_one_scan():
+    """The decoder layers are traced once per block position (a scan over L/p blocks), not once per layer."""
+    cfg = TINY.replace(num_hidden_layers=12, layer_types=tuple(["sliding_attention", "full_attention"] * 6))
+    model = GptOss(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 8), jnp.int32))[0])(state)
+    scans = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
+    assert any(e.params["length"] == 6 for e in scans)
+    assert sum(e.primitive.name.startswith("ragged_dot") for e in _all_eqns(jaxpr.jaxpr)) == 2 * 2
 
 
 def test_moe_groups_tokens_instead_of_running_every_expert():
@@ -168,20 +196,22 @@ def test_moe_groups_tokens_instead_of_running_every_expert():
     graphdef, state = nnx.split(model)
     tokens = jnp.zeros((1, 12), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens)[0])(state)
-    prims = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
-    assert sum(p.startswith("ragged_dot") for p in prims) == 2 * TINY.num_hidden_layers
+    prims = [eqn.primitive.name for eqn in _all_eqns(jaxpr.jaxpr)]
+    assert sum(p.startswith("ragged_dot") for p in prims) == 2 * layer_period(TINY)  # traced once per block position
     e, i, h = TINY.num_local_experts, TINY.intermediate_size, TINY.hidden_size
     weight_shapes = {(e, h, 2 * i), (e, i, h)}
-    for eqn in jaxpr.jaxpr.eqns:
+    for eqn in _all_eqns(jaxpr.jaxpr):
         for var in eqn.outvars:
             shape = tuple(getattr(var.aval, "shape", ()))
-            if len(shape) >= 3 and shape not in weight_shapes:
+            per_token = 12 in shape or 12 * TINY.num_experts_per_tok in shape  # activations, not (stacked) weights
+            if len(shape) >= 3 and per_token and shape[-3:] not in weight_shapes:
                 assert not (e in shape and (2 * i in shape or i in shape)), (eqn.primitive.name, shape)
 
 
 @pytest.mark.parametrize("group_size, symmetric", [(32, True), (64, False), (None, True)])
 def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, group_size, symmetric):
-    from gptoss_jax.hf_loader import model_from_params, save_hf_checkpoint
+    from gptoss_jax.hf_loader import save_hf_checkpoint
+    from gptoss_jax.model import build_model
     from gptoss_jax.layers import Int4Weight
     from gptoss_jax.params import QuantSpec
     from pallas_kernels import int4_layout
@@ -190,8 +220,8 @@ def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, g
     quant = QuantSpec(group_size=group_size, symmetric=symmetric, scale_dtype="float32")
     model = GptOss(cfg, dtype=jnp.float32, quant=quant, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     # the int4 weights really are packed int4 in the model
-    chex.assert_type(model.layers[0].mlp.experts.gate_up.packed[...], jnp.int32)
-    assert isinstance(model.layers[0].attn.q_proj.weight, Int4Weight)
+    chex.assert_type(model.layers.mlp.experts.gate_up.packed[...], jnp.int32)
+    assert isinstance(model.layers.attn.q_proj.weight, Int4Weight)
 
     dequantized = {}
     for path, module in nnx.iter_graph(model):
@@ -212,7 +242,7 @@ def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, g
     ref = testing.hf_logits(hf, ids)
     ours = jit_forward(model)(ids)
     assert testing.rel_err(ours, ref) <= 1e-4
-    float_model = model_from_params(cfg, params, dtype=jnp.float32)
+    float_model = build_model(cfg, params, dtype=jnp.float32)
     assert testing.rel_err(jit_forward(float_model)(ids), ref) <= 1e-4
 
     # bf16 activations over the same int4 weights: within 1.5x transformers' own bf16-vs-fp32 error
@@ -220,7 +250,7 @@ def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, g
         keep = getattr(path[-1], "key", None) in ("packed", "scales", "zeros")
         return leaf if keep else leaf.astype(jnp.bfloat16)
 
-    int4_bf16 = model_from_params(cfg, jax.tree_util.tree_map_with_path(to_bf16, params_of(model)),
+    int4_bf16 = build_model(cfg, jax.tree_util.tree_map_with_path(to_bf16, params_of(model)),
                                   dtype=jnp.bfloat16, quant=quant)
     hf16 = GptOssForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
     ref_err = testing.rel_err(testing.hf_logits(hf16, ids), ref)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from gptoss_jax import params as P_
 from gptoss_jax import sharding
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.hf_loader import model_from_params, params_of
+from gptoss_jax.model import build_model, params_of, shard_model
 from gptoss_jax.model import GptOss
 from gptoss_jax.moe_parallel import MoEParallel
 from gptoss_jax.params import QuantSpec
@@ -112,15 +112,14 @@ def test_spec_for_divisibility():
 
 
 def test_maybe_initialize_distributed_env(monkeypatch):
-    for name in ("GPTOSS_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "GPTOSS_NUM_PROCESSES", "JAX_NUM_PROCESSES",
-                 "GPTOSS_PROCESS_ID", "JAX_PROCESS_ID"):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
     assert sharding.maybe_initialize_distributed() is False
-    monkeypatch.setenv("GPTOSS_COORDINATOR", "localhost:1234")
-    with pytest.raises(sharding.ShardingError, match="GPTOSS_NUM_PROCESSES"):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    with pytest.raises(sharding.ShardingError, match="JAX_NUM_PROCESSES"):
         sharding.maybe_initialize_distributed()
-    monkeypatch.setenv("GPTOSS_NUM_PROCESSES", "2")
-    monkeypatch.setenv("GPTOSS_PROCESS_ID", "5")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
     with pytest.raises(sharding.ShardingError, match="outside"):
         sharding.maybe_initialize_distributed()
 
@@ -134,10 +133,10 @@ def test_shard_model_on_one_device_matches_unsharded(rng, strategy):
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 5)), jnp.int32)
     forward = nnx.jit(lambda m, t: m(t)[0])
     want = forward(base, tokens)
-    model = sharding.shard_model(model_from_params(config, params, dtype=jnp.float32,
+    model = shard_model(build_model(config, params, dtype=jnp.float32,
                                                    quant=QuantSpec(group_size=32)),
                                  sharding.make_mesh(1, 1, 1), moe_strategy=strategy)
-    assert isinstance(model.layers[0].mlp.parallel, MoEParallel)
+    assert isinstance(model.layers.mlp.parallel, MoEParallel)
     got = forward(model, tokens)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     assert not np.isnan(np.asarray(got)).any()
@@ -199,9 +198,9 @@ def test_sharded_restore_reads_only_local_shards(tmp_path, fmt):
     port = _free_port()
     # glibc's malloc otherwise keeps freed read buffers of earlier items mapped (its dynamic mmap threshold):
     # reusable, but counted in RSS; a fixed threshold makes RSS show the memory actually in use.
-    env = dict(GPTOSS_COORDINATOR=f"localhost:{port}", GPTOSS_NUM_PROCESSES="4", MALLOC_MMAP_THRESHOLD_="65536",
+    env = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="4", MALLOC_MMAP_THRESHOLD_="65536",
                MALLOC_TRIM_THRESHOLD_="0")
-    procs = [_run_worker(["restore", str(ckpt), fmt], 2, {**env, "GPTOSS_PROCESS_ID": str(i)}) for i in range(4)]
+    procs = [_run_worker(["restore", str(ckpt), fmt], 2, {**env, "JAX_PROCESS_ID": str(i)}) for i in range(4)]
     results = [_json_lines(p)[0] for p in procs]
     assert sorted(r["process"] for r in results) == [0, 1, 2, 3]
     for r in results:
@@ -222,11 +221,11 @@ def test_sharded_restore_reads_only_local_shards(tmp_path, fmt):
 @pytest.mark.multidevice
 def test_two_processes_match_one_device():
     """The multi-host code path on one machine: 2 processes × 4 CPU devices under jax.distributed
-    (maybe_initialize_distributed from GPTOSS_* env vars), a (2,2,2) mesh across both — prefill + decode with
+    (maybe_initialize_distributed from JAX_* env vars), a (2,2,2) mesh across both — prefill + decode with
     both MoE strategies equal each process's own one-device run."""
     port = _free_port()
-    env = dict(GPTOSS_COORDINATOR=f"localhost:{port}", GPTOSS_NUM_PROCESSES="2")
-    procs = [_run_worker(["multihost_forward"], 4, {**env, "GPTOSS_PROCESS_ID": str(i)}) for i in range(2)]
+    env = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    procs = [_run_worker(["multihost_forward"], 4, {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     results = [r for p in procs for r in _json_lines(p)]
     assert sorted((r["process"], r["strategy"]) for r in results) == [
         (0, "dispatch"), (0, "replicated"), (1, "dispatch"), (1, "replicated")]
