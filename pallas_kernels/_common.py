@@ -14,7 +14,9 @@ batch-1 decode step (M = 4 rows, 4 distinct experts) that is 4 items: only the 4
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -109,3 +111,19 @@ def pow2_divisor(n: int, target: int, minimum: int = 16) -> int | None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def coerce_tiling(cls, tiling, name):
+    """A tiling dataclass ``cls`` from None, an instance, or a mapping of its field names (legacy dict tilings);
+    ValueError naming the unknown fields or the wrong type otherwise."""
+    if tiling is None:
+        return cls()
+    if isinstance(tiling, cls):
+        return tiling
+    if isinstance(tiling, Mapping):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(tiling) - fields)
+        if unknown:
+            raise ValueError(f"{name} tiling: unknown field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
+        return cls(**dict(tiling))
+    raise ValueError(f"{name} tiling must be a {cls.__name__}, a dict or None, got {type(tiling).__name__}")

@@ -308,16 +308,3 @@ def test_gpu_supports_guards_shapes():
     assert _gpu.supports((4, 2880), (128, 2880, 5760), 2880)
     assert not _gpu.supports((4, 2888), (1, 2888, 64), None)  # 2888 = 8 * 361: no pow2 tile >= 16
     assert not _gpu.supports((4, 240), (1, 240, 64), 24)  # group 24 nests with no pow2 tile >= 16
-
-
-@pytest.mark.parametrize("splits", [1, 2])
-def test_gpu_in_kernel_metadata_matches(rng, splits):
-    """Experimental tiling=dict(meta="kernel"): work items derived inside the kernel give identical results."""
-    m, e, k, n = 37, 20, 256, 256
-    w = make_int4(rng, e, k, n, 32, False)
-    gs = group_sizes(rng, m, e, "tail")
-    x, x64 = inputs(rng, m, k, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((e, n)), jnp.float32)
-    ref = grouped_matmul_f64(x64, dequantize_f64(w), gs, np.asarray(bias, np.float64), "swiglu")
-    y = run_grouped("gpu", x, w, gs, bias=bias, epilogue="swiglu", tiling=dict(splits=splits, meta="kernel"))
-    check("gpu", y, ref, jnp.float32, 0, (m, n // 2))
