@@ -53,12 +53,15 @@ def make_group_meta(group_sizes: jax.Array, m: int, tm: int) -> GroupMeta:
     kernels (no scans, no cummax)."""
     e = group_sizes.shape[0]
     gs = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    real_ends = jnp.minimum(_inclusive_cumsum(gs), m) if e else jnp.zeros((0,), jnp.int32)
+    # Groups are clipped to rows [0, m): when sum(group_sizes) > m the group crossing m keeps only its rows below m
+    # (as ragged_dot and the float64 reference do) and later groups are empty.
+    incl = _inclusive_cumsum(gs) if e else jnp.zeros((0,), jnp.int32)
+    real_ends = jnp.minimum(incl, m)
+    real_starts = jnp.minimum(incl - gs, m)
     total = real_ends[-1] if e else jnp.int32(0)
-    ext_sizes = jnp.concatenate([gs, jnp.reshape(m - total, (1,))])
+    ext_starts = jnp.concatenate([real_starts, jnp.reshape(total, (1,))])
     ext_ends = jnp.concatenate([real_ends, jnp.full((1,), m, jnp.int32)])
-    ext_sizes = jnp.minimum(ext_sizes, ext_ends)  # groups clipped at m
-    ext_starts = ext_ends - ext_sizes
+    ext_sizes = ext_ends - ext_starts
     first_tile = ext_starts // tm
     ntiles = jnp.where(ext_sizes > 0, (ext_ends + tm - 1) // tm - first_tile, 0)
     cum = _inclusive_cumsum(ntiles)

@@ -260,6 +260,14 @@ def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
 
 
 def _interpret_arg(interpret):
+    """Pallas' ``interpret=`` for this kernel.
+
+    True: the TPU interpreter (``pltpu.InterpretParams()``: TPU memory semantics, most faithful; it runs through
+    ordered host callbacks). "portable": Pallas' generic interpreter (plain jaxpr, no callbacks), used when the kernel
+    is interpreted on a non-TPU platform inside ``jax.lax.platform_dependent``: a branch with ordered host-callback
+    effects would stop the same function from lowering for TPU. False / InterpretParams: as given."""
+    if interpret == "portable":
+        return True
     if interpret is True:
         params = getattr(pltpu, "InterpretParams", None)
         return params() if params is not None else True

@@ -15,8 +15,9 @@ Selection follows the platform being **lowered for** (``jax.lax.platform_depende
   platforms=["tpu"])`` on a CPU host emits Mosaic kernels while the same function runs "xla" on CPU.
 * ``implementation="tpu"|"gpu"``: that kernel or :class:`~pallas_kernels.registry.UnsupportedCallError` (a
   ValueError naming the call) up front. With ``interpret=None`` it is compiled when lowering for its platform and
-  runs in Pallas interpret mode elsewhere (how CPU tests run it); ``interpret=True`` (or ``pltpu.InterpretParams``
-  for tpu) / ``False`` forces interpret / compiled mode.
+  runs in Pallas' generic interpreter elsewhere (no host callbacks, so the function still exports for the kernel's
+  platform); ``interpret=True`` forces interpret mode (for tpu the more faithful TPU interpreter,
+  ``pltpu.InterpretParams()``, which the kernel tests use), ``False`` forces compiled mode.
 * The environment variable ``GPTOSS_KERNELS`` (``xla`` / ``tpu`` / ``gpu``; ``auto`` or empty = auto), read at trace
   time, acts as an explicit implementation whenever ``implementation`` is None (debugging / bisecting).
 
@@ -104,7 +105,9 @@ def _dispatch(call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, lim
             return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret=False, **kw)
 
         def interpreted(x_, w_, gs_, b_):
-            return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret=True, **kw)
+            # "portable": an interpreter without host callbacks (see _tpu._interpret_arg), so that the function
+            # still lowers for the kernel's own platform.
+            return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret="portable", **kw)
 
         return jax.lax.platform_dependent(x, w, group_sizes, bias, default=interpreted,
                                           **{p: compiled for p in impl.platforms})

@@ -188,7 +188,7 @@ class GpuMatmul(Implementation):
         xk, packed, scales, zeros, gsz, bias = _as_grouped(call, x, w, group_sizes, bias)
         return _gpu.grouped_matmul_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
                                        alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
-                                       interpret=bool(interpret))
+                                       interpret=interpret is not False and interpret is not None)
 
 
 REGISTRY: dict[str, Implementation] = {impl.name: impl for impl in (XlaMatmul(), TpuMatmul(), GpuMatmul())}
