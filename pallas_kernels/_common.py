@@ -14,7 +14,9 @@ batch-1 decode step (M = 4 rows, 4 distinct experts) that is 4 items: only the 4
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -51,12 +53,15 @@ def make_group_meta(group_sizes: jax.Array, m: int, tm: int) -> GroupMeta:
     kernels (no scans, no cummax)."""
     e = group_sizes.shape[0]
     gs = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    real_ends = jnp.minimum(_inclusive_cumsum(gs), m) if e else jnp.zeros((0,), jnp.int32)
+    # Groups are clipped to rows [0, m): when sum(group_sizes) > m the group crossing m keeps only its rows below m
+    # (as ragged_dot and the float64 reference do) and later groups are empty.
+    incl = _inclusive_cumsum(gs) if e else jnp.zeros((0,), jnp.int32)
+    real_ends = jnp.minimum(incl, m)
+    real_starts = jnp.minimum(incl - gs, m)
     total = real_ends[-1] if e else jnp.int32(0)
-    ext_sizes = jnp.concatenate([gs, jnp.reshape(m - total, (1,))])
+    ext_starts = jnp.concatenate([real_starts, jnp.reshape(total, (1,))])
     ext_ends = jnp.concatenate([real_ends, jnp.full((1,), m, jnp.int32)])
-    ext_sizes = jnp.minimum(ext_sizes, ext_ends)  # groups clipped at m
-    ext_starts = ext_ends - ext_sizes
+    ext_sizes = ext_ends - ext_starts
     first_tile = ext_starts // tm
     ntiles = jnp.where(ext_sizes > 0, (ext_ends + tm - 1) // tm - first_tile, 0)
     cum = _inclusive_cumsum(ntiles)
@@ -109,3 +114,19 @@ def pow2_divisor(n: int, target: int, minimum: int = 16) -> int | None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def coerce_tiling(cls, tiling, name):
+    """A tiling dataclass ``cls`` from None, an instance, or a mapping of its field names (legacy dict tilings);
+    ValueError naming the unknown fields or the wrong type otherwise."""
+    if tiling is None:
+        return cls()
+    if isinstance(tiling, cls):
+        return tiling
+    if isinstance(tiling, Mapping):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(tiling) - fields)
+        if unknown:
+            raise ValueError(f"{name} tiling: unknown field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
+        return cls(**dict(tiling))
+    raise ValueError(f"{name} tiling must be a {cls.__name__}, a dict or None, got {type(tiling).__name__}")

@@ -26,11 +26,14 @@ fp32 models keep full precision.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _common
+from .swiglu import clamped_swiglu_parts, split_interleaved
 
 try:  # jax >= 0.4.3x; Triton lowering is deprecated in 0.11 but still present.
     from jax.experimental.pallas import triton as pltriton
@@ -39,10 +42,34 @@ except ImportError:  # pragma: no cover
 
 AVAILABLE = pltriton is not None
 
-# Defaults (bm chosen from the mean rows per active group, see default_tiling). bk is cut to the largest power of
-# two dividing K (64 for K = 2880). bn = 128: measured on H200 (jax 0.11.2, docs/BENCHMARKS.md), bn=128 beat bn=64
-# and bn=32 at batch 1 (gate_up 55.8 vs 68.5 vs 73.9 us) and batch 64 (848 vs 1096 vs 1220 us; down 477 vs 574 us).
-DEFAULT_TILING = dict(bm=16, bk=128, bn=128, num_warps=4, num_stages=4)
+@dataclasses.dataclass(frozen=True)
+class GpuTiling:
+    """Launch shape of the GPU kernel. ``None`` fields are chosen by :func:`resolve_tiling`.
+
+    bm: rows per program (power of two). bk: K per loop step (power of two >= 16 dividing K, nesting with the group
+    size; cut to the largest such). bn: output columns per program (power of two; before the SwiGLU halving).
+    splits: split-K factor (>= 1; None = auto, ~TARGET_PROGRAMS programs with >= MIN_K_STEPS steps each).
+    num_warps, num_stages: Triton launch parameters.
+
+    Defaults (bm from the mean rows per active group, see :func:`default_tiling`): bn = 128, measured on H200
+    (jax 0.11.2, docs/BENCHMARKS.md): bn=128 beat bn=64 and bn=32 at batch 1 (gate_up 55.8 vs 68.5 vs 73.9 us) and
+    batch 64 (848 vs 1096 vs 1220 us; down 477 vs 574 us).
+    """
+
+    bm: int | None = None
+    bk: int | None = None
+    bn: int | None = None
+    splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    @classmethod
+    def coerce(cls, tiling) -> "GpuTiling":
+        """A GpuTiling from None, a GpuTiling or a mapping of its field names (ValueError otherwise)."""
+        return _common.coerce_tiling(cls, tiling, "gpu")
+
+
+DEFAULT_TILING = GpuTiling(bm=16, bk=128, bn=128, num_warps=4, num_stages=4)
 
 
 def _unstack2(y):
@@ -60,31 +87,46 @@ def _store(ref, val, mask=None):
     return pltriton.store(ref, val, mask=mask)
 
 
-def default_tiling(m: int, k: int, n: int, group_size: int | None, num_groups: int) -> dict:
-    t = dict(DEFAULT_TILING)
+def default_tiling(m: int, k: int, n: int, group_size: int | None, num_groups: int) -> GpuTiling:
     rows = m / max(1, min(num_groups, m))  # mean rows per group when every group can be hit
     if rows > 32:
-        t.update(bm=64, bk=64, bn=128, num_stages=3)
-    elif rows > 16:
-        t.update(bm=32)
-    return t
+        return dataclasses.replace(DEFAULT_TILING, bm=64, bk=64, bn=128, num_stages=3)
+    if rows > 16:
+        return dataclasses.replace(DEFAULT_TILING, bm=32)
+    return DEFAULT_TILING
 
 
-def resolve_tiling(tiling, m, k, n, group_size, num_groups) -> dict:
-    t = default_tiling(m, k, n, group_size, num_groups)
-    if tiling:
-        t.update({kk: v for kk, v in dict(tiling).items() if v is not None})
-    bk = _common.pow2_divisor(k, t["bk"], minimum=16)
+def _pow2(v: int) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+def resolve_tiling(tiling, m, k, n, group_size, num_groups, interpret=False) -> GpuTiling:
+    """The complete GpuTiling (splits included) for x [m, k] @ w [num_groups, k, n] (group_size None = float).
+
+    Raises ValueError (with the reason) when K has no power-of-two step >= 16 that nests with the group size, or
+    an explicit field is not a power of two / not positive (Triton block shapes are powers of two)."""
+    t = GpuTiling.coerce(tiling)
+    d = default_tiling(m, k, n, group_size, num_groups)
+    t = GpuTiling(*(getattr(d, f.name) if getattr(t, f.name) is None else getattr(t, f.name)
+                    for f in dataclasses.fields(GpuTiling)))
+    for name in ("bm", "bk", "bn"):
+        if not _pow2(getattr(t, name)):
+            raise ValueError(f"{name}={getattr(t, name)} must be a power of two (Triton block shape)")
+    if t.splits is not None and (not isinstance(t.splits, int) or t.splits < 1):
+        raise ValueError(f"splits={t.splits} must be a positive int")
+    bk = _common.pow2_divisor(k, t.bk, minimum=16)
     if bk is None:
-        raise ValueError(f"gpu kernel: K={k} has no power-of-two divisor >= 16")
+        raise ValueError(f"K={k} has no power-of-two divisor >= 16 (the K step)")
     if group_size is not None and not (group_size % bk == 0 or bk % group_size == 0):
-        # make bk divide the group (group sizes are multiples of 8; use the largest pow2 dividing both)
+        # make bk divide the group: the largest power of two >= 16 dividing both
         bk2 = _common.pow2_divisor(group_size, bk, minimum=16)
         if bk2 is None or k % bk2:
-            raise ValueError(f"gpu kernel: no K tile fits K={k}, group={group_size}")
+            raise ValueError(f"no power-of-two K step >= 16 nests with the group size {group_size} (K={k})")
         bk = bk2
-    t["bk"] = bk
-    return t
+    w_items = _common.num_work_items(m, t.bm, num_groups)
+    splits = resolve_splits(t.splits, w_items, _common.cdiv(n, t.bn), k // bk,
+                            target=INTERPRET_TARGET_PROGRAMS if interpret else TARGET_PROGRAMS)
+    return dataclasses.replace(t, bk=bk, splits=splits)
 
 
 # Split-K: decode steps have few (group, N-tile) programs, each streaming all of K through a latency-bound loop
@@ -106,52 +148,16 @@ def resolve_splits(splits, w_items, tiles_n, tiles_k, target=TARGET_PROGRAMS) ->
     return _common.cdiv(tiles_k, kps)
 
 
-def _item_from_group_sizes(gs_ref, item, e, m, bm):
-    """In-kernel twin of _common.make_group_meta for one work item (vector ops over the padded group sizes)."""
-    e_pad = gs_ref.shape[0]
-    gs = gs_ref[...]
-    idx = jax.lax.broadcasted_iota(jnp.int32, (e_pad,), 0)
-    gs = jnp.where(idx < e, gs, 0)
-    total = jnp.minimum(jnp.sum(gs), m)
-    ext_sizes = jnp.where(idx == e, m - total, gs)
-    ext_ends = jnp.minimum(jnp.cumsum(ext_sizes), m)
-    ext_sizes = jnp.minimum(ext_sizes, ext_ends)
-    ext_starts = ext_ends - ext_sizes
-    first = jax.lax.div(ext_starts, bm)
-    nt = jnp.where(ext_sizes > 0, jax.lax.div(ext_ends + (bm - 1), bm) - first, 0)
-    cum = jnp.cumsum(nt)
-    num_items = jnp.sum(nt)
-    it = jnp.minimum(item, jnp.maximum(num_items - 1, 0))
-    g = jnp.minimum(jnp.sum((cum <= it).astype(jnp.int32)), e)
-    sel = idx == g
-
-    def pick(v):
-        return jnp.sum(jnp.where(sel, v, 0))
-
-    m_tile = pick(first) + it - (pick(cum) - pick(nt))
-    rs = jnp.maximum(pick(ext_starts), m_tile * bm)
-    re = jnp.minimum(pick(ext_ends), (m_tile + 1) * bm)
-    valid = item < num_items
-    re = jnp.where(valid, re, rs)
-    real = jnp.logical_and(valid, g < e).astype(jnp.int32)
-    wid = jnp.minimum(g, e - 1)
-    return m_tile, rs, re, wid, real
-
-
-def supports(x_shape, w_shape, group_size) -> bool:
-    """Whether the kernel handles these shapes (else auto mode falls back to XLA): K needs a power-of-two tile
+def supports(x_shape, w_shape, group_size, tiling=None) -> bool:
+    """Whether the kernel handles these shapes (else auto mode falls back to XLA): K needs a power-of-two step
     >= 16 that nests with the quantization group."""
     if not AVAILABLE:
         return False
     try:
-        resolve_tiling(None, max(1, x_shape[0]), x_shape[1], w_shape[-1], group_size, w_shape[0])
+        resolve_tiling(tiling, max(1, x_shape[0]), x_shape[1], w_shape[-1], group_size, w_shape[0])
     except ValueError:
         return False
     return True
-
-
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, *, epilogue, alpha, limit,
@@ -161,8 +167,8 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     e = group_sizes.shape[0]
     quant = scales is not None
     n = packed.shape[-1]
-    t = resolve_tiling(tiling, m, k, n, group_size if quant else None, e)
-    bm, bk, bn = t["bm"], t["bk"], t["bn"]
+    t = resolve_tiling(tiling, m, k, n, group_size if quant else None, e, interpret=bool(interpret))
+    bm, bk, bn, splits = t.bm, t.bk, t.bn, t.splits
     cdt = x.dtype
     # Triton maps DEFAULT/HIGH precision of f32 dots to TF32 (measured: 5e-4 relative error on H200); HIGHEST
     # gives an IEEE f32 dot.
@@ -171,22 +177,12 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     if swiglu and (n % 2 or bn % 2):
         raise ValueError("swiglu epilogue needs even N and bn")
     n_out = n // 2 if swiglu else n
-    meta_in_kernel = t.get("meta") == "kernel"
     w_items = _common.num_work_items(m, bm, e)
-    if meta_in_kernel:
-        # Experimental (tiling=dict(meta="kernel")): every program derives its work item from the group sizes
-        # itself (a few vector ops over E), so no XLA ops run before the kernel. Interpret-tested and lowered to
-        # Triton IR on CPU; NOT yet compiled or timed on a GPU, hence not the default.
-        e_pad = max(16, 1 << (e + 1 - 1).bit_length())
-        meta_arr = jnp.zeros((e_pad,), jnp.int32).at[:e].set(jnp.maximum(group_sizes.astype(jnp.int32), 0))
-    else:
-        meta = _common.make_group_meta(group_sizes, m, bm)
-        meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
-                              meta.is_real])
+    meta = _common.make_group_meta(group_sizes, m, bm)
+    meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
+                          meta.is_real])
     tiles_n = _common.cdiv(n, bn)
     tiles_k = k // bk
-    splits = resolve_splits(t.get("splits"), w_items, tiles_n, tiles_k,
-                            target=INTERPRET_TARGET_PROGRAMS if interpret else TARGET_PROGRAMS)
     kps = _common.cdiv(tiles_k, splits)  # K tiles per split
     split = splits > 1
     # With split-K the kernel writes float32 partial sums [splits, M, N]; the sum, bias and epilogue then run as one
@@ -212,14 +208,11 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         item = pl.program_id(0)
         nt = pl.program_id(1)
         sp = pl.program_id(2)
-        if meta_in_kernel:
-            m_tile, rs, re, wid, real = _item_from_group_sizes(meta_ref, item, e, m, bm)
-        else:
-            m_tile = meta_ref[1, item]
-            rs = meta_ref[2, item]
-            re = meta_ref[3, item]
-            wid = meta_ref[4, item]
-            real = meta_ref[5, item]
+        m_tile = meta_ref[1, item]
+        rs = meta_ref[2, item]
+        re = meta_ref[3, item]
+        wid = meta_ref[4, item]
+        real = meta_ref[5, item]
         row0 = m_tile * bm
         rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
         rmask = jnp.logical_and(rows >= rs, rows < re)
@@ -234,9 +227,7 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
             elif swiglu:
                 y3 = y.reshape(bm, bn // 2, 2)
                 gate, up = _unstack2(y3)
-                gate = jnp.minimum(gate, limit)
-                up = jnp.clip(up, -limit, limit)
-                y = (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+                y = clamped_swiglu_parts(gate, up, alpha, limit)
                 ocols = nt * (bn // 2) + jax.lax.broadcasted_iota(jnp.int32, (bn // 2,), 0)
                 omask = jnp.logical_and(rmask[:, None], (ocols < n_out)[None, :])
                 _store(o_ref.at[pl.ds(row0, bm), pl.ds(nt * (bn // 2), bn // 2)], y.astype(o_ref.dtype), mask=omask)
@@ -320,7 +311,7 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     n_out_alloc = (tiles_n * bn // 2 if swiglu else tiles_n * bn) if interpret else n_out
     kwargs = {}
     if not interpret:
-        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t["num_warps"], num_stages=t["num_stages"])
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
     out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((splits, m_pad, tiles_n * bn if interpret else n), jnp.float32) if split
@@ -336,10 +327,7 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         if has_bias:
             y = y + jnp.take(bias, jnp.minimum(rg, e - 1), axis=0).astype(jnp.float32)
         if swiglu:
-            gate, up = y[:, 0::2], y[:, 1::2]
-            gate = jnp.minimum(gate, limit)
-            up = jnp.clip(up, -limit, limit)
-            y = (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+            y = clamped_swiglu_parts(*split_interleaved(y), alpha, limit)
         return jnp.where((rg < e)[:, None], y, 0.0).astype(out_dtype)
     if out.shape != (m, n_out):
         out = out[:m, :n_out]

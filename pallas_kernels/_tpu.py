@@ -17,11 +17,14 @@ Tested on CPU with Pallas' TPU interpret mode (``pltpu.InterpretParams``); not y
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _common
+from .swiglu import clamped_swiglu_parts
 
 try:
     from jax.experimental.pallas import tpu as pltpu
@@ -32,6 +35,26 @@ except ImportError:  # pragma: no cover
 def _compiler_params(**kw):
     cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
     return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTiling:
+    """Block shape of the TPU kernel. ``None`` fields are chosen by :func:`resolve_tiling`.
+
+    tm: rows of x per block (multiple of 8; 16 for 16-bit inputs is the bf16 sublane tile).
+    tk: K per step; divides K, a multiple of 128 or all of K, and nests with the group size.
+    tn: output columns per block (before the SwiGLU halving); a multiple of 128 or all of N (with SwiGLU a multiple
+        of 256 or all of N, so the halved output block stays lane-dense).
+    """
+
+    tm: int | None = None
+    tk: int | None = None
+    tn: int | None = None
+
+    @classmethod
+    def coerce(cls, tiling) -> "TpuTiling":
+        """A TpuTiling from None, a TpuTiling or a mapping with fields tm/tk/tn (ValueError otherwise)."""
+        return _common.coerce_tiling(cls, tiling, "tpu")
 
 
 def _pick_tk(k: int, group_size: int | None, target: int) -> int:
@@ -56,22 +79,32 @@ def _pick_tn(n: int, target: int, align: int = 128) -> int:
     return max(align, target // align * align)  # partial last tile; out-of-range columns are dropped on store
 
 
-def resolve_tiling(tiling, m, k, n, group_size, dtype, swiglu=False) -> dict:
-    t = dict(tm=None, tk=None, tn=None)
-    if tiling:
-        t.update(dict(tiling))
+def resolve_tiling(tiling, m, k, n, group_size, dtype, swiglu=False) -> TpuTiling:
+    """The complete TpuTiling for x [m, k] @ w [.., k, n] (group_size None = float weights).
+
+    Raises ValueError (with the reason) when the shapes / tiling cannot run on this kernel: an int4 group size that
+    is not a multiple of 8 (one scale row is broadcast over the 8 nibble planes of a packed word row), a tile that
+    does not divide K or nest with the group, or tiles that break Mosaic's (8, 128) block rule."""
+    t = TpuTiling.coerce(tiling)
+    if group_size is not None and group_size % 8:
+        raise ValueError(f"int4 group size {group_size} is not a multiple of 8 (the TPU kernel broadcasts one "
+                         "scale row over the 8 nibble planes of a packed word row)")
     sub = 16 if jnp.dtype(dtype).itemsize < 4 else 8
-    if t["tm"] is None:
-        t["tm"] = sub if m <= 64 else 128
-    if t["tk"] is None:
-        t["tk"] = _pick_tk(k, group_size, 1024 if m <= 64 else 512)
-    if t["tn"] is None:
-        # swiglu halves the output tile: keep it lane-dense (multiple of 128)
-        t["tn"] = _pick_tn(n, 512, 256 if swiglu else 128)
-    tk = t["tk"]
-    if k % tk or (group_size is not None and not (tk % group_size == 0 or group_size % tk == 0)):
-        raise ValueError(f"tpu kernel: tk={tk} must divide K={k} and nest with group {group_size}")
-    return t
+    tm = t.tm if t.tm is not None else (sub if m <= 64 else 128)
+    tk = t.tk if t.tk is not None else _pick_tk(k, group_size, 1024 if m <= 64 else 512)
+    # swiglu halves the output tile: keep it lane-dense (multiple of 128)
+    tn = t.tn if t.tn is not None else _pick_tn(n, 512, 256 if swiglu else 128)
+    if tm <= 0 or tm % 8:
+        raise ValueError(f"tm={tm} must be a positive multiple of 8")
+    if tk <= 0 or k % tk or (tk % 128 and tk != k):
+        raise ValueError(f"tk={tk} must divide K={k} and be a multiple of 128 or all of K")
+    if group_size is not None and not (tk % group_size == 0 or group_size % tk == 0):
+        raise ValueError(f"tk={tk} does not nest with the group size {group_size} (K={k})")
+    if tn <= 0 or (tn % 128 and tn != n):
+        raise ValueError(f"tn={tn} must be a multiple of 128 or all of N={n}")
+    if swiglu and (tn % 2 or (tn % 256 and tn != n)):
+        raise ValueError(f"tn={tn} with the swiglu epilogue must be a multiple of 256 or all of N={n}")
+    return TpuTiling(tm, tk, tn)
 
 
 def _permute_k(x, tk):
@@ -88,9 +121,7 @@ def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     cdt = x.dtype
     swiglu = epilogue == "swiglu"
     t = resolve_tiling(tiling, m, k, n, group_size if quant else None, cdt, swiglu)
-    tm, tk, tn = t["tm"], t["tk"], t["tn"]
-    if swiglu and tn % 2:
-        raise ValueError("swiglu epilogue needs an even tn")
+    tm, tk, tn = t.tm, t.tk, t.tn
     n_out = n // 2 if swiglu else n
     tn_out = tn // 2 if swiglu else tn
     tiles_n = _common.cdiv(n, tn)
@@ -205,9 +236,7 @@ def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
                 acc_ref[...] = y
                 gate = acc_ref[:, pl.ds(0, tn // 2, stride=2)]
                 up = acc_ref[:, pl.ds(1, tn // 2, stride=2)]
-                gate = jnp.minimum(gate, limit)
-                up = jnp.clip(up, -limit, limit)
-                y = (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+                y = clamped_swiglu_parts(gate, up, alpha, limit)
             rows_i = mt * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn_out), 0)
             mask = jnp.logical_and(rows_i >= rs, rows_i < re)
             o_ref[...] = jnp.where(mask, y.astype(o_ref.dtype), o_ref[...])
@@ -231,6 +260,14 @@ def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
 
 
 def _interpret_arg(interpret):
+    """Pallas' ``interpret=`` for this kernel.
+
+    True: the TPU interpreter (``pltpu.InterpretParams()``: TPU memory semantics, most faithful; it runs through
+    ordered host callbacks). "portable": Pallas' generic interpreter (plain jaxpr, no callbacks), used when the kernel
+    is interpreted on a non-TPU platform inside ``jax.lax.platform_dependent``: a branch with ordered host-callback
+    effects would stop the same function from lowering for TPU. False / InterpretParams: as given."""
+    if interpret == "portable":
+        return True
     if interpret is True:
         params = getattr(pltpu, "InterpretParams", None)
         return params() if params is not None else True

@@ -1,19 +1,25 @@
-"""Public matmul ops for gptoss-jax (tokamax style: one function, ``implementation=`` switch, pure-jnp reference).
+"""Public matmul ops for gptoss-jax (tokamax style: one function, ``implementation=`` switch, pure-jnp base op).
 
 ``dense_matmul``   x [M, K] @ W [K, N] (+ bias) — attention projections.
 ``grouped_matmul`` megablox-style ragged matmul over experts, optional fused clamped-SwiGLU epilogue — MoE experts.
 
-``W`` is a float array or an :class:`~pallas_kernels.int4_layout.Int4Tensor`. Implementations:
+``W`` is a float array or an :class:`~pallas_kernels.int4_layout.Int4Tensor`. Implementations live in
+:mod:`pallas_kernels.registry`: ``"xla"`` (the base op, ``_xla.py``), ``"tpu"`` (Pallas Mosaic, ``_tpu.py``),
+``"gpu"`` (Pallas Triton, ``_gpu.py``).
 
-* ``"xla"``: pure jnp reference. For an Int4Tensor it gathers only the (at most ``min(E, M)``) distinct experts
-  that received rows, dequantizes those and runs ``jax.lax.ragged_dot`` over the compacted groups — it never builds
-  a dequantized copy of all experts (unless every expert can be present, i.e. ``M >= E``).
-* ``"tpu"``: Pallas Mosaic TPU kernel (``_tpu.py``), in interpret mode off-TPU when asked explicitly.
-* ``"gpu"``: Pallas GPU kernel, Triton lowering (``_gpu.py`` says why), interpret mode off-GPU when asked.
-* ``None``: by backend — tpu -> "tpu", gpu -> "gpu", else "xla". If a kernel does not support the shapes
-  (e.g. K without a power-of-two divisor >= 16 on GPU), auto mode falls back to "xla". Exceptions on GPU:
-  ``dense_matmul`` picks "xla" (measured faster, docs/BENCHMARKS.md), and ``grouped_matmul`` with float (16-bit)
-  weights picks "xla" (that kernel variant was never compiled on a GPU).
+Selection follows the platform being **lowered for** (``jax.lax.platform_dependent``), not
+``jax.default_backend()``:
+
+* ``implementation=None`` (auto): for each of tpu / cuda, the first implementation of ``registry.AUTO_ORDER`` that
+  supports the call is compiled (never interpreted); every other platform runs "xla". So ``jax.export(...,
+  platforms=["tpu"])`` on a CPU host emits Mosaic kernels while the same function runs "xla" on CPU.
+* ``implementation="tpu"|"gpu"``: that kernel or :class:`~pallas_kernels.registry.UnsupportedCallError` (a
+  ValueError naming the call) up front. With ``interpret=None`` it is compiled when lowering for its platform and
+  runs in Pallas' generic interpreter elsewhere (no host callbacks, so the function still exports for the kernel's
+  platform); ``interpret=True`` forces interpret mode (for tpu the more faithful TPU interpreter,
+  ``pltpu.InterpretParams()``, which the kernel tests use), ``False`` forces compiled mode.
+* The environment variable ``GPTOSS_KERNELS`` (``xla`` / ``tpu`` / ``gpu``; ``auto`` or empty = auto), read at trace
+  time, acts as an explicit implementation whenever ``implementation`` is None (debugging / bisecting).
 
 All paths accumulate in float32, add the bias in float32, apply the epilogue in float32 and cast once to
 ``out_dtype`` (default ``x.dtype``). Float32 inputs use ``Precision.HIGHEST`` / IEEE dots (no TF32).
@@ -27,123 +33,100 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _common
-from .int4_layout import Int4Tensor, dequantize, validate
+from . import registry
+from .int4_layout import Int4Tensor, validate
+from .registry import MatmulCall, UnsupportedCallError
+from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
 
-IMPLEMENTATIONS = ("xla", "tpu", "gpu")
-SWIGLU_ALPHA = 1.702
-SWIGLU_LIMIT = 7.0
+IMPLEMENTATIONS = tuple(registry.REGISTRY)
+ENV_VAR = "GPTOSS_KERNELS"
 
-# Set GPTOSS_KERNELS=xla to force the reference everywhere (debugging / bisecting).
-_FORCE = os.environ.get("GPTOSS_KERNELS") or None
-
-
-def clamped_swiglu(h, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
-    """gpt-oss SwiGLU on interleaved [.., 2F] -> [.., F]: gate = even, up = odd columns (computed in float32)."""
-    return _swiglu_f32(h.astype(jnp.float32), alpha, limit).astype(h.dtype)
+__all__ = ["IMPLEMENTATIONS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "UnsupportedCallError", "clamped_swiglu",
+           "default_implementation", "dense_matmul", "grouped_matmul"]
 
 
-def _swiglu_f32(hf, alpha, limit):
-    gate = hf[..., 0::2]
-    up = hf[..., 1::2]
-    gate = jnp.minimum(gate, limit)
-    up = jnp.clip(up, -limit, limit)
-    return (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+def _env_override() -> str | None:
+    value = (os.environ.get(ENV_VAR) or "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in registry.REGISTRY:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {(*registry.REGISTRY, 'auto')}")
+    return value
 
 
 def default_implementation() -> str:
-    if _FORCE:
-        return _FORCE
+    """The implementation auto mode uses when lowering for ``jax.default_backend()`` ("tpu", "gpu" or "xla"; the
+    ``GPTOSS_KERNELS`` override if set). Informational: a call's choice also depends on its shapes (an unsupported
+    call falls back to "xla") and follows the platform being lowered for."""
+    forced = _env_override()
+    if forced:
+        return forced
     backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return "xla"
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _compute_dtype(x, w):
-    if isinstance(w, Int4Tensor):
-        return x.dtype
-    return jnp.promote_types(x.dtype, w.dtype)
-
-
-def _as_expert_int4(w: Int4Tensor) -> Int4Tensor:
-    return Int4Tensor(w.packed[None], w.scales[None], None if w.zeros is None else w.zeros[None], w.group_size)
-
-
-# ----------------------------------------------------------------------------------------------------------- xla
-def _gather_experts(w, ids):
-    if isinstance(w, Int4Tensor):
-        return Int4Tensor(jnp.take(w.packed, ids, axis=0), jnp.take(w.scales, ids, axis=0),
-                          None if w.zeros is None else jnp.take(w.zeros, ids, axis=0), w.group_size)
-    return jnp.take(w, ids, axis=0)
-
-
-def _grouped_xla(x, w, group_sizes, bias, epilogue, alpha, limit, out_dtype):
-    m, _ = x.shape
-    e = group_sizes.shape[0]
-    cdt = _compute_dtype(x, w)
-    group_sizes = group_sizes.astype(jnp.int32)
-    g = min(e, m)
-    if g < e:
-        # Only experts with rows: compact them (order preserved, so rows stay sorted by compacted group).
-        present = group_sizes > 0
-        ids = jnp.nonzero(present, size=g, fill_value=0)[0].astype(jnp.int32)
-        count = jnp.sum(present.astype(jnp.int32))
-        sizes_c = jnp.where(jnp.arange(g) < count, jnp.take(group_sizes, ids), 0).astype(jnp.int32)
-        wc = _gather_experts(w, ids)
-    else:
-        sizes_c, wc = group_sizes, w
-    if isinstance(wc, Int4Tensor):
-        wd = dequantize(wc, cdt)
-    else:
-        wd = wc.astype(cdt)
-    y = jax.lax.ragged_dot(x.astype(cdt), wd, sizes_c, precision=_precision(cdt),
-                           preferred_element_type=jnp.float32)
-    rg = _common.row_group_ids(group_sizes, m)
-    valid = rg < e
-    if bias is not None:
-        b = jnp.take(bias, jnp.minimum(rg, e - 1), axis=0).astype(jnp.float32)
-        y = y + b
-    if epilogue == "swiglu":
-        y = _swiglu_f32(y, alpha, limit)
-    y = jnp.where(valid[:, None], y, 0.0)
-    return y.astype(out_dtype)
+    platform = "cuda" if backend == "gpu" else backend
+    order = registry.AUTO_ORDER["grouped"].get(platform, ("xla",))
+    return next(n for n in order if registry.REGISTRY[n].supported_on(platform))
 
 
 # ------------------------------------------------------------------------------------------------------- dispatch
-def _check_args(x, w, group_sizes, bias, epilogue):
+def _check_grouped_args(x, w, group_sizes, bias, epilogue):
     if x.ndim != 2:
-        raise ValueError(f"x must be [M, K], got {x.shape}")
+        raise ValueError(f"grouped_matmul: x must be [M, K], got {x.shape}")
     if isinstance(w, Int4Tensor):
         validate(w, name="grouped_matmul weight")
     if len(w.shape) != 3:
-        raise ValueError(f"w must be [E, K, N], got {w.shape}")
+        raise ValueError(f"grouped_matmul: w must be [E, K, N], got {tuple(w.shape)}")
     e, k, n = w.shape
     if x.shape[1] != k:
-        raise ValueError(f"x K={x.shape[1]} does not match w K={k}")
+        raise ValueError(f"grouped_matmul: x K={x.shape[1]} does not match w K={k}")
     if group_sizes.shape != (e,):
-        raise ValueError(f"group_sizes must be [{e}], got {group_sizes.shape}")
+        raise ValueError(f"grouped_matmul: group_sizes must be [{e}], got {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError("group_sizes must be integer")
+        raise ValueError(f"grouped_matmul: group_sizes must be integer, got {group_sizes.dtype}")
     if bias is not None and tuple(bias.shape) != (e, n):
-        raise ValueError(f"bias must be [{e}, {n}], got {bias.shape}")
+        raise ValueError(f"grouped_matmul: bias must be [{e}, {n}], got {bias.shape}")
     if epilogue not in (None, "swiglu"):
-        raise ValueError(f"unknown epilogue {epilogue!r}")
+        raise ValueError(f"grouped_matmul: unknown epilogue {epilogue!r} (None or 'swiglu')")
     if epilogue == "swiglu" and n % 2:
-        raise ValueError("swiglu epilogue needs an even N")
+        raise ValueError(f"grouped_matmul: the swiglu epilogue needs an even N, got {n}")
 
 
-def _kernel_operands(x, w):
-    cdt = _compute_dtype(x, w)
-    if isinstance(w, Int4Tensor):
-        return x.astype(cdt), w.packed, w.scales, w.zeros, w.group_size
-    return x.astype(cdt), w.astype(cdt), None, None, None
+def _dispatch(call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, implementation,
+              tiling, interpret):
+    kw = dict(epilogue=epilogue, alpha=alpha, limit=limit, out_dtype=out_dtype)
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        impl = registry.get(name)
+        t = registry.check_explicit(impl, call, tiling)
+        if interpret is not None or "*" in impl.platforms:
+            return impl.run(call, x, w, group_sizes, bias, tiling=t, interpret=interpret, **kw)
+
+        # Compiled when lowering for the kernel's own platform, interpreted on every other one.
+        def compiled(x_, w_, gs_, b_):
+            return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret=False, **kw)
+
+        def interpreted(x_, w_, gs_, b_):
+            # "portable": an interpreter without host callbacks (see _tpu._interpret_arg), so that the function
+            # still lowers for the kernel's own platform.
+            return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret="portable", **kw)
+
+        return jax.lax.platform_dependent(x, w, group_sizes, bias, default=interpreted,
+                                          **{p: compiled for p in impl.platforms})
+
+    branches = {}
+    for platform in registry.KERNEL_PLATFORMS:
+        impl = registry.select(call, platform, tiling)
+        if impl.name != "xla":
+            branches[platform] = _bind(impl, call, impl.tiling_for(tiling, strict=False), kw)
+    base = _bind(registry.REGISTRY["xla"], call, None, kw)
+    if not branches:
+        return base(x, w, group_sizes, bias)
+    return jax.lax.platform_dependent(x, w, group_sizes, bias, default=base, **branches)
+
+
+def _bind(impl, call, tiling, kw):
+    def fn(x_, w_, gs_, b_):
+        return impl.run(call, x_, w_, gs_, b_, tiling=tiling, interpret=False, **kw)
+    return fn
 
 
 def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
@@ -155,74 +138,55 @@ def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
     Args:
       x: [M, K] activations, rows sorted by group.
       w: [E, K, N] float array or Int4Tensor.
-      group_sizes: int32 [E].
+      group_sizes: int [E].
       bias: optional [E, N]; every row gets its group's bias.
-      epilogue: None or "swiglu" (output [M, N/2]: clamped SwiGLU of even=gate / odd=up columns).
-      implementation: None (by backend), "xla", "tpu" or "gpu".
-      tiling: kernel tiling (dict; "tpu": tm/tk/tn, "gpu": bm/bk/bn/num_warps/num_stages); None = defaults.
+      epilogue: None or "swiglu" (output [M, N/2]: clamped SwiGLU of even=gate / odd=up columns, see
+        :mod:`pallas_kernels.swiglu`).
+      implementation: None (auto, per lowering platform), "xla", "tpu" or "gpu" (see the module docstring).
+      tiling: ``TpuTiling`` / ``GpuTiling`` (or a dict of their fields); None = defaults. In auto mode a tiling of
+        one backend is ignored by the others.
       out_dtype: default x.dtype.
-      interpret: for "tpu"/"gpu" off their hardware: True (or InterpretParams for tpu) to run in interpret mode;
-        None = interpret automatically when the backend does not match.
+      interpret: for "tpu"/"gpu": None = compiled on their platform, interpreted elsewhere; True / False forces.
+
+    Returns:
+      [M, N] (or [M, N/2] with swiglu) in out_dtype.
+
+    Raises:
+      ValueError: bad shapes / dtypes / epilogue / implementation name;
+      UnsupportedCallError (a ValueError): an explicit implementation does not support the call.
     """
-    _check_args(x, w, group_sizes, bias, epilogue)
+    _check_grouped_args(x, w, group_sizes, bias, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    auto = implementation is None
-    impl = default_implementation() if auto else implementation
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if implementation is not None:
+        registry.get(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
     if x.shape[0] == 0:
         n_out = w.shape[2] // 2 if epilogue == "swiglu" else w.shape[2]
         return jnp.zeros((0, n_out), out_dtype)
-    if impl == "xla":
-        return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
-    xk, packed, scales, zeros, gsz = _kernel_operands(x, w)
-    if impl == "gpu":
-        from . import _gpu
-        if auto and not isinstance(w, Int4Tensor):
-            # The float-weight variant of the GPU kernel is tested in interpret mode only (never compiled and timed
-            # on a GPU), so auto mode keeps XLA's ragged_dot (on the compacted experts) for 16-bit weights.
-            return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
-        if not _gpu.supports(x.shape, w.shape, gsz):
-            if auto:
-                return _grouped_xla(x, w, group_sizes, bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype)
-            raise ValueError(f"gpu kernel does not support x {x.shape}, w {w.shape}, group {gsz}")
-        if interpret is None:
-            interpret = jax.default_backend() not in ("gpu", "cuda")
-        return _gpu.grouped_matmul_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
-                                       alpha=swiglu_alpha, limit=swiglu_limit, out_dtype=out_dtype, tiling=tiling,
-                                       interpret=bool(interpret))
-    from . import _tpu
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    return _tpu.grouped_matmul_tpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
-                                   alpha=swiglu_alpha, limit=swiglu_limit, out_dtype=out_dtype, tiling=tiling,
-                                   interpret=interpret)
+    call = MatmulCall.of("grouped", x, w, bias, epilogue)
+    return _dispatch(call, x, w, group_sizes, bias, epilogue=epilogue, alpha=swiglu_alpha, limit=swiglu_limit,
+                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret)
 
 
 def dense_matmul(x, w, bias=None, *, implementation: str | None = None, tiling: Any = None, out_dtype=None,
                  interpret: Any = None):
-    """x [M, K] @ w [K, N] (+ bias [N]); w a float array or Int4Tensor [K, N]."""
+    """x [M, K] @ w [K, N] (+ bias [N]) -> [M, N] in out_dtype (default x.dtype); w a float array or Int4Tensor.
+
+    ``implementation``, ``tiling`` and ``interpret`` as in :func:`grouped_matmul` (kernels run the call as one
+    group). Raises ValueError on mismatched shapes, UnsupportedCallError for an explicit implementation that does
+    not support the call."""
     if x.ndim != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"dense_matmul: x {x.shape} and w {tuple(w.shape)} do not match")
+    if isinstance(w, Int4Tensor):
+        validate(w, name="dense_matmul weight")
+    if bias is not None and tuple(bias.shape) != (w.shape[1],):
+        raise ValueError(f"dense_matmul: bias must be [{w.shape[1]}], got {tuple(bias.shape)}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    impl = implementation or default_implementation()
-    if implementation is None and impl == "gpu":
-        # Measured on H200 (docs/BENCHMARKS.md): for the attention projections XLA's dequantize + dot (XLA fuses
-        # the dequantization into its GEMM) is as fast or faster than the Pallas kernel at batch 1 and clearly
-        # faster at batch 8..256 (e.g. q 2880->4096 at 64 tokens: 12.7 vs 22.2 us), so auto picks "xla" on GPU.
-        impl = "xla"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == "xla":
-        cdt = _compute_dtype(x, w)
-        wd = dequantize(w, cdt) if isinstance(w, Int4Tensor) else w.astype(cdt)
-        y = jnp.dot(x.astype(cdt), wd, precision=_precision(cdt), preferred_element_type=jnp.float32)
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(out_dtype)
-    w3 = _as_expert_int4(w) if isinstance(w, Int4Tensor) else w[None]
-    b2 = None if bias is None else bias[None]
+    if implementation is not None:
+        registry.get(implementation)
+    if x.shape[0] == 0:
+        return jnp.zeros((0, w.shape[1]), out_dtype)
+    call = MatmulCall.of("dense", x, w, bias)
     gs = jnp.full((1,), x.shape[0], jnp.int32)
-    return grouped_matmul(x, w3, gs, bias=b2, implementation=None if implementation is None else impl,
-                          tiling=tiling, out_dtype=out_dtype, interpret=interpret)
+    return _dispatch(call, x, w, gs, bias, epilogue=None, alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT,
+                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .int4_layout import SYMMETRIC_ZERO, Int4Tensor, unpack
+from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu_f64
 
 
 def dequantize_f64(t: Int4Tensor) -> np.ndarray:
@@ -19,15 +20,14 @@ def dequantize_f64(t: Int4Tensor) -> np.ndarray:
     return (q - z) * s
 
 
-def swiglu_f64(h, alpha: float = 1.702, limit: float = 7.0):
-    """gpt-oss clamped SwiGLU on interleaved columns: gate = even, up = odd."""
-    gate, up = h[:, 0::2], h[:, 1::2]
-    gate = np.minimum(gate, limit)
-    up = np.clip(up, -limit, limit)
-    return (up + 1) * gate / (1 + np.exp(-alpha * gate))
+def swiglu_f64(h, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
+    """gpt-oss clamped SwiGLU on interleaved columns (gate = even, up = odd) in float64: the shared epilogue
+    (:mod:`pallas_kernels.swiglu`) evaluated with numpy."""
+    return clamped_swiglu_f64(h, alpha, limit)
 
 
-def grouped_matmul_f64(x, weights, group_sizes, bias=None, epilogue: str | None = None):
+def grouped_matmul_f64(x, weights, group_sizes, bias=None, epilogue: str | None = None,
+                       alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
     """Rows [off_e, off_e + group_sizes[e]) of x times weights[e] (+ bias[e]); rows past the groups are 0.
 
     `weights` is indexable by expert id (an [E, K, N] array, or a dict holding only the touched experts).
@@ -43,7 +43,7 @@ def grouped_matmul_f64(x, weights, group_sizes, bias=None, epilogue: str | None 
             y[off:off + c] = x[off:off + c] @ weights[e] + (0 if bias is None else bias[e])
         off += c
     if epilogue == "swiglu":
-        y = swiglu_f64(y)
+        y = swiglu_f64(y, alpha, limit)
         y[off:] = 0
     return y
 
