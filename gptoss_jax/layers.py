@@ -51,13 +51,19 @@ def operand(w):
     return w.tensor() if isinstance(w, Int4Weight) else w[...]
 
 
-def linear(x, w, bias=None, *, out_dtype=None):
-    """x [..., K] @ W [K, N] (+ bias), float32 accumulation."""
+def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = False):
+    """x [..., K] @ W [K, N] (+ bias), float32 accumulation.
+
+    parallel: the mesh plan (gptoss_jax.moe_parallel.MoEParallel) when the model runs on a mesh: int4 weights then
+    go through the kernel per device under shard_map (columns split over the head axes when `split_out`)."""
     out_dtype = out_dtype or x.dtype
     w = operand(w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if isinstance(w, Int4Tensor):
+    if isinstance(w, Int4Tensor) and parallel is not None:
+        from gptoss_jax.moe_parallel import dense_int4_forward
+        y = dense_int4_forward(x2, w, bias, parallel, split_out=split_out)
+    elif isinstance(w, Int4Tensor):
         y = dense_matmul(x2, w, bias, out_dtype=jnp.float32)
     else:
         y = jnp.dot(x2, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision_for(x.dtype))
@@ -83,9 +89,9 @@ class Linear(nnx.Module):
         if bias:
             self.bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (out_features,), dtype))
 
-    def __call__(self, x, *, out_dtype=None):
+    def __call__(self, x, *, out_dtype=None, parallel=None, split_out: bool = False):
         bias = self.bias[...] if hasattr(self, "bias") else None
-        return linear(x, self.weight, bias, out_dtype=out_dtype)
+        return linear(x, self.weight, bias, out_dtype=out_dtype, parallel=parallel, split_out=split_out)
 
 
 class Embed(nnx.Module):

@@ -48,9 +48,10 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with per-head sink logits; sliding-window or full causal."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, parallel=None):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.parallel = parallel  # the mesh plan: int4 projections run per device under shard_map (static)
         self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=quant, rngs=rngs)
         self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
         self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
@@ -62,9 +63,10 @@ class Attention(nnx.Module):
                  window: int | None):
         """window: the sliding window of this layer (None: full causal attention)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        par = self.parallel
+        q = self.q_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)
@@ -80,7 +82,7 @@ class Attention(nnx.Module):
         else:
             keys, values = k, v
         out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
-        return self.o_proj(out.reshape(b, t, -1)), new_cache
+        return self.o_proj(out.reshape(b, t, -1), parallel=par), new_cache
 
 
 def attention(q, k, v, q_pos, k_pos, sinks, window: int | None):
@@ -177,7 +179,7 @@ class MoE(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, config: GptOssConfig, *, dtype, quant, rngs: nnx.Rngs, moe_parallel=None):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(config, dtype=dtype, quant=quant, rngs=rngs)
+        self.attn = Attention(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
 

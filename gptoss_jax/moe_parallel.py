@@ -51,6 +51,7 @@ class MoEParallel:
     strategy: str = "auto"
     dispatch_min_tokens: int = DEFAULT_DISPATCH_MIN_TOKENS
     ragged_a2a: str = "auto"  # "native" (jax.lax.ragged_all_to_all), "emulated" (all-gather stand-in), "auto"
+    head_axes: tuple[str, ...] = ()  # mesh axes splitting the attention heads (the int4 q/k/v projections' columns)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -69,7 +70,7 @@ class MoEParallel:
         return cls(mesh, keep(sharding.mesh_axes_of(P_.EXPERTS, rules)),
                    keep(sharding.mesh_axes_of(sharding.BATCH, rules)), strategy,
                    DEFAULT_DISPATCH_MIN_TOKENS if dispatch_min_tokens is None else int(dispatch_min_tokens),
-                   ragged_a2a)
+                   ragged_a2a, keep(sharding.mesh_axes_of(P_.Q_HEADS, rules)))
 
     @property
     def num_shards(self) -> int:
@@ -114,6 +115,34 @@ def local_experts_forward(experts_mod, x, expert_ids, weights, first=0):
     order, group_sizes, is_local = _local_groups(expert_ids.reshape(n * k), first, count)
     y_sorted = experts_mod(x[order // k], group_sizes)
     return _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
+
+
+def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool):
+    """x [M, K] @ int4 W [K, N] (+ bias [N]) → [M, N] float32 with the Pallas kernel run per device under shard_map.
+
+    A Mosaic (TPU) kernel cannot be partitioned automatically by XLA, so on a mesh the dense int4 projections run
+    under shard_map like the experts do: rows split like the batch, W's columns split over the head axes when
+    `split_out` (q/k/v: whole heads per device, as the sharding rules place them) or replicated (o_proj, whose int4
+    rows are not split: see gptoss_jax.params)."""
+    from pallas_kernels import dense_matmul
+    from pallas_kernels.int4_layout import Int4Tensor
+
+    n = w.packed.shape[-1]
+    n_shards = math.prod(par.mesh.shape[a] for a in par.head_axes)
+    out_axes = par.head_axes if split_out and par.head_axes and n % n_shards == 0 else ()
+    rows = P(par.batch_axes or None, None)
+    cols = P(None, out_axes or None)
+    out = P(par.batch_axes or None, out_axes or None)
+    group = w.group_size
+
+    def local(x, packed, scales, zeros, bias):
+        return dense_matmul(x, Int4Tensor(packed, scales, zeros, group), bias, out_dtype=jnp.float32)
+
+    zeros_spec = None if w.zeros is None else cols
+    bias_spec = None if bias is None else P(out_axes or None)
+    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(rows, cols, cols, zeros_spec, bias_spec), out_specs=out,
+                       check_vma=False)
+    return fn(x, w.packed, w.scales, w.zeros, bias)
 
 
 def _local_groups(expert_ids, first, count):
