@@ -25,7 +25,9 @@ Implementations (``implementation=``):
   (``jax.experimental.pallas.ops.tpu.splash_attention``, jax 0.10) does take sinks, but its masks are static
   (numpy ``Mask`` objects fixed at trace time, plus segment ids): it cannot express per-row, runtime
   position-based masks such as a KV-cache ring buffer or right-padded rows of different lengths, so we use our own.
-* ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference).
+* ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference), except that
+  a kernel is only picked when ``AUTO_KERNELS`` allows it: today both are off (never run on their hardware), so
+  auto means "xla" everywhere.
 
 Sinks in the kernels: a kernel that keeps each row's running max ``m`` and normalizer ``l`` applies the sink
 exactly at the end: ``out = acc / (l + exp(sink - m))`` (the same as ``acc / l · 1 / (1 + exp(sink - L))`` with
@@ -54,6 +56,11 @@ IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 DIRECT_MAX_SCORES = 1 << 20
 XLA_Q_CHUNK = 512
 XLA_K_CHUNK = 512
+
+# Which kernels implementation=None may pick. Both kernels pass interpret-mode tests on CPU and the GPU one lowers to
+# Triton IR, but neither has been compiled or timed on its hardware yet (bench/bench_attention.py does that), so
+# auto mode keeps the O(T)-memory xla path until a measured run flips these (the matmul ops follow the same rule).
+AUTO_KERNELS = {"gpu": False, "tpu": False}
 
 _NEG = -1e30  # finite "minus infinity" for running maxima (exp(-inf - -inf) would be nan)
 
@@ -493,6 +500,8 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     _check(q, k, v, q_pos, k_pos, sinks, window)
     window = None if window is None else int(window)
     impl = implementation or default_implementation()
+    if implementation is None and not AUTO_KERNELS.get(impl, True):
+        impl = "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     q_pos = q_pos.astype(jnp.int32)
