@@ -13,8 +13,11 @@ How a call runs:
 3. After each chunk the host receives the new tokens, checks stop strings (text only exists on the host), and
    streams the new tokens/text to the caller.
 
-The cache size is ``bucket(prompt bucket + max_new_tokens)``, so with a fixed ``max_new_tokens`` the number of
-compilations is bounded by the number of prompt buckets used, not by the number of distinct prompt lengths.
+The cache size is ``bucket(longest real prompt + max_new_tokens)`` capped at ``max_seq_len`` (the real length, not
+the padded prompt bucket: any request with prompt + max_new_tokens ≤ max_seq_len fits), so the number of
+compilations is bounded by the buckets used, not by the number of distinct prompt lengths. Prompts longer than
+``prefill_chunk`` tokens are prefilled chunk by chunk into the cache (:func:`prefill_chunked`), so prefill memory is
+bounded by the chunk (with the O(T)-memory attention of :mod:`pallas_kernels.attention`).
 Sampling parameters are passed as per-row arrays (traced), so changing temperature / top-k / top-p / seed never
 recompiles; only the *mode* (greedy, or which of top-k / top-p is active at all) is static.
 """
@@ -36,6 +39,8 @@ from gptoss_jax.sampling import sample_next_token, validate_sampling_args
 
 DEFAULT_CHUNK_SIZE = 16
 DEFAULT_MIN_BUCKET = 16
+# Prefill chunk (tokens): longer prompts are prefilled chunk by chunk into the KV cache. Not yet tuned on a GPU.
+DEFAULT_PREFILL_CHUNK = 2048
 MAX_STOP_TOKEN_IDS = 16  # stop ids travel to the device as a fixed-size array (padded with -1): no recompiles
 NO_TOKEN = -1  # marks "nothing emitted here" in the device → host token buffers
 
@@ -208,16 +213,49 @@ def _sample(logits, key, mode, temperature, top_k, top_p):
                              top_p=top_p if use_p else 1.0)
 
 
+def prefill_chunked(model, tokens, lengths, cache, chunk: int | None):
+    """Prefills right-padded prompts tokens [B, T] (lengths [B]) into an empty cache, `chunk` tokens at a time.
+
+    Returns (logits of each row's last real token [B, 1, V] float32, cache). The first chunk attends only to itself;
+    chunk c ≥ 1 (a ``lax.scan``, one compiled body) writes positions c·chunk … into the cache and attends to the cache
+    and itself, exactly as a one-shot forward would (same masks from positions). ``chunk=None`` or T ≤ chunk: one call.
+    """
+    b, t = tokens.shape
+    zeros = jnp.zeros_like(lengths)
+    if chunk is None or t <= chunk:
+        return model(tokens, start=zeros, lengths=lengths, cache=cache, attend_to_cache=False, logits_for="last")
+    n = -(-t // chunk)
+    tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - t)))  # padding past the prompt: invalid, never cached
+
+    def run(c, cache, attend):
+        start = c * chunk
+        tok = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        len_c = jnp.clip(lengths - start, 0, chunk)
+        logits, cache = model(tok, start=zeros + start, lengths=len_c, cache=cache, attend_to_cache=attend,
+                              logits_for="last")
+        has_last = (lengths > start) & (lengths <= start + chunk)  # row's last real token is in this chunk
+        return logits, has_last, cache
+
+    logits, _, cache = run(0, cache, False)
+
+    def body(carry, c):
+        last, cache = carry
+        lg, has_last, cache = run(c, cache, True)
+        return (jnp.where(has_last[:, None, None], lg, last), cache), None
+
+    (logits, cache), _ = jax.lax.scan(body, (logits, cache), jnp.arange(1, n))
+    return logits, cache
+
+
 def _prefill_impl(graph, state, tokens, lengths, key, temperature, top_k, top_p, *, cache_len, cache_dtype,
-                  cache_constraint, mode):
+                  cache_constraint, mode, prefill_chunk=DEFAULT_PREFILL_CHUNK):
     """tokens [B, Tb] right-padded, lengths [B] → (first sampled token [B], fresh cache holding the prompts)."""
     TRACE_COUNTS[("prefill", graph)] += 1
     model = graph.merge(state)
     cache = init_cache(model.config, tokens.shape[0], cache_len, cache_dtype)
     if cache_constraint is not None:
         cache = cache_constraint(cache)
-    logits, cache = model(tokens, start=jnp.zeros_like(lengths), lengths=lengths, cache=cache,
-                          attend_to_cache=False, logits_for="last")
+    logits, cache = prefill_chunked(model, tokens, lengths, cache, prefill_chunk)
     first = _sample(logits[:, 0], jax.random.fold_in(key, 0), mode, temperature, top_k, top_p)
     return first, cache
 
@@ -278,7 +316,7 @@ def _logits_impl(graph, state, tokens, lengths):
 
 
 _prefill = jax.jit(_prefill_impl, static_argnums=0,
-                   static_argnames=("cache_len", "cache_dtype", "cache_constraint", "mode"))
+                   static_argnames=("cache_len", "cache_dtype", "cache_constraint", "mode", "prefill_chunk"))
 _decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode"), donate_argnames=("cache",))
 _score = jax.jit(_score_impl, static_argnums=0)
 _logits = jax.jit(_logits_impl, static_argnums=0)
@@ -293,8 +331,9 @@ class Generator:
 
     def __init__(self, model, *, max_seq_len: int, cache_dtype=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  min_bucket: int = DEFAULT_MIN_BUCKET, cache_constraint: Callable | None = None,
-                 batch_multiple: int = 1):
+                 batch_multiple: int = 1, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.config = model.config
+        self.prefill_chunk = prefill_chunk  # None: one-shot prefill
         self.graphdef, self.state = nnx.split(model)
         leaves, state_def = jax.tree_util.tree_flatten(self.state)
         self.state_leaves = leaves  # what the compiled functions receive (see StaticGraph)
@@ -523,7 +562,8 @@ class GenerationStream:
         tokens, lengths = gen._padded(prompts)
         rows = tokens.shape[0]  # ≥ batch: padded rows (mesh data axis) start finished and are never reported
         padding_done = [True] * (rows - batch)
-        cache_len = length_bucket(tokens.shape[1] + params.max_new_tokens, minimum=gen.min_bucket,
+        # The real longest prompt (not its padded bucket) + max_new_tokens: stream() checked it fits max_seq_len.
+        cache_len = length_bucket(max(len(p) for p in prompts) + params.max_new_tokens, minimum=gen.min_bucket,
                                   cap=gen.max_seq_len)
         mode = params.mode
         # Loop constants go to the device once, not on every decode call.
@@ -540,7 +580,8 @@ class GenerationStream:
         prefill_traces = TRACE_COUNTS[("prefill", gen.graph)]
         first, cache = _prefill(gen.graph, gen.state_leaves, tokens, lengths, key, temperature, top_k, top_p,
                                 cache_len=cache_len, cache_dtype=gen.cache_dtype,
-                                cache_constraint=gen.cache_constraint, mode=mode)
+                                cache_constraint=gen.cache_constraint, mode=mode,
+                                prefill_chunk=getattr(gen, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
         # The small loop-carried values (last token, positions, counters) go back and forth as host arrays: passing
         # the previous call's device outputs instead would change the arguments from uncommitted to committed after
         # the first chunk and compile the decode step twice. The KV cache stays on device (donated).

@@ -30,6 +30,7 @@ from gptoss_jax.kv_cache import LayerCache, update_layer_cache
 from gptoss_jax.moe_parallel import MoEParallel, local_experts_forward, moe_forward
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
+from pallas_kernels.attention import attention as pallas_attention
 
 
 class RMSNorm(nnx.Module):
@@ -90,24 +91,9 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None):
 
     q [B,T,H,D]; k, v [B,S,KV,D]; q_pos [B,T]; k_pos [B,S] (-1: invisible). Query head h uses KV head h // (H/KV).
     A query at position p sees keys at positions p-window+1 … p (sliding) or 0 … p (full).
+    Implemented in :func:`pallas_kernels.attention.attention` (jnp reference / flash kernels, chosen by backend).
     """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32,
-                        precision=layers.precision_for(q.dtype))
-    logits = logits * (d ** -0.5)
-    visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B,T,S]
-    if window is not None:
-        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
-    logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-    sink = sinks.astype(jnp.float32).reshape(1, kv, h // kv, 1, 1)
-    top = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)  # finite: the sink is always there
-    p = jnp.exp(logits - top)
-    p = p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - top))
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                     precision=layers.precision_for(v.dtype))
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return pallas_attention(q, k, v, q_pos, k_pos, sinks, window)
 
 
 class Router(nnx.Module):

@@ -1,4 +1,5 @@
-"""Kernels for gptoss-jax: int4 layout and matmul ops (dense + grouped/MoE), with a registry of implementations."""
+"""Kernels for gptoss-jax: int4 layout, matmul ops (dense + grouped/MoE) with a registry of implementations, and
+attention (sinks, sliding window)."""
 
 from ._gpu import GpuTiling
 from ._tpu import TpuTiling
@@ -7,10 +8,11 @@ from .int4_layout import (LAYOUT_VERSION, Int4LayoutError, Int4Tensor, dequantiz
 from .ops import IMPLEMENTATIONS, default_implementation, dense_matmul, grouped_matmul
 from .registry import AUTO_ORDER, REGISTRY, MatmulCall, UnsupportedCallError
 from .swiglu import clamped_swiglu, clamped_swiglu_parts
+from .attention import decode_attention, flash_attention  # noqa: E402  (pallas_kernels.attention stays the module)
 
 __all__ = [
     "LAYOUT_VERSION", "Int4LayoutError", "Int4Tensor", "dequantize", "from_unsigned", "pack", "quantize",
     "to_unsigned", "unpack", "validate", "IMPLEMENTATIONS", "clamped_swiglu", "clamped_swiglu_parts",
     "default_implementation", "dense_matmul", "grouped_matmul", "GpuTiling", "TpuTiling", "AUTO_ORDER", "REGISTRY",
-    "MatmulCall", "UnsupportedCallError",
+    "MatmulCall", "UnsupportedCallError", "flash_attention", "decode_attention",
 ]

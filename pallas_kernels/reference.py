@@ -54,3 +54,28 @@ def max_rel_err(y, ref) -> float:
     if not np.all(np.isfinite(y)):
         return float("inf")
     return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def attention_f64(q, k, v, q_pos, k_pos, sinks, window=None):
+    """GQA attention with sinks in float64 (pallas_kernels.attention's contract): q [B,T,H,D], k, v [B,S,KV,D],
+    q_pos [B,T], k_pos [B,S] (-1 invisible), sinks [H] → [B,T,H,D] float64. Query head h uses KV head h // (H/KV);
+    a query at p sees 0 <= k_pos <= p (and k_pos > p - window); softmax over [q·k/√D, sink] without the sink column.
+    """
+    q, k, v = (np.asarray(np.asarray(a).astype(np.float32), np.float64) for a in (q, k, v))
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    sinks = np.asarray(np.asarray(sinks).astype(np.float32), np.float64)
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, t, h, d))
+    for bi in range(b):
+        vis = (k_pos[bi][None, :] >= 0) & (k_pos[bi][None, :] <= q_pos[bi][:, None])
+        if window is not None:
+            vis &= k_pos[bi][None, :] > q_pos[bi][:, None] - window
+        for hh in range(h):
+            s = q[bi, :, hh] @ k[bi, :, hh // g].T / np.sqrt(d)  # [T, S]
+            s = np.where(vis, s, -np.inf)
+            top = np.maximum(s.max(axis=1, initial=-np.inf), sinks[hh])[:, None]
+            p = np.exp(s - top)
+            p = p / (p.sum(axis=1, keepdims=True) + np.exp(sinks[hh] - top))
+            out[bi, :, hh] = p @ v[bi, :, hh // g]
+    return out

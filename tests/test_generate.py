@@ -236,18 +236,20 @@ def test_compilations_bounded_by_buckets(tokenizer, rng):
     config = tiny_config(tokenizer, num_hidden_layers=1, layer_types=("full_attention",), sliding_window=8)
     model = InferenceModel(GptOss(config, dtype=jnp.float32, rngs=nnx.Rngs(1)), tokenizer=tokenizer,
                            max_seq_len=128)
-    lengths = (2, 11, 16, 17, 31)  # prefill buckets {16, 32}; cache buckets {32, 64} with 8 new tokens
+    # prefill buckets {16, 32}; the cache follows the real length + 8 new tokens: caches {16, 32, 64}; compiled
+    # (prefill, cache) pairs {(16, 16), (16, 32), (32, 32), (32, 64)}, decode compiles once per cache bucket
+    lengths = (2, 11, 16, 17, 31)
     for n in lengths:
         model.generate(random_prompts(rng, config.vocab_size, [n])[0], max_new_tokens=8, temperature=0.0,
                        stop_token_ids=(), chunk_size=4)
     counts = model.compile_counts
-    assert counts["prefill"] == 2 and counts["decode"] == 2, counts
+    assert counts["prefill"] == 4 and counts["decode"] == 3, counts
     # new sampling values and seeds reuse the sampling-mode compilation
     for t, seed in ((0.7, 1), (1.3, 2)):
         model.generate(random_prompts(rng, config.vocab_size, [9])[0], max_new_tokens=8, temperature=t,
                        seed=seed, stop_token_ids=(), chunk_size=4)
     counts = model.compile_counts
-    assert counts["prefill"] == 3 and counts["decode"] == 3, counts
+    assert counts["prefill"] == 5 and counts["decode"] == 4, counts
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
