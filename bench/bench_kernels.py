@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import Int4Tensor, clamped_swiglu, dense_matmul, grouped_matmul  # noqa: E402
+from pallas_kernels import GpuTiling, Int4Tensor, clamped_swiglu, dense_matmul, grouped_matmul  # noqa: E402
 from pallas_kernels.reference import grouped_matmul_f64, max_rel_err  # noqa: E402
 from pallas_kernels.int4_layout import dequantize, unpack  # noqa: E402
 
@@ -257,11 +257,10 @@ def main():
 
         variants = [
             ("pallas-gpu int4 (default tiling: bn=128, auto split-K)", kern(), w, (w, b), 16),
-            ("pallas-gpu int4 splits=1 (no split-K)", kern(dict(splits=1)), w, (w, b), 16),
-            ("pallas-gpu int4 bn=64", kern(dict(bn=64)), w, (w, b), 16),
-            ("pallas-gpu int4 bn=32", kern(dict(bn=32)), w, (w, b), 16),
-            ("pallas-gpu int4 splits=9", kern(dict(splits=9)), w, (w, b), 16),
-            ("pallas-gpu int4 meta=kernel (experimental)", kern(dict(meta="kernel")), w, (w, b), 16),
+            ("pallas-gpu int4 splits=1 (no split-K)", kern(GpuTiling(splits=1)), w, (w, b), 16),
+            ("pallas-gpu int4 bn=64", kern(GpuTiling(bn=64)), w, (w, b), 16),
+            ("pallas-gpu int4 bn=32", kern(GpuTiling(bn=32)), w, (w, b), 16),
+            ("pallas-gpu int4 splits=9", kern(GpuTiling(splits=9)), w, (w, b), 16),
         ]
         if opname in w_alt:
             variants.append(("pallas-gpu int4 g=64 sym (default tiling)", kern(), w_alt[opname], (w_alt[opname], b),
@@ -286,7 +285,7 @@ def main():
                 if vname.startswith("pallas") and not gpu_ok.get(opname, False):
                     log(f"SKIP (failed check) {opname} {vname}")
                     continue
-                if ("bn=" in vname or "g=64" in vname or "splits=" in vname or "meta=" in vname) and \
+                if ("bn=" in vname or "g=64" in vname or "splits=" in vname) and \
                         tokens not in (1, 64):
                     continue
                 if wkind == "bf16" and wbf is None:
@@ -318,9 +317,9 @@ def main():
             variants = [
                 ("pallas-gpu int4", lambda p, x: dense_matmul(x, p[0], p[1], implementation="gpu"), "int4", (w, bias)),
                 ("pallas-gpu int4 splits=1", lambda p, x: dense_matmul(x, p[0], p[1], implementation="gpu",
-                                                                    tiling=dict(splits=1)), "int4", (w, bias)),
+                                                                    tiling=GpuTiling(splits=1)), "int4", (w, bias)),
                 ("pallas-gpu int4 splits=22", lambda p, x: dense_matmul(x, p[0], p[1], implementation="gpu",
-                                                                     tiling=dict(splits=22)), "int4", (w, bias)),
+                                                                     tiling=GpuTiling(splits=22)), "int4", (w, bias)),
                 ("xla int4 (dequant + dot)", lambda p, x: dense_matmul(x, p[0], p[1], implementation="xla"), "int4",
                  (w, bias)),
                 ("bf16 dot (XLA)", lambda p, x: dense_matmul(x, p[0], p[1], implementation="xla"), "bf16", (wbf, bias)),

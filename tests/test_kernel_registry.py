@@ -56,7 +56,8 @@ def test_one_swiglu_for_numpy_and_jax(rng):
 def test_tpu_tiling_resolution():
     t = _tpu.resolve_tiling(None, 4, 2880, 5760, 32, jnp.bfloat16, swiglu=True)
     assert t == TpuTiling(tm=16, tk=2880, tn=512)  # no 128-multiple divides 2880: one K step; 5760: partial tile
-    assert _tpu.resolve_tiling(None, 300, 4096, 2880, 64, jnp.float32) == TpuTiling(tm=128, tk=512, tn=512)  # 2880: partial last N tile
+    # N = 2880: no multiple of 128 divides it either -> 512 with a partial last tile
+    assert _tpu.resolve_tiling(None, 300, 4096, 2880, 64, jnp.float32) == TpuTiling(tm=128, tk=512, tn=512)
     assert _tpu.resolve_tiling({"tk": 128}, 8, 512, 256, 256, jnp.float32).tk == 128  # dict, group 256 > tk
     for bad, match in [(dict(tm=12), "tm=12"), (dict(tk=96), "tk=96"), (dict(tn=200), "tn=200")]:
         with pytest.raises(ValueError, match=match):
