@@ -355,8 +355,8 @@ class Generator:
 
         `decode(ids) -> str` (a tokenizer's) enables text output and stop strings.
         """
-        prompts = self.check_prompts(prompts)
         params = params.checked(self.vocab_size)
+        prompts = self.check_prompts(prompts)
         if params.stop_strings and decode is None:
             raise GenerationError("stop_strings need a tokenizer to decode text")
         longest = max(len(p) for p in prompts)
