@@ -12,8 +12,11 @@ Three kinds of checks:
 
 import random
 import string
+import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_jax import harmony as H
 from gptoss_jax.harmony import HarmonyParseError, Message, parse_completion, render_conversation
@@ -393,22 +396,35 @@ def test_parse_full_rendered_prompt():
 def test_parse_truncated_and_malformed():
     # cut off by the token budget: the partial message is kept
     assert parse_completion("<|channel|>final<|message|>The answ") == [Message.assistant("The answ")]
-    # cut off inside a header: dropped, or an error when strict
-    assert parse_completion("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi") == [
-        Message.assistant("x", channel="analysis")
-    ]
+    # cut off inside a header: kept as plain text with a warning (never dropped), or an error when strict; while
+    # streaming (complete=False) the unfinished header is simply not shown yet
+    cut = "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi"
+    with pytest.warns(H.HarmonyParseWarning, match="ended inside a message header"):
+        assert parse_completion(cut) == [Message.assistant("x", channel="analysis"),
+                                         Message("assistant", "<|start|>assistant<|channel|>fi")]
+    assert parse_completion(cut, complete=False) == [Message.assistant("x", channel="analysis")]
     with pytest.raises(HarmonyParseError, match="header"):
         parse_completion("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi", strict=True)
     # stray text between messages
     with pytest.raises(HarmonyParseError, match="expected"):
         parse_completion("<|channel|>final<|message|>x<|end|>junk", strict=True)
-    assert parse_completion("<|channel|>final<|message|>x<|end|>junk") == [Message.assistant("x")]
+    with pytest.warns(H.HarmonyParseWarning, match="outside a message"):
+        assert parse_completion("<|channel|>final<|message|>x<|end|>junk") == [Message.assistant("x"),
+                                                                               Message("assistant", "junk")]
     # empty channel / extra header words
     with pytest.raises(HarmonyParseError):
         parse_completion("<|channel|><|message|>x<|end|>", strict=True)
     with pytest.raises(HarmonyParseError, match="unexpected text"):
         parse_completion("<|channel|>final a b c<|message|>x<|end|>", strict=True)
     assert parse_completion("<|channel|><|message|>x<|end|>") == [Message("assistant", "x")]
+    with pytest.warns(H.HarmonyParseWarning, match="ignored unexpected words"):
+        assert [m.content for m in parse_completion("<|channel|>final a b c<|message|>x<|end|>")] == ["x"]
+    # an unusable header (no role) and a header cut by a format token: the raw output comes back as text
+    with pytest.warns(H.HarmonyParseWarning, match="could not be parsed"):
+        assert parse_completion("<|start|><|message|>hidden<|end|>", role=None) == [
+            Message("assistant", "<|start|><|message|>hidden<|end|>")]
+    with pytest.warns(H.HarmonyParseWarning, match="interrupted by <|end|>"):
+        assert parse_completion("<|channel|>fin<|end|>") == [Message("assistant", "<|channel|>fin<|end|>")]
     # newlines between messages, as in hand-written examples, are ignored
     assert parse_completion(DOC_BASIC_OUTPUT.replace("<|end|><|start|>", "<|end|>\n<|start|>")) == parse_completion(
         DOC_BASIC_OUTPUT
@@ -509,7 +525,9 @@ def test_parse_random_ids_never_raises(tiny_tok):
             rng.choice(specials) if rng.random() < 0.3 else rng.randrange(tiny_tok.vocab_size + 8)
             for _ in range(rng.randint(0, 40))
         ]
-        msgs = parse_completion(ids, tiny_tok)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", H.HarmonyParseWarning)
+            msgs = parse_completion(ids, tiny_tok)
         assert all(isinstance(m, Message) for m in msgs)
     # ids past the tokenizer (padded model vocabulary) decode as U+FFFD
     ids = tiny_tok.encode("<|channel|>final<|message|>ab") + [tiny_tok.vocab_size + 3]
@@ -717,3 +735,35 @@ def test_tools_section_extra_schema_features():
     assert "multi?: string | number,\n" in text
     assert '// Title\n//\n// Examples:\n// - "x"\n// - "y"\nt?: string,\n' in text
     assert text.endswith("} // namespace functions")
+
+
+# ----------------------------------------------------------------------------- nothing dropped
+_junk = st.text(alphabet=string.ascii_letters + string.digits + " .,!é日", min_size=1, max_size=12).filter(
+    lambda t: t.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=_junk, where=st.sampled_from(["between", "after", "broken_header", "header_cut_by_end", "tail_header",
+                                          "no_role_header"]))
+def test_malformed_output_is_surfaced_never_dropped(junk, where):
+    """Model output in any malformed place comes back (as text) with a HarmonyParseWarning; strict mode raises."""
+    good = "<|channel|>analysis<|message|>think<|end|>"
+    completion = {
+        "between": f"{good}{junk}<|start|>assistant<|channel|>final<|message|>ok<|return|>",
+        "after": f"{good}{junk}",
+        "broken_header": f"{good}<|start|>assistant<|channel|>final {junk}<|start|>assistant<|channel|>final"
+                         f"<|message|>ok<|return|>",
+        "header_cut_by_end": f"{good}<|start|>assistant<|channel|>{junk}<|end|>",
+        "tail_header": f"{good}<|start|>assistant<|channel|>final {junk}",
+        "no_role_header": f"<|start|>{junk}<|message|>x<|end|>",
+    }[where]
+    role = None if where == "no_role_header" else "assistant"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msgs = parse_completion(completion, role=role)
+    shown = " ".join(str(v) for m in msgs for v in m.to_dict().values())
+    assert junk.strip() in shown or junk.split()[-1] in shown, (completion, msgs)
+    if where != "no_role_header":  # a header starting with an unknown word is a tool's output: well formed
+        assert any(issubclass(w.category, H.HarmonyParseWarning) for w in caught)
+        with pytest.raises(HarmonyParseError):
+            parse_completion(completion, role=role, strict=True)
