@@ -5,9 +5,9 @@ Three kinds of checks:
   also published as the cookbook article "OpenAI Harmony Response Format");
 * fixtures produced by the reference renderer ``openai-harmony`` 0.0.8 (hard-coded here, so they
   run everywhere);
-* a live cross-check against ``openai-harmony`` on random conversations, which runs only where
-  the package can load its o200k vocabulary (it downloads it; offline, point
-  ``TIKTOKEN_ENCODINGS_BASE`` at a folder holding ``o200k_base.tiktoken``) and is skipped otherwise.
+* a live cross-check against ``openai-harmony`` on random conversations, offline: its o200k vocabulary is
+  unpacked from the ``bpe-openai`` package into a cache folder and SHA-256-checked
+  (gptoss_jax.harmony_reference); both packages are in the ``test`` extra, so this runs in CI.
 """
 
 import random
@@ -569,12 +569,15 @@ DOC_BASIC_OUTPUT_IDS = [
 
 
 @pytest.fixture(scope="module")
-def real_tok():
+def real_tok(request):
+    """GPTOSS_TOKENIZER_JSON's tokenizer.json if set, else the official o200k_harmony encoding (openai-harmony)
+    seen through the tokenizer interface."""
     import os
 
     path = os.environ.get("GPTOSS_TOKENIZER_JSON")
     if not path:
-        pytest.skip("set GPTOSS_TOKENIZER_JSON to a gpt-oss tokenizer.json (or checkpoint dir) to run")
+        _, enc = request.getfixturevalue("oh")
+        return _OHTokenizer(enc)
     from gptoss_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
@@ -592,13 +595,34 @@ def test_real_tokenizer_documented_ids(real_tok):
 
 # ----------------------------------------------------------------------------- live cross-check
 @pytest.fixture(scope="module")
-def oh():
-    openai_harmony = pytest.importorskip("openai_harmony")
-    try:
-        enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
-    except Exception as e:  # no network and no local o200k_base.tiktoken
-        pytest.skip(f"openai-harmony cannot load its vocabulary offline: {e}")
+def oh(tmp_path_factory):
+    openai_harmony = pytest.importorskip("openai_harmony")  # in the test extra: present in CI
+    pytest.importorskip("bpe_openai")
+    from gptoss_jax.harmony_reference import load_encoding
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+        enc = load_encoding(tmp_path_factory.mktemp("tiktoken"))
     return openai_harmony, enc
+
+
+def test_reference_vocab_is_unpacked_verified_and_repaired(tmp_path, monkeypatch):
+    pytest.importorskip("bpe_openai")
+    from gptoss_jax import harmony_reference as R
+
+    monkeypatch.delenv(R.ENV, raising=False)
+    folder = R.o200k_vocab_dir(tmp_path)
+    assert folder == tmp_path and R._sha256(tmp_path / R.O200K_FILE) == R.O200K_SHA256
+    assert R.O200K_SHA256.startswith("446a9538") and R.O200K_SHA256.endswith("1a2d")
+    assert [p.name for p in tmp_path.iterdir()] == [R.O200K_FILE]  # no temporary file left
+    (tmp_path / R.O200K_FILE).write_bytes(b"tampered")  # a bad cached copy is replaced, not used
+    assert R._sha256(R.o200k_vocab_dir(tmp_path) / R.O200K_FILE) == R.O200K_SHA256
+    bad = tmp_path / "env"
+    bad.mkdir()
+    (bad / R.O200K_FILE).write_bytes(b"not the vocabulary")
+    monkeypatch.setenv(R.ENV, str(bad))  # a folder the user named must hold the official file
+    with pytest.raises(R.HarmonyReferenceError, match="SHA-256"):
+        R.o200k_vocab_dir(tmp_path)
 
 
 def _to_oh(openai_harmony, m: Message):
