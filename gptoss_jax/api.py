@@ -195,7 +195,8 @@ class InferenceModel:
     def _to_ids(self, prompts, what: str) -> tuple[list, bool]:
         """str | list[str] | ids | list[ids] → (list of id lists or raw, single?); see validation.text_or_ids."""
         from gptoss_jax.validation import text_or_ids
-        return text_or_ids(prompts, lambda text: self._need_tokenizer(what).encode(text))
+        return text_or_ids(prompts, lambda text: self._need_tokenizer(what).encode(text),
+                           what="context" if what == "context" else "prompt")
 
     # -------------------------------------------------------------------------------------------------- forward
     def logits(self, input_ids):
@@ -221,8 +222,10 @@ class InferenceModel:
             full = seqs
             starts = [1] * len(seqs)
         else:
-            ctx, _ = self._to_ids(contexts, "score")
-            ctx = self.generator.check_prompts(ctx) if len(ctx) else []
+            ctx, _ = self._to_ids(contexts, "context")
+            from gptoss_jax.validation import token_prompts
+            ctx = token_prompts(ctx, vocab_size=self.config.vocab_size, max_seq_len=self.max_seq_len,
+                                what="context") if len(ctx) else []
             if len(ctx) != len(seqs):
                 raise GenerationError(f"score got {len(seqs)} inputs but {len(ctx)} contexts")
             full = [c + s for c, s in zip(ctx, seqs)]

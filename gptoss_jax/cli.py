@@ -405,6 +405,12 @@ def cmd_chat(args) -> int:
     for name in ("instructions", "date"):
         if getattr(args, name) is not None:
             _utf8(getattr(args, name), f"--{name}")
+    if args.date is not None and args.date != "today":
+        import datetime
+        try:
+            datetime.date.fromisoformat(args.date)
+        except ValueError:
+            raise CliError(f"--date must be YYYY-MM-DD or 'today', got {args.date!r}") from None
     model = _load(args)
     if model.tokenizer is None:
         raise CliError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer")

@@ -251,6 +251,7 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["score", "{ckpt}", "{two}", "--output", "{tmp}/no/such/dir/out.json"], "does not exist"),
     (["score", "{ckpt}", "{two}", "--output", "{two}"], "exists; pass --force"),
     (["chat", "{ckpt}", "--instructions", "\udc80"], "--instructions is not valid UTF-8"),
+    (["chat", "{ckpt}", "--date", "June 5th"], "--date must be YYYY-MM-DD"),
     (["chat", "{ckpt}", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["info", "{qc}"], "quantization_config must be a JSON object"),

@@ -195,6 +195,8 @@ BAD_CALLS = [
     ("logits", ("x\ud800",), {}, "prompt"),
     ("score", ([[1, 2], [3.0, 4]],), {}, "prompt 1"),
     ("score", (["ab", "cd"],), dict(contexts=["x"]), "contexts"),
+    ("score", (["ab"],), dict(contexts=["x\ud800"]), "context 0"),
+    ("score", (["ab"],), dict(contexts=[[0.5]]), "context"),
     ("chat", ([{"role": "user", "content": "hi"}],), dict(seed=2**64), "seed"),
     ("chat", ([{"role": "user", "content": "hi\ud800"}],), {}, "messages[0].content"),
     ("chat", ([{"role": "user"}],), {}, "messages[0]"),
@@ -288,3 +290,9 @@ def test_quantization_config_not_an_object_is_refused(hf_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="config.json: quantization_config must be a JSON object"):
         gptoss_jax.load(d)
+
+
+def test_tokenizer_encode_refuses_lone_surrogates_clearly(tok):
+    from gptoss_jax.tokenizer import TokenizerError
+    with pytest.raises(TokenizerError, match="lone surrogate U\\+DC80 at character 2"):
+        tok.encode("ab\udc80")
