@@ -298,7 +298,7 @@ class InferenceModel:
         tok = self._need_tokenizer("chat")
         from gptoss_jax.validation import check_chat_args
         messages = check_chat_args(tok, messages, reasoning=reasoning, instructions=instructions,
-                                   current_date=current_date)
+                                   current_date=current_date, tools=tools)
         prompt = self.render_chat(messages, reasoning=reasoning, instructions=instructions, tools=tools,
                                   current_date=current_date)
         stop_ids = harmony.stop_token_ids(tok)

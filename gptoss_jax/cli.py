@@ -415,6 +415,10 @@ def cmd_chat(args) -> int:
     if model.tokenizer is None:
         raise CliError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer")
     _require_harmony(model, args)
+    from gptoss_jax.generate import GenerationError
+    if args.max_new_tokens >= model.max_seq_len:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in the context "
+                       f"(max_seq_len={model.max_seq_len}); lower it or raise --max-seq-len")
     kw = _sampling_kwargs(args)
     reasoning = args.reasoning
     history: list = []
@@ -460,6 +464,13 @@ def cmd_chat(args) -> int:
             if not interactive:
                 raise
             turn += 1
+            continue
+        except GenerationError as e:
+            # e.g. the history outgrew --max-seq-len: this turn is dropped, the session goes on
+            history.pop()
+            _err(f"[gptoss-jax] error: {e} (/reset clears the history)")
+            if not interactive:
+                raise
             continue
         except BaseException:
             history.pop()

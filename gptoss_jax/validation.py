@@ -247,7 +247,7 @@ def check_load_args(*, max_seq_len, chunk_size, tokenizer) -> None:
         check_text(tokenizer, "tokenizer", allow_empty=False, error=LoadError)
 
 
-def check_chat_args(tokenizer, messages, *, reasoning, instructions, current_date) -> list:
+def check_chat_args(tokenizer, messages, *, reasoning, instructions, current_date, tools=None) -> list:
     """A conversation for :meth:`InferenceModel.chat`: harmony Messages (dicts are converted), valid text, a known
     reasoning level, and a tokenizer that has the harmony special tokens. Returns the list of Messages."""
     from gptoss_jax import harmony
@@ -271,6 +271,17 @@ def check_chat_args(tokenizer, messages, *, reasoning, instructions, current_dat
         check_text(instructions, "instructions")
     if current_date is not None and not hasattr(current_date, "strftime"):
         check_text(current_date, "current_date", allow_empty=False)
+    if tools is not None:
+        from collections.abc import Mapping
+        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, (list, tuple)):
+            raise err(f"tools must be a list of function definitions, got {type(tools).__name__}")
+        for i, t in enumerate(tools):
+            spec = t.get("function", t) if isinstance(t, Mapping) else None
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise err(f"tools[{i}] must be a dict with a non-empty 'name' (and optional 'description', "
+                          f"'parameters'), got {t!r:.80}")
+            if spec.get("parameters") is not None and not isinstance(spec["parameters"], Mapping):
+                raise err(f"tools[{i}].parameters must be a JSON schema object")
     try:
         harmony.special_token_ids(tokenizer)
     except ValueError as e:

@@ -252,6 +252,7 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["score", "{ckpt}", "{two}", "--output", "{two}"], "exists; pass --force"),
     (["chat", "{ckpt}", "--instructions", "\udc80"], "--instructions is not valid UTF-8"),
     (["chat", "{ckpt}", "--date", "June 5th"], "--date must be YYYY-MM-DD"),
+    (["chat", "{ckpt}", "--max-new-tokens", "64", "--max-seq-len", "64"], "leaves no room for the conversation"),
     (["chat", "{ckpt}", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["info", "{qc}"], "quantization_config must be a JSON object"),
@@ -372,3 +373,22 @@ def test_chat_skips_a_non_utf8_line(ckpt, capsys, monkeypatch):
     assert cli.main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"]) == 0
     out, err = capsys.readouterr()
     assert "not UTF-8" in err and out.splitlines() == [FINAL_ANSWER]
+
+
+def test_chat_turn_error_keeps_the_session_at_a_terminal(ckpt, capsys, monkeypatch):
+    """A turn that cannot run (e.g. the history outgrew --max-seq-len) is reported in one line and dropped; the
+    session goes on."""
+    from gptoss_jax.generate import GenerationError
+    real_turn, calls = cli._chat_turn, []
+
+    def turn(model, history, printer, kw, **chat_kw):
+        calls.append(len(history))
+        if len(calls) == 1:
+            raise GenerationError("prompt length 9999 + max_new_tokens 40 exceeds the context")
+        return real_turn(model, history, printer, kw, **chat_kw)
+
+    monkeypatch.setattr(cli, "_chat_turn", turn)
+    monkeypatch.setattr("sys.stdin", _Stdin("long\nWhat is 2 + 2?\n", True))
+    assert cli.main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [1, 1] and "exceeds the context" in err and FINAL_ANSWER in out and "Traceback" not in err

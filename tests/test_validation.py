@@ -205,6 +205,9 @@ BAD_CALLS = [
     ("chat", ([harmony.Message.user("hi")],), dict(reasoning="extreme"), "reasoning"),
     ("chat", ([harmony.Message.user("hi")],), dict(instructions="\udc80"), "instructions"),
     ("chat", ([harmony.Message.user("hi")],), dict(top_k=-1), "top_k"),
+    ("chat", ([harmony.Message.user("hi")],), dict(tools=[{"description": "no name"}]), "tools[0]"),
+    ("chat", ([harmony.Message.user("hi")],), dict(tools={"name": "f"}), "tools must be a list"),
+    ("chat", ([harmony.Message.user("hi")],), dict(tools=[{"name": "f", "parameters": "x"}]), "tools[0].parameters"),
 ]
 
 
