@@ -530,9 +530,22 @@ def render_conversation_ids(tokenizer, messages: Iterable[Message | Mapping[str,
     Structural tokens get the tokenizer's special ids; text pieces (role, channel, content ...) are
     encoded separately with special-token recognition off, as the reference renderer does, so
     message content can never inject format tokens.
+
+    For gpt-oss's real o200k_harmony tokenizer, when ``openai-harmony`` and its vocabulary are available
+    offline (:mod:`gptoss_jax.harmony_reference`), the official renderer produces the ids wherever it
+    expresses the options given (else, and for every other tokenizer, this renderer does;
+    ``GPTOSS_JAX_HARMONY_REFERENCE=0`` turns the official one off).
     """
     tokenizer = _wrap_tokenizer(tokenizer)
     ids_of = special_token_ids(tokenizer)
+    messages = list(messages)
+    try:  # gpt-oss's real o200k_harmony tokenizer: the official renderer (openai-harmony), where it applies
+        from gptoss_jax import harmony_reference
+        ref = harmony_reference.render_ids(tokenizer, messages, **kwargs)
+    except Exception:  # noqa: BLE001 — the reference is optional; ours is cross-checked against it in the tests
+        ref = None
+    if ref is not None:
+        return ref
     out: list[int] = []
     for text, special in render_segments(messages, **kwargs):
         out += [ids_of[text]] if special else list(tokenizer.encode(text, allow_special=False))

@@ -103,3 +103,109 @@ def load_encoding(cache_dir: str | os.PathLike | None = None):
         return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
     except Exception as e:  # openai-harmony raises its own HarmonyError / RuntimeError
         raise HarmonyReferenceError(f"openai-harmony could not load its vocabulary from {folder}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rendering through the official library for the real o200k_harmony tokenizer.
+_ENCODING = None
+_ENCODING_FAILED = False
+_IS_O200K: dict[int, tuple[object, bool]] = {}  # id → (the tokenizer, kept alive so the id stays its own; answer)
+_PROBE = "Hello, world! Ünïcödé 日本語 <|start|> 12345"
+
+
+def enabled() -> bool:
+    """Rendering through openai-harmony is on unless ``GPTOSS_JAX_HARMONY_REFERENCE=0``."""
+    return os.environ.get("GPTOSS_JAX_HARMONY_REFERENCE", "1") != "0"
+
+
+def cached_encoding():
+    """The encoding, loaded once; None when openai-harmony or the vocabulary is not available (never raises)."""
+    global _ENCODING, _ENCODING_FAILED
+    if _ENCODING is None and not _ENCODING_FAILED:
+        try:
+            _ENCODING = load_encoding()
+        except Exception:  # noqa: BLE001 — optional: our own renderer is used instead
+            _ENCODING_FAILED = True
+    return _ENCODING
+
+
+def is_o200k_harmony(tokenizer, enc) -> bool:
+    """Whether `tokenizer` is gpt-oss's o200k_harmony: the documented special ids and the official encoding's ids
+    on a probe text (checked once per tokenizer object)."""
+    key = id(tokenizer)
+    if key not in _IS_O200K:
+        from gptoss_jax import harmony
+        try:
+            same = all(tokenizer.token_to_id(t) == i for t, i in harmony.SPECIAL_TOKENS.items())
+            same = same and list(tokenizer.encode(_PROBE, allow_special=False)) == list(
+                enc.encode(_PROBE, allowed_special=set(), disallowed_special=()))
+        except Exception:  # noqa: BLE001 — anything unexpected: not the o200k tokenizer
+            same = False
+        _IS_O200K[key] = (tokenizer, same)
+    return _IS_O200K[key][1]
+
+
+def render_ids(tokenizer, messages, *, reasoning="medium", current_date=None, instructions=None, tools=None,
+               **other) -> list[int] | None:
+    """The harmony prompt ids rendered by openai-harmony (``render_conversation_for_completion``), or None when
+    the official renderer does not apply: not the o200k_harmony tokenizer, library or vocabulary unavailable, or
+    options it does not express (own system/developer messages, non-default identity / knowledge cutoff,
+    training renders, an analysis-dropping policy that differs from openai-harmony's on this conversation)."""
+    if not enabled():
+        return None
+    from gptoss_jax import harmony
+    # cheap test first, so other tokenizers never load (or unpack) the vocabulary
+    if any(tokenizer.token_to_id(t) != i for t, i in harmony.SPECIAL_TOKENS.items()):
+        return None
+    enc = cached_encoding()
+    if enc is None or not is_o200k_harmony(tokenizer, enc):
+        return None
+    defaults = dict(knowledge_cutoff=harmony.DEFAULT_KNOWLEDGE_CUTOFF, model_identity=harmony.DEFAULT_MODEL_IDENTITY,
+                    include_system=True, add_generation_prompt=None, drop_analysis=True, for_training=False)
+    if set(other) - set(defaults):
+        return None
+    opts = {**defaults, **other}
+    if any(opts[k] != defaults[k] for k in ("knowledge_cutoff", "model_identity", "include_system", "for_training")):
+        return None
+    if opts["add_generation_prompt"] not in (None, True):
+        return None
+    msgs = [harmony._as_message(m) for m in messages]
+    if any(m.role in ("system", "developer") for m in msgs):
+        return None
+    if harmony._drop_mask(msgs, opts["drop_analysis"]) != harmony._drop_mask(msgs, "openai_harmony"):
+        return None
+    if reasoning is None or (tools and any("function" in t and not isinstance(t["function"], dict) for t in tools)):
+        return None
+    import datetime as dt
+
+    import openai_harmony as oh
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(str(reasoning).lower().capitalize()))
+    if current_date is not None:
+        if current_date == "today":
+            current_date = dt.datetime.now(dt.timezone.utc).date()
+        if isinstance(current_date, (dt.date, dt.datetime)):
+            current_date = current_date.strftime("%Y-%m-%d")
+        system = system.with_conversation_start_date(current_date)
+    convo = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    if instructions or tools:
+        dev = oh.DeveloperContent.new()
+        if instructions:
+            dev = dev.with_instructions(instructions)
+        if tools:
+            specs = [t.get("function", t) for t in tools]
+            dev = dev.with_function_tools([oh.ToolDescription.new(t["name"], t.get("description", ""),
+                                                                  parameters=t.get("parameters")) for t in specs])
+        convo.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
+    for m in msgs:
+        if m.role == "tool":
+            om = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, m.name), m.content)
+        else:
+            om = oh.Message.from_role_and_content(oh.Role(m.role), m.content)
+        if m.channel:
+            om = om.with_channel(m.channel)
+        if m.recipient:
+            om = om.with_recipient(m.recipient)
+        if m.content_type:
+            om = om.with_content_type(m.content_type)
+        convo.append(om)
+    return list(enc.render_conversation_for_completion(oh.Conversation.from_messages(convo), oh.Role.ASSISTANT))

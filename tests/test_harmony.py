@@ -583,7 +583,8 @@ def real_tok(request):
     return load_tokenizer(path)
 
 
-def test_real_tokenizer_documented_ids(real_tok):
+def test_real_tokenizer_documented_ids(real_tok, monkeypatch):
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
     assert H.special_token_ids(real_tok) == H.SPECIAL_TOKENS
     assert real_tok.encode(DOC_BASIC_OUTPUT) == DOC_BASIC_OUTPUT_IDS
     assert real_tok.decode(DOC_BASIC_OUTPUT_IDS) == DOC_BASIC_OUTPUT
@@ -657,8 +658,9 @@ class _OHTokenizer:
         return self.enc.decode_utf8(ids)
 
 
-def test_cross_check_openai_harmony(oh):
+def test_cross_check_openai_harmony(oh, monkeypatch):
     openai_harmony, enc = oh
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")  # our renderer, not the official one, is under test
     rng = random.Random()
     tok = _OHTokenizer(enc)
     assert {k: tok.token_to_id(k) for k in H.SPECIAL_TOKENS} == H.SPECIAL_TOKENS
@@ -692,8 +694,9 @@ def test_cross_check_openai_harmony(oh):
             ]
 
 
-def test_cross_check_tools_and_developer(oh):
+def test_cross_check_tools_and_developer(oh, monkeypatch):
     openai_harmony, enc = oh
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
     specs = [t.get("function", t) for t in DOC_TOOLS + [_EXTRA_TOOL]]
     descriptions = [
         openai_harmony.ToolDescription.new(t["name"], t["description"], parameters=t.get("parameters")) for t in specs
@@ -791,3 +794,43 @@ def test_malformed_output_is_surfaced_never_dropped(junk, where):
         assert any(issubclass(w.category, H.HarmonyParseWarning) for w in caught)
         with pytest.raises(HarmonyParseError):
             parse_completion(completion, role=role, strict=True)
+
+
+def test_o200k_tokenizer_renders_through_openai_harmony(oh, monkeypatch, tiny_tok):
+    """For the real o200k_harmony tokenizer the official renderer produces the prompt ids (where it expresses the
+    options); ours stays for other tokenizers and options, and both give the same ids."""
+    from gptoss_jax import harmony_reference as R
+
+    _, enc = oh
+    monkeypatch.setattr(R, "_ENCODING", enc)
+    calls = []
+    real_render = enc.render_conversation_for_completion
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(enc, name)
+
+        def render_conversation_for_completion(self, *a):
+            calls.append(1)
+            return real_render(*a)
+
+    monkeypatch.setattr(R, "_ENCODING", Spy())
+    tok = _OHTokenizer(enc)
+    rng = random.Random()
+    for _ in range(20):
+        msgs = [m for m in _random_conversation(rng) if m.role != "developer"]
+        kw = dict(reasoning=rng.choice(H.REASONING_LEVELS), current_date=rng.choice([None, "2025-06-28"]),
+                  instructions=rng.choice([None, "Be brief."]), tools=rng.choice([None, DOC_TOOLS]))
+        n = len(calls)
+        official = H.render_conversation_ids(tok, msgs, **kw)
+        used = len(calls) > n
+        # used exactly when our drop policy and openai-harmony's agree on this conversation
+        assert used == (H._drop_mask(msgs, True) == H._drop_mask(msgs, "openai_harmony"))
+        monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
+        assert H.render_conversation_ids(tok, msgs, **kw) == official
+        monkeypatch.delenv("GPTOSS_JAX_HARMONY_REFERENCE")
+    assert calls
+    n = len(calls)
+    H.render_conversation_ids(tiny_tok, [Message.user("hi")])  # not o200k: ours
+    H.render_conversation_ids(tok, [Message.user("hi")], model_identity="You are X.")  # not expressible: ours
+    assert len(calls) == n
