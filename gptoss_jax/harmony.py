@@ -672,6 +672,20 @@ def parse_completion(
     else:
         if hasattr(completion, "tolist"):
             completion = completion.tolist()
+        if complete and not strict and role == "assistant" and tokenizer is not None:
+            # gpt-oss's real o200k_harmony tokenizer: the official parser — for well-formed completions only
+            # (ours, strict, accepts them), so malformed output still comes back as text instead of being dropped
+            try:
+                from gptoss_jax import harmony_reference
+                wrapped = _wrap_tokenizer(tokenizer)
+                ref = None
+                if harmony_reference.applies(wrapped):
+                    parse_completion(completion, tokenizer, role=role, strict=True)
+                    ref = harmony_reference.parse_ids(wrapped, completion)
+            except Exception:  # noqa: BLE001 — malformed, or the optional reference is unavailable
+                ref = None
+            if ref is not None:
+                return ref
         stream = _ids_to_stream(completion, tokenizer)
 
     messages: list[Message] = []

@@ -11,6 +11,12 @@ MIT-licensed ``bpe-openai`` package, checking the official SHA-256 before the fi
     enc.render_conversation_for_completion(conversation, openai_harmony.Role.ASSISTANT)
 
 Both packages are optional (the ``test`` extra installs them); :class:`HarmonyReferenceError` says what is missing.
+
+For gpt-oss's real o200k_harmony tokenizer (:func:`applies`), :func:`gptoss_jax.harmony.render_conversation_ids` and
+:func:`gptoss_jax.harmony.parse_completion` go through the official library (:func:`render_ids`, :func:`parse_ids`)
+wherever it expresses the request — a prompt without options it lacks, a well-formed completion; our own renderer
+and lenient parser handle the rest and every other tokenizer, and are cross-checked against it token for token in
+``tests/test_harmony.py``. ``GPTOSS_JAX_HARMONY_REFERENCE=0`` turns the official path off.
 """
 
 from __future__ import annotations
@@ -145,21 +151,31 @@ def is_o200k_harmony(tokenizer, enc) -> bool:
     return _IS_O200K[key][1]
 
 
+def applies(tokenizer) -> bool:
+    """Whether the official library handles `tokenizer`: enabled, available offline, and the tokenizer is
+    o200k_harmony (the cheap special-id test runs first, so other tokenizers never load the vocabulary)."""
+    if not enabled():
+        return False
+    from gptoss_jax import harmony
+    try:
+        if any(tokenizer.token_to_id(t) != i for t, i in harmony.SPECIAL_TOKENS.items()):
+            return False
+    except Exception:  # noqa: BLE001
+        return False
+    enc = cached_encoding()
+    return enc is not None and is_o200k_harmony(tokenizer, enc)
+
+
 def render_ids(tokenizer, messages, *, reasoning="medium", current_date=None, instructions=None, tools=None,
                **other) -> list[int] | None:
     """The harmony prompt ids rendered by openai-harmony (``render_conversation_for_completion``), or None when
     the official renderer does not apply: not the o200k_harmony tokenizer, library or vocabulary unavailable, or
     options it does not express (own system/developer messages, non-default identity / knowledge cutoff,
     training renders, an analysis-dropping policy that differs from openai-harmony's on this conversation)."""
-    if not enabled():
+    if not applies(tokenizer):
         return None
     from gptoss_jax import harmony
-    # cheap test first, so other tokenizers never load (or unpack) the vocabulary
-    if any(tokenizer.token_to_id(t) != i for t, i in harmony.SPECIAL_TOKENS.items()):
-        return None
     enc = cached_encoding()
-    if enc is None or not is_o200k_harmony(tokenizer, enc):
-        return None
     defaults = dict(knowledge_cutoff=harmony.DEFAULT_KNOWLEDGE_CUTOFF, model_identity=harmony.DEFAULT_MODEL_IDENTITY,
                     include_system=True, add_generation_prompt=None, drop_analysis=True, for_training=False)
     if set(other) - set(defaults):
@@ -209,3 +225,27 @@ def render_ids(tokenizer, messages, *, reasoning="medium", current_date=None, in
             om = om.with_content_type(m.content_type)
         convo.append(om)
     return list(enc.render_conversation_for_completion(oh.Conversation.from_messages(convo), oh.Role.ASSISTANT))
+
+
+def parse_ids(tokenizer, ids) -> list | None:
+    """An assistant completion (token ids) parsed by openai-harmony (``parse_messages_from_completion_tokens``) into
+    :class:`~gptoss_jax.harmony.Message`s, or None when it does not apply (not the o200k_harmony tokenizer, library
+    unavailable) or the official parser refuses the completion — the caller's lenient parser then keeps the
+    malformed output as text instead of losing it."""
+    if not applies(tokenizer):
+        return None
+    from gptoss_jax import harmony
+    enc = cached_encoding()
+    import openai_harmony as oh
+    try:
+        parsed = enc.parse_messages_from_completion_tokens([int(i) for i in ids], oh.Role.ASSISTANT)
+        out = []
+        for m in parsed:
+            text = "".join(getattr(c, "text", "") for c in m.content)
+            role = m.author.role.value
+            out.append(harmony.Message(role, text, channel=m.channel, recipient=m.recipient,
+                                       content_type=m.content_type,
+                                       name=m.author.name if role == "tool" else None))
+        return out
+    except Exception:  # noqa: BLE001 — malformed or cut output: the lenient parser handles it
+        return None

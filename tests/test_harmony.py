@@ -834,3 +834,33 @@ def test_o200k_tokenizer_renders_through_openai_harmony(oh, monkeypatch, tiny_to
     H.render_conversation_ids(tiny_tok, [Message.user("hi")])  # not o200k: ours
     H.render_conversation_ids(tok, [Message.user("hi")], model_identity="You are X.")  # not expressible: ours
     assert len(calls) == n
+
+
+def test_o200k_completion_ids_parse_through_openai_harmony(oh, monkeypatch):
+    """Well-formed completions of the real tokenizer are parsed by the official parser, with the same result as
+    ours; malformed ones fall back to ours, which keeps the output as text."""
+    from gptoss_jax import harmony_reference as R
+
+    _, enc = oh
+    monkeypatch.setattr(R, "_ENCODING", enc)
+    tok = _OHTokenizer(enc)
+    used = []
+    real = R.parse_ids
+    monkeypatch.setattr(R, "parse_ids", lambda *a: used.append(r := real(*a)) or r)
+    rng = random.Random()
+    for _ in range(30):
+        completion = [m for m in _random_conversation(rng) if m.role == "assistant"]
+        if not completion:
+            continue
+        kw = dict(include_system=False, add_generation_prompt=False, drop_analysis=False)
+        text = render_conversation(completion, **kw)[len("<|start|>assistant"):]
+        ids = enc.encode(text, allowed_special="all")
+        official = parse_completion(ids, tok)
+        assert used[-1] is not None and official == used[-1]
+        monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
+        assert parse_completion(ids, tok) == official == parse_completion(text)
+        monkeypatch.delenv("GPTOSS_JAX_HARMONY_REFERENCE")
+    junk = enc.encode("<|channel|>final<|message|>ok<|end|>stray words", allowed_special="all")
+    with pytest.warns(H.HarmonyParseWarning):
+        msgs = parse_completion(junk, tok)
+    assert "stray words" in "".join(m.content for m in msgs)
