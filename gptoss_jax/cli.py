@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="Hello, world! The quick brown fox")
     d.add_argument("--max-new-tokens", type=_int_type(1), default=32)
     d.add_argument("--seed", type=_int_type(0, 2**32 - 1), default=0, help="seed of the random weights")
-    d.add_argument("--preset", default="tiny")
+    d.add_argument("--preset", default="tiny", help="a tiny preset (tiny, tiny-320 ...): the demo runs on CPU")
     return parser
 
 
@@ -580,7 +580,15 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     import gptoss_jax
+    from gptoss_jax.config import preset_names
     t_start = time.perf_counter()
+    _utf8(args.prompt, "--prompt")
+    if not args.prompt.split():
+        raise CliError("--prompt is empty")
+    tiny = sorted(n for n in preset_names() if n.startswith("tiny"))
+    if args.preset not in tiny:
+        raise CliError(f"--preset must be one of {tiny} (the demo builds a random model in memory), got "
+                       f"{args.preset!r}")
     tmp = None
     if args.out is None:
         tmp = tempfile.TemporaryDirectory(prefix="gptoss-jax-demo-")

@@ -256,6 +256,8 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["chat", "{ckpt}", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["info", "{qc}"], "quantization_config must be a JSON object"),
+    (["demo", "--prompt", "  "], "--prompt is empty"),
+    (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil
