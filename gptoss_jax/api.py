@@ -196,18 +196,10 @@ class InferenceModel:
         return "".join(parts)
 
     def _to_ids(self, prompts, what: str) -> tuple[list, bool]:
-        """str | list[str] | ids | list[ids] → (list of id lists or raw, single?)."""
-        if isinstance(prompts, str):
-            return [self.encode(prompts)], True
-        if isinstance(prompts, (np.ndarray, jax.Array)):
-            return prompts, np.ndim(prompts) == 1
-        prompts = list(prompts)
-        if prompts and all(isinstance(p, str) for p in prompts):
-            tok = self._need_tokenizer(what)
-            return [tok.encode(p) for p in prompts], False
-        if prompts and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompts):
-            return [prompts], True
-        return prompts, False
+        """str | list[str] | ids | list[ids] → (list of id lists or raw, single?); see validation.text_or_ids."""
+        from gptoss_jax.validation import text_or_ids
+        return text_or_ids(prompts, lambda text: self._need_tokenizer(what).encode(text),
+                           what="context" if what == "context" else "prompt")
 
     # -------------------------------------------------------------------------------------------------- forward
     def logits(self, input_ids):
@@ -233,8 +225,10 @@ class InferenceModel:
             full = seqs
             starts = [1] * len(seqs)
         else:
-            ctx, _ = self._to_ids(contexts, "score")
-            ctx = self.generator.check_prompts(ctx) if len(ctx) else []
+            ctx, _ = self._to_ids(contexts, "context")
+            from gptoss_jax.validation import token_prompts
+            ctx = token_prompts(ctx, vocab_size=self.config.vocab_size, max_seq_len=self.max_seq_len,
+                                what="context") if len(ctx) else []
             if len(ctx) != len(seqs):
                 raise GenerationError(f"score got {len(seqs)} inputs but {len(ctx)} contexts")
             full = [c + s for c, s in zip(ctx, seqs)]
@@ -254,10 +248,9 @@ class InferenceModel:
     def _sampling(self, *, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, stop_strings):
         if stop_token_ids is None:
             stop_token_ids = self.default_stop_token_ids
-        if isinstance(stop_strings, str):
-            stop_strings = (stop_strings,)
+        # checked (and normalised) by Generator.stream → SamplingParams.checked, which names the bad argument
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop_token_ids=tuple(stop_token_ids), stop_strings=tuple(stop_strings or ()))
+                              seed=seed, stop_token_ids=stop_token_ids, stop_strings=stop_strings)
 
     def stream(self, prompts, *, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
@@ -306,8 +299,9 @@ class InferenceModel:
                     chunk_size: int | None = None) -> GenerationStream:
         """Streams an assistant turn for a conversation (list of harmony Messages or dicts); see :meth:`chat`."""
         tok = self._need_tokenizer("chat")
-        if not isinstance(messages, (list, tuple)):
-            raise GenerationError("messages must be a list of harmony Messages or {'role', 'content'} dicts")
+        from gptoss_jax.validation import check_chat_args
+        messages = check_chat_args(tok, messages, reasoning=reasoning, instructions=instructions,
+                                   current_date=current_date, tools=tools)
         prompt = self.render_chat(messages, reasoning=reasoning, instructions=instructions, tools=tools,
                                   current_date=current_date)
         stop_ids = harmony.stop_token_ids(tok)
@@ -398,7 +392,9 @@ def _generation_stop_ids(path: Path, config: GptOssConfig) -> tuple[int, ...]:
         except json.JSONDecodeError as e:
             raise LoadError(f"{gen_cfg}: not valid JSON ({e})") from None
         if eos is not None:
-            ids = list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+            from gptoss_jax.validation import check_int
+            ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+            ids = [check_int(i, f"{gen_cfg}: eos_token_id", minimum=0, error=LoadError) for i in ids]
     return tuple(int(i) for i in ids if 0 <= int(i) < config.vocab_size)
 
 
@@ -433,13 +429,18 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
     max_seq_len: longest prompt + generation (default min(4096, max_position_embeddings)).
     tokenizer: a tokenizer.json path, False for none, None (default) for the folder's tokenizer.json if present.
     """
+    from gptoss_jax.validation import check_load_args
+    check_load_args(max_seq_len=max_seq_len, chunk_size=chunk_size, tokenizer=tokenizer)
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
     enable_compilation_cache()
     if not path.is_dir():
         raise LoadError(f"{path}: expected a checkpoint folder")
-    dtype = parse_dtype(dtype)
+    try:
+        dtype = parse_dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise LoadError(str(e) if str(e).startswith("dtype") else f"dtype {dtype!r}: {e}") from None
     config = GptOssConfig.from_json(path / "config.json") if (path / "config.json").exists() else None
     mesh = resolve_mesh(mesh, config)
 
@@ -455,6 +456,9 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
         source_format = "gptoss-jax (int4)" if module.quant is not None else "gptoss-jax (16-bit)"
     elif config is not None and _has_safetensors(path):
         qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise LoadError(f"{path / 'config.json'}: quantization_config must be a JSON object, got "
+                            f"{type(qc).__name__} {qc!r}")
         if qc:
             raise LoadError(f"{path / 'config.json'}: a quantized checkpoint "
                             f"(quant_method={qc.get('quant_method', '?')!r}); convert it first with "

@@ -7,8 +7,19 @@
     gptoss-jax info CKPT                                           # config, quantization, parameters, devices
     gptoss-jax demo                                                # tiny random model end to end, self-checking
 
-Results go to stdout; progress and timings (load time, time to first token, tokens/s) go to stderr. Bad input exits
-with status 2 and a one-line ``gptoss-jax: error: ...`` message.
+Results go to stdout; progress and timings (load time, time to first token, tokens/s) go to stderr.
+
+Exit status (docs/RELIABILITY.md, "CLI"):
+
+* 0: done.
+* 2: bad input — a usage error (argparse's usage line), an option out of range, a file that is missing or not what
+  it should be, text that is not UTF-8, an output path that cannot be written. One line
+  ``gptoss-jax CMD: error: ...`` naming the option, file or argument; nothing is computed or written.
+* 1: the environment failed (an OS error while reading or writing, out of memory) — one line naming the path — or
+  ``demo``'s self-check failed.
+* 70 (EX_SOFTWARE): an internal error, i.e. a bug in gptoss-jax: one line saying so, then the traceback to report.
+* 130: interrupted (Ctrl-C). In ``chat``, Ctrl-C during a reply stops that reply and returns to the prompt; Ctrl-C
+  at the prompt or end of input ends the session.
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ from typing import Sequence
 
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 1
+EXIT_ENVIRONMENT = 1
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE
+EXIT_INTERRUPTED = 130
+SEED_MAX = 2**64 - 1
 
 
 class CliError(Exception):
@@ -34,26 +49,76 @@ def _err(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# argparse types: every numeric option is checked where it is parsed (exit 2 with argparse's usage line and a message
+# naming the option), before anything is loaded.
+def _int_type(minimum: int | None = None, maximum: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            hi = "2**64 - 1" if maximum == SEED_MAX else ("inf" if maximum is None else maximum)
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {hi}], got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_type(minimum: float, maximum: float | None = None, *, minimum_open: bool = False):
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or abs(value) > 3.4028234663852886e38:  # float32 max: sampling runs in float32
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if (value <= minimum if minimum_open else value < minimum) or (maximum is not None and value > maximum):
+            lo = "(" if minimum_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {lo}{minimum}, {maximum or 'inf'}], got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _utf8(text: str, what: str) -> str:
+    """argv and stdin arrive decoded with surrogateescape: undecodable bytes become lone surrogates. Refuse them
+    here, naming the argument and the bytes, instead of failing inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise CliError(f"{what} is not valid UTF-8 (bytes {raw!r} at character {e.start})") from None
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (gptoss-convert output or Hugging Face bf16 folder)")
     p.add_argument("--dtype", default=None, help="compute dtype of 16-bit weights: bfloat16 (default) or float32")
-    p.add_argument("--max-seq-len", type=int, default=None, help="longest prompt + generation (default 4096)")
+    p.add_argument("--max-seq-len", type=_int_type(1), default=None,
+                   help="longest prompt + generation (default 4096)")
     p.add_argument("--mesh", default=None, metavar="DATA,EXPERT,TENSOR",
                    help="device mesh sizes, e.g. 1,4,2 (default: one device)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=int, default=None, help="tokens generated per compiled decode call")
+    p.add_argument("--max-new-tokens", type=_int_type(1), default=max_new_tokens)
+    p.add_argument("--temperature", type=_float_type(0.0), default=1.0, help="≥ 0; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=_int_type(0), default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_float_type(0.0, 1.0, minimum_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=_int_type(0, SEED_MAX), default=0, help="in [0, 2**64 - 1] (default 0)")
+    p.add_argument("--chunk-size", type=_int_type(1), default=None, help="tokens generated per compiled decode call")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptoss_jax import __version__
     parser = argparse.ArgumentParser(prog="gptoss-jax", description="Run gpt-oss models with JAX.")
+    parser.add_argument("--version", action="version", version=f"gptoss-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="continue a prompt (or each line of a file)")
@@ -62,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--file", help="read prompts from this file, one per line ('-' = stdin); generated as a batch")
     _add_sampling_args(g, max_new_tokens=128)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID",
+    g.add_argument("--stop-id", action="append", type=_int_type(0), default=None, metavar="ID",
                    help="stop token id (repeatable; default: the checkpoint's eos ids)")
     g.add_argument("--no-stop-ids", action="store_true", help="do not stop on the checkpoint's eos ids")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
-    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (not with --stream: JSON comes once a prompt is done)")
     g.add_argument("--harmony", action="store_true",
                    help="treat the prompt as a user message: render it in the harmony chat format")
 
@@ -81,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="log-likelihood of each line of a file (JSON)")
     _add_model_args(s)
     s.add_argument("file", help="text file, one sequence per line ('-' = stdin)")
-    s.add_argument("--output", "-o", default=None, help="write the JSON here instead of stdout")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--output", "-o", default=None, help="write the JSON here instead of stdout (a new file)")
+    s.add_argument("--force", action="store_true", help="replace an existing --output file")
+    s.add_argument("--batch-size", type=_int_type(1), default=8)
     s.add_argument("--token-logprobs", action="store_true", help="include every token's log-probability")
 
     i = sub.add_parser("info", help="summary of a checkpoint: config, quantization, parameters, bytes, devices")
@@ -92,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="tiny random model: save, load, stream-generate, verify greedy decoding")
     d.add_argument("--out", default=None, help="folder for the tiny checkpoint (default: a temporary folder)")
     d.add_argument("--prompt", default="Hello, world! The quick brown fox")
-    d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--preset", default="tiny")
+    d.add_argument("--max-new-tokens", type=_int_type(1), default=32)
+    d.add_argument("--seed", type=_int_type(0, 2**32 - 1), default=0, help="seed of the random weights")
+    d.add_argument("--preset", default="tiny", help="a tiny preset (tiny, tiny-320 ...): the demo runs on CPU")
     return parser
 
 
@@ -133,22 +200,66 @@ def _timing_line(stats) -> str:
 
 
 def _read_lines(path: str) -> list[str]:
+    """A UTF-8 text file (or stdin for '-') as lines; CliError naming the file for a missing file, a folder or bytes
+    that are not UTF-8 (with the line number)."""
     if path == "-":
-        text = sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)
+        data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        name = "standard input"
     else:
         p = Path(path)
+        if p.is_dir():
+            raise CliError(f"{path}: is a folder, expected a text file")
         if not p.is_file():
             raise CliError(f"{path}: no such file")
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+        name = path
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise CliError(f"{name}: not UTF-8 text (bytes {data[e.start:e.end]!r} on line {line})") from None
     return text.splitlines()
+
+
+def _check_output(path: str | None, force: bool) -> None:
+    """Before any work: the output must be a file we may create (or replace with --force) in an existing folder."""
+    import os
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"--output {path}: is a folder; name a file")
+    if p.exists() and not force:
+        raise CliError(f"--output {path}: exists; pass --force to replace it")
+    if p.exists() and not p.is_file():
+        raise CliError(f"--output {path}: exists and is not a regular file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"--output {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--output {path}: folder {parent} is not writable")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Writes a temporary file next to `path` and renames it over: a reader never sees a half-written file, and an
+    error or interrupt leaves the previous file (if any) as it was."""
+    import os
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _sampling_kwargs(args) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed)
     if getattr(args, "chunk_size", None):
-        if args.chunk_size < 1:
-            raise CliError(f"--chunk-size must be positive, got {args.chunk_size}")
         kw["chunk_size"] = args.chunk_size
     return kw
 
@@ -156,6 +267,17 @@ def _sampling_kwargs(args) -> dict:
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.file is None):
         raise CliError("give a prompt or --file (exactly one)")
+    if args.stream and args.json:
+        raise CliError("--stream and --json cannot be combined: --json prints each prompt's result once it is "
+                       "done (drop one of them)")
+    if args.prompt is not None:
+        _utf8(args.prompt, "the prompt")
+        if not args.prompt:
+            raise CliError("the prompt is empty")
+    for i, s in enumerate(args.stop):
+        _utf8(s, f"--stop #{i + 1}")
+        if not s:
+            raise CliError(f"--stop #{i + 1} is empty")
     prompts = [args.prompt] if args.file is None else [line for line in _read_lines(args.file) if line.strip()]
     if not prompts:
         raise CliError(f"{args.file}: no prompts (empty file)")
@@ -165,6 +287,8 @@ def cmd_generate(args) -> int:
     if model.tokenizer is None:
         raise CliError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer")
     from gptoss_jax import harmony
+    if args.harmony:
+        _require_harmony(model, args)
     stop_ids = None
     if args.no_stop_ids:
         stop_ids = []
@@ -203,14 +327,18 @@ def cmd_generate(args) -> int:
 class _ChatPrinter:
     """Streams a harmony completion to the terminal: final channel always, analysis with --show-reasoning."""
 
-    def __init__(self, model, show_reasoning: bool, out=sys.stdout):
-        self.model, self.show, self.out = model, show_reasoning, out
+    def __init__(self, model, show_reasoning: bool, out=None):
+        self.model, self.show, self.out = model, show_reasoning, out if out is not None else sys.stdout
         self.tokens: list[int] = []
         self.printed = ""
 
     def _render(self) -> str:
+        import warnings
+
         from gptoss_jax import harmony
-        messages = harmony.parse_completion(self.tokens, self.model.tokenizer)
+        with warnings.catch_warnings():  # a reply in progress: malformed parts are reported once, at the end
+            warnings.simplefilter("ignore")
+            messages = harmony.parse_completion(self.tokens, self.model.tokenizer, complete=False)
         parts = []
         for i, m in enumerate(messages):
             if m.channel == "final" or m.channel is None:
@@ -232,24 +360,76 @@ class _ChatPrinter:
         self.out.flush()
 
 
+def _require_harmony(model, args) -> None:
+    """The harmony special tokens must be in the tokenizer: checked before the first message, not after it."""
+    from gptoss_jax import harmony
+    try:
+        harmony.special_token_ids(model.tokenizer)
+    except ValueError as e:
+        raise CliError(f"{args.checkpoint}: this tokenizer cannot use the harmony chat format: {e}") from None
+
+
+def _read_chat_line(interactive: bool) -> str | None:
+    """One line of input (None at end of input). Bytes that are not UTF-8 are reported and the line is skipped."""
+    stdin = getattr(sys.stdin, "buffer", None)
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        if stdin is None:
+            line = sys.stdin.readline()
+            return line or None
+        raw = stdin.readline()
+        if not raw:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _err(f"[gptoss-jax] skipped a line that is not UTF-8 text (bytes {raw[e.start:e.end]!r})")
+
+
+def _chat_turn(model, history, printer, kw, **chat_kw):
+    """Runs one reply; returns the ChatResult. Harmony parse warnings (malformed model output, shown as text) are
+    printed as one line each."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = model.chat(history, on_chunk=printer, **chat_kw, **kw)
+    for w in caught:
+        _err(f"[gptoss-jax] warning: {w.message}")
+    return result
+
+
 def cmd_chat(args) -> int:
     from gptoss_jax import harmony
+    for name in ("instructions", "date"):
+        if getattr(args, name) is not None:
+            _utf8(getattr(args, name), f"--{name}")
+    if args.date is not None and args.date != "today":
+        import datetime
+        try:
+            datetime.date.fromisoformat(args.date)
+        except ValueError:
+            raise CliError(f"--date must be YYYY-MM-DD or 'today', got {args.date!r}") from None
     model = _load(args)
     if model.tokenizer is None:
         raise CliError(f"{args.checkpoint}: no tokenizer.json; pass --tokenizer")
+    _require_harmony(model, args)
+    from gptoss_jax.generate import GenerationError
+    if args.max_new_tokens >= model.max_seq_len:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in the context "
+                       f"(max_seq_len={model.max_seq_len}); lower it or raise --max-seq-len")
     kw = _sampling_kwargs(args)
     reasoning = args.reasoning
     history: list = []
     interactive = sys.stdin.isatty()
     if interactive:
-        _err("[gptoss-jax] chat: type a message; /reset clears history, /reasoning low|medium|high, /exit quits")
+        _err("[gptoss-jax] chat: type a message; /reset clears history, /reasoning low|medium|high, /exit quits; "
+             "Ctrl-C stops a reply")
     turn = 0
     while True:
-        if interactive:
-            sys.stdout.write(">>> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_chat_line(interactive)
+        if line is None:
             break
         line = line.rstrip("\n")
         if not line.strip():
@@ -271,9 +451,28 @@ def cmd_chat(args) -> int:
         history.append(harmony.Message.user(line))
         printer = _ChatPrinter(model, args.show_reasoning)
         try:
-            result = model.chat(history, reasoning=reasoning, instructions=args.instructions,
-                                current_date=args.date, on_chunk=printer, **{**kw, "seed": args.seed + turn})
-        except Exception:
+            # each turn its own seed, wrapping inside the valid range
+            result = _chat_turn(model, history, printer, {**kw, "seed": (args.seed + turn) % (SEED_MAX + 1)},
+                                reasoning=reasoning, instructions=args.instructions, current_date=args.date)
+        except KeyboardInterrupt:
+            # Ctrl-C during a reply: drop the unfinished turn. At a terminal, back to the prompt; with piped input
+            # (nobody to type the next line) the session ends.
+            history.pop()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            _err("[gptoss-jax] reply interrupted" + ("; it is not kept in the history" if interactive else ""))
+            if not interactive:
+                raise
+            turn += 1
+            continue
+        except GenerationError as e:
+            # e.g. the history outgrew --max-seq-len: this turn is dropped, the session goes on
+            history.pop()
+            _err(f"[gptoss-jax] error: {e} (/reset clears the history)")
+            if not interactive:
+                raise
+            continue
+        except BaseException:
             history.pop()
             raise
         sys.stdout.write("\n")
@@ -285,8 +484,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_score(args) -> int:
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_output(args.output, args.force)  # before any work: an unwritable output must not lose it
     lines = _read_lines(args.file)
     if not any(line.strip() for line in lines):
         raise CliError(f"{args.file}: nothing to score (empty file)")
@@ -323,7 +521,7 @@ def cmd_score(args) -> int:
            "perplexity": math.exp(-total_lp / total_n) if total_n else None}
     text = json.dumps(out, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        _write_atomic(args.output, text + "\n")
     else:
         print(text)
     tokens = sum(e["num_tokens"] for e in entries)
@@ -383,9 +581,15 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     import gptoss_jax
+    from gptoss_jax.config import preset_names
     t_start = time.perf_counter()
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    _utf8(args.prompt, "--prompt")
+    if not args.prompt.split():
+        raise CliError("--prompt is empty")
+    tiny = sorted(n for n in preset_names() if n.startswith("tiny"))
+    if args.preset not in tiny:
+        raise CliError(f"--preset must be one of {tiny} (the demo builds a random model in memory), got "
+                       f"{args.preset!r}")
     tmp = None
     if args.out is None:
         tmp = tempfile.TemporaryDirectory(prefix="gptoss-jax-demo-")
@@ -455,25 +659,80 @@ def cmd_demo(args) -> int:
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _user_error_types() -> tuple[type, ...]:
+    """Exceptions that mean "bad input" (exit 2). Our own modules raise ValueError subclasses for a caller's
+    mistake; see :func:`_is_user_error` for plain ValueErrors."""
     from gptoss_jax.api import LoadError, TokenizerMissingError
     from gptoss_jax.config import ConfigError
+    from gptoss_jax.generate import GenerationError
+    from gptoss_jax.harmony import HarmonyParseError
     from gptoss_jax.safetensors_io import CheckpointError
     from gptoss_jax.tokenizer import TokenizerError
-    user_errors = (CliError, LoadError, TokenizerMissingError, ConfigError, CheckpointError, TokenizerError,
-                   ValueError, FileNotFoundError)
+    types = [CliError, LoadError, TokenizerMissingError, ConfigError, CheckpointError, TokenizerError,
+             GenerationError, HarmonyParseError]
+    try:  # the file-kind errors' base class, once it exists
+        from gptoss_jax.errors import GptOssError
+        types.append(GptOssError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Any other ValueError is a user error only when our own code raised it (argument checks in gptoss_jax /
+    convert); one raised inside numpy, JAX or another library is a bug of ours, reported as an internal error."""
+    if isinstance(e, _user_error_types()):
+        return True
+    if isinstance(e, ValueError):
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        origin = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        return any(part in Path(origin).parts for part in ("gptoss_jax", "convert"))
+    return False
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)[:200]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)  # usage errors: argparse prints usage + one line naming the option
+    except SystemExit as e:  # 2 for a usage error, 0 for --help / --version: returned, so main() always returns
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
-    except user_errors as e:
-        _err(f"gptoss-jax {args.command}: error: {e}")
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+        _err(f"gptoss-jax {args.command}: interrupted")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error; silence the final flush of stdout
+        import os
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
         return 0
+    except Exception as e:  # noqa: BLE001 — every failure becomes one line and a documented exit status
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _is_user_error(e):
+            _err(f"gptoss-jax {args.command}: error: {msg}")
+            return EXIT_USAGE
+        if isinstance(e, OSError):
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _err(f"gptoss-jax {args.command}: error: {where}{e.strerror or msg}")
+            return EXIT_ENVIRONMENT
+        if _is_out_of_memory(e):
+            _err(f"gptoss-jax {args.command}: error: out of memory ({msg[:200]}); try a smaller --max-seq-len, "
+                 f"fewer prompts or a mesh over more devices")
+            return EXIT_ENVIRONMENT
+        import traceback
+        _err(f"gptoss-jax {args.command}: internal error (a bug in gptoss-jax, please report it with the "
+             f"traceback below): {type(e).__name__}: {msg}")
+        traceback.print_exception(e, file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.kv_cache import init_cache
-from gptoss_jax.sampling import sample_next_token, validate_sampling_args
+from gptoss_jax.sampling import sample_next_token
+from gptoss_jax.validation import seed_key
 
 DEFAULT_CHUNK_SIZE = 16
 DEFAULT_MIN_BUCKET = 16
@@ -94,24 +95,18 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
 
     def validate(self, vocab_size: int) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
-                or self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        try:
-            validate_sampling_args(self.temperature, self.top_k, self.top_p)
-        except ValueError as e:
-            raise GenerationError(str(e)) from None
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise GenerationError(f"seed must be an integer, got {self.seed!r}")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise GenerationError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are supported, got "
-                                  f"{len(self.stop_token_ids)}")
-        for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size:
-                raise GenerationError(f"stop_token_ids entry {t!r} is not a token id in [0, {vocab_size})")
-        for s in self.stop_strings:
-            if not isinstance(s, str) or not s:
-                raise GenerationError(f"stop_strings entries must be non-empty strings, got {s!r}")
+        """Raises GenerationError naming the first invalid field (see :mod:`gptoss_jax.validation`)."""
+        self.checked(vocab_size)
+
+    def checked(self, vocab_size: int) -> "SamplingParams":
+        """A copy with every field checked and normalised (Python ints/floats, top_k clipped to the vocabulary)."""
+        from gptoss_jax import validation as V
+        nums = V.check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                top_p=self.top_p, seed=self.seed, vocab_size=vocab_size)
+        return dataclasses.replace(
+            self, **nums, stop_token_ids=V.check_stop_token_ids(self.stop_token_ids, vocab_size,
+                                                                limit=MAX_STOP_TOKEN_IDS),
+            stop_strings=V.check_stop_strings(self.stop_strings))
 
     @property
     def mode(self) -> tuple[bool, bool, bool]:
@@ -364,39 +359,8 @@ class Generator:
     # -------------------------------------------------------------------------------------------------- validation
     def check_prompts(self, prompts) -> list[list[int]]:
         """Token-id prompts (a list of lists, or one list) → list of lists of ints, with clear errors."""
-        if isinstance(prompts, (np.ndarray, jax.Array)):
-            arr = np.asarray(prompts)
-            if arr.ndim == 1:
-                arr = arr[None]
-            if arr.ndim != 2:
-                raise GenerationError(f"token id prompts must be 1-D or 2-D, got shape {arr.shape}")
-            prompts = arr.tolist()
-        prompts = list(prompts)
-        if not prompts:
-            raise GenerationError("the batch of prompts is empty")
-        if all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompts):
-            prompts = [prompts]
-        out = []
-        for row, p in enumerate(prompts):
-            if isinstance(p, (np.ndarray, jax.Array)):
-                p = np.asarray(p).tolist()
-            if isinstance(p, str):
-                raise GenerationError(f"prompt {row} is text but this call takes token ids (load a tokenizer to "
-                                      f"pass text)")
-            p = list(p)
-            if not p:
-                raise GenerationError(f"prompt {row} is empty: a prompt needs at least one token")
-            for t in p:
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise GenerationError(f"prompt {row} holds {t!r}, not an integer token id")
-                if not 0 <= t < self.vocab_size:
-                    raise GenerationError(f"prompt {row} holds token id {t}, outside the vocabulary "
-                                          f"[0, {self.vocab_size})")
-            if len(p) > self.max_seq_len:
-                raise GenerationError(f"prompt {row} has {len(p)} tokens, longer than the context "
-                                      f"(max_seq_len={self.max_seq_len})")
-            out.append([int(t) for t in p])
-        return out
+        from gptoss_jax.validation import token_prompts
+        return token_prompts(prompts, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len)
 
     def _padded(self, prompts: list[list[int]]):
         """Right-pads prompts to a length bucket → tokens [R, Tb], lengths [R]. R is the batch bucket of
@@ -437,8 +401,8 @@ class Generator:
 
         `decode(ids) -> str` (a tokenizer's) enables text output and stop strings.
         """
+        params = params.checked(self.vocab_size)
         prompts = self.check_prompts(prompts)
-        params.validate(self.vocab_size)
         if params.stop_strings and decode is None:
             raise GenerationError("stop_strings need a tokenizer to decode text")
         longest = max(len(p) for p in prompts)
@@ -570,7 +534,7 @@ class GenerationStream:
         temperature = jnp.full((rows,), params.temperature, jnp.float32)
         top_k = jnp.full((rows,), params.top_k, jnp.int32)
         top_p = jnp.full((rows,), params.top_p, jnp.float32)
-        key = jax.random.key(int(params.seed))
+        key = seed_key(params.seed)  # all of [0, 2**64) distinct, with or without x64
         stop_ids = np.full((MAX_STOP_TOKEN_IDS,), NO_TOKEN, np.int32)
         stop_ids[:len(params.stop_token_ids)] = params.stop_token_ids
         stop_ids = jnp.asarray(stop_ids)

@@ -27,6 +27,7 @@ import dataclasses
 import datetime as _dt
 import json
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_KNOWLEDGE_CUTOFF",
     "DEFAULT_MODEL_IDENTITY",
     "HarmonyParseError",
+    "HarmonyParseWarning",
     "Message",
     "REASONING_LEVELS",
     "SPECIAL_TOKENS",
@@ -94,6 +96,11 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 class HarmonyParseError(ValueError):
     """A completion does not follow the harmony format (strict parsing only)."""
+
+
+class HarmonyParseWarning(UserWarning):
+    """Non-strict parsing met model output outside the harmony format; that output is kept as a plain-text
+    message (``channel=None``), never dropped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,9 +530,22 @@ def render_conversation_ids(tokenizer, messages: Iterable[Message | Mapping[str,
     Structural tokens get the tokenizer's special ids; text pieces (role, channel, content ...) are
     encoded separately with special-token recognition off, as the reference renderer does, so
     message content can never inject format tokens.
+
+    For gpt-oss's real o200k_harmony tokenizer, when ``openai-harmony`` and its vocabulary are available
+    offline (:mod:`gptoss_jax.harmony_reference`), the official renderer produces the ids wherever it
+    expresses the options given (else, and for every other tokenizer, this renderer does;
+    ``GPTOSS_JAX_HARMONY_REFERENCE=0`` turns the official one off).
     """
     tokenizer = _wrap_tokenizer(tokenizer)
     ids_of = special_token_ids(tokenizer)
+    messages = list(messages)
+    try:  # gpt-oss's real o200k_harmony tokenizer: the official renderer (openai-harmony), where it applies
+        from gptoss_jax import harmony_reference
+        ref = harmony_reference.render_ids(tokenizer, messages, **kwargs)
+    except Exception:  # noqa: BLE001 — the reference is optional; ours is cross-checked against it in the tests
+        ref = None
+    if ref is not None:
+        return ref
     out: list[int] = []
     for text, special in render_segments(messages, **kwargs):
         out += [ids_of[text]] if special else list(tokenizer.encode(text, allow_special=False))
@@ -613,8 +633,11 @@ def _parse_header(header: str, role: str | None, strict: bool = True) -> dict[st
             if parts:
                 r = parts.pop()
                 recipient = r[3:] if r.startswith("to=") else r
-    if parts and strict:
-        raise HarmonyParseError(f"unexpected text in message header {raw!r}: {' '.join(parts)!r}")
+    if parts:
+        if strict:
+            raise HarmonyParseError(f"unexpected text in message header {raw!r}: {' '.join(parts)!r}")
+        warnings.warn(f"harmony: ignored unexpected words {' '.join(parts)!r} in the message header {raw!r}",
+                      HarmonyParseWarning, stacklevel=3)
     return dict(role=role, channel=channel, recipient=recipient, content_type=content_type, name=name)
 
 
@@ -624,6 +647,7 @@ def parse_completion(
     *,
     role: str | None = "assistant",
     strict: bool = False,
+    complete: bool = True,
 ) -> list[Message]:
     """Parse generated text or token ids into messages.
 
@@ -633,29 +657,60 @@ def parse_completion(
     Pass ``role=None`` to parse a full rendered conversation (each message starts with
     ``<|start|>``). Token ids need ``tokenizer`` (ids are looked up through it).
 
-    A message cut off by the token budget (no closing token) is still returned. A header cut off
-    before ``<|message|>`` is dropped, or raises :class:`HarmonyParseError` with ``strict``; so do
-    stray text between messages and malformed headers. A header that starts with something other
-    than a role is a tool's output (``role="tool"``, ``name`` = that word). A developer message's
-    ``# Instructions`` heading is removed (the inverse of rendering).
+    A message cut off by the token budget (no closing token) is still returned. Output outside the
+    format — stray text between messages, a header that cannot be parsed, a format token where it
+    cannot be, a completion that ends inside a header — raises :class:`HarmonyParseError` with
+    ``strict``; otherwise it is never dropped: it comes back as its raw text in an assistant message
+    with ``channel=None`` (what a chat shows as the answer), with a :class:`HarmonyParseWarning`.
+    ``complete=False`` says the completion may still grow (streaming): a trailing unfinished header
+    is then left out silently. A header that starts with something other than a role is a tool's
+    output (``role="tool"``, ``name`` = that word). A developer message's ``# Instructions``
+    heading is removed (the inverse of rendering).
     """
     if isinstance(completion, str):
         stream = _text_to_stream(completion)
     else:
         if hasattr(completion, "tolist"):
             completion = completion.tolist()
+        if complete and not strict and role == "assistant" and tokenizer is not None:
+            # gpt-oss's real o200k_harmony tokenizer: the official parser — for well-formed completions only
+            # (ours, strict, accepts them), so malformed output still comes back as text instead of being dropped
+            try:
+                from gptoss_jax import harmony_reference
+                wrapped = _wrap_tokenizer(tokenizer)
+                ref = None
+                if harmony_reference.applies(wrapped):
+                    parse_completion(completion, tokenizer, role=role, strict=True)
+                    ref = harmony_reference.parse_ids(wrapped, completion)
+            except Exception:  # noqa: BLE001 — malformed, or the optional reference is unavailable
+                ref = None
+            if ref is not None:
+                return ref
         stream = _ids_to_stream(completion, tokenizer)
 
     messages: list[Message] = []
     state = "header" if role is not None else "start"
     next_role = role
     header: list[str] = []
+    raw: list[str] = []  # the current message's pieces as produced, for surfacing it if malformed
+    stray: list[str] = []  # output outside any message
     fields: dict[str, Any] = {}
     content: list[str] = []
 
     def fail(msg: str):
         if strict:
             raise HarmonyParseError(msg)
+
+    def surface(pieces: list[str], why: str):
+        text = "".join(pieces)
+        if text.strip():
+            warnings.warn(f"harmony: {why}; kept as plain text: {text[:80]!r}", HarmonyParseWarning, stacklevel=3)
+            messages.append(Message("assistant", text))
+
+    def flush_stray():
+        if stray:
+            surface(stray, "model output outside a message")
+            stray.clear()
 
     def finish():
         text = "".join(content)
@@ -666,14 +721,17 @@ def parse_completion(
     for piece, special in stream:
         if state == "start":
             if special and piece == START:
-                state, header = "header", []
-            elif special and piece in STOP_TOKENS:
+                flush_stray()
+                state, header, raw = "header", [], [piece]
+            elif special and piece in STOP_TOKENS and not stray:
                 continue  # a closing token where a message could start: nothing to do
-            elif not special and not piece.strip():
+            elif not special and not piece.strip() and not stray:
                 continue  # whitespace between messages (e.g. newlines in hand-written examples)
             else:
                 fail(f"expected {START}, got {piece!r}")
+                stray.append(piece)
         elif state == "header":
+            raw.append(piece)
             if special and piece == MESSAGE:
                 try:
                     fields = _parse_header("".join(header), next_role, strict)
@@ -681,20 +739,27 @@ def parse_completion(
                 except HarmonyParseError:
                     if strict:
                         raise
-                    state = "skip"  # unusable header: drop this message
+                    state = "skip"  # unusable header: the message is kept as raw text
                 next_role = None
                 content = []
             elif special and piece in (CHANNEL, CONSTRAIN) or not special:
                 header.append(piece)
             else:
                 fail(f"unexpected {piece} inside a message header {''.join(header)!r}")
-                state, next_role = ("header", None) if piece == START else ("start", None)
-                header = []
+                if piece == START:
+                    surface(raw[:-1], "a message header was interrupted by <|start|>")
+                    state, next_role, header, raw = "header", None, [], [piece]
+                else:
+                    surface(raw, f"a message header was interrupted by {piece}")
+                    state, next_role, header, raw = "start", None, [], []
         elif state == "skip":
+            raw.append(piece)
             if special and piece in MESSAGE_END_TOKENS:
+                surface(raw, "a message header could not be parsed")
                 state = "start"
             elif special and piece == START:
-                state, header = "header", []
+                surface(raw[:-1], "a message header could not be parsed")
+                state, header, raw = "header", [], [piece]
         else:  # content
             if special and piece in MESSAGE_END_TOKENS:
                 finish()
@@ -702,13 +767,20 @@ def parse_completion(
             elif special and piece == START:
                 fail(f"{START} inside message content (missing {END}?)")
                 finish()
-                state, header = "header", []
+                state, header, raw = "header", [], [piece]
             else:
                 content.append(piece)
     if state == "content":
         finish()  # truncated by the token budget
+    elif state == "skip" and complete:
+        surface(raw, "a message header could not be parsed")
     elif state == "header" and header:
         fail(f"completion ended inside a message header {''.join(header)!r}")
+        # a bare "<|start|>assistant" (a generation prompt, or the budget ending right after it) holds no output
+        if complete and "".join(header).strip() not in _ROLES:
+            surface(raw, "the completion ended inside a message header")
+    if complete:
+        flush_stray()
     return messages
 
 

@@ -57,8 +57,8 @@ def validate_sampling_args(temperature=1.0, top_k=0, top_p=1.0) -> None:
 
     t = values("temperature", temperature)
     if t is not None:
-        if not np.all(np.isfinite(t)):
-            raise ValueError(f"temperature must be finite, got {temperature!r}")
+        if not np.all(np.isfinite(t)) or np.any(np.abs(t) > np.finfo(np.float32).max):
+            raise ValueError(f"temperature must be finite (in float32, as sampling runs), got {temperature!r}")
         if np.any(t < 0):
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
     k = values("top_k", top_k)
@@ -144,7 +144,13 @@ def _sample(logits, key, t, k, p, *, use_k: bool, use_p: bool):
     logits = logits.astype(jnp.float32)
     greedy_ids = greedy(logits)
     safe_t = jnp.where(t > 0, t, 1.0)
-    scaled = logits / safe_t[:, None]
+    # Subtract each row's max before dividing: with a tiny temperature (say 1e-30) logits / t overflows to ±inf and
+    # softmax(inf - inf) is NaN; shifted, the best logits stay at 0 and the rest go to -inf, the correct limit
+    # (uniform over the tied best tokens). Softmax is shift-invariant, so nothing else changes.
+    finite = jnp.isfinite(logits)
+    row_max = jnp.max(jnp.where(finite, logits, -jnp.inf), axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    scaled = (logits - row_max) / safe_t[:, None]
 
     if not use_k and not use_p:
         sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -157,6 +157,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # tokenizers would raise "TextInputSequence must be str"
+            raise TokenizerError(f"cannot encode text holding a lone surrogate U+{ord(text[e.start]):04X} at "
+                                 f"character {e.start} (not valid Unicode)") from None
         tok = self._tok if allow_special else self._plain()
         return tok.encode(text, add_special_tokens=False).ids
 

@@ -135,7 +135,7 @@ def test_demo(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_exit_2_in_a_subprocess(ckpt, env, tmp_path):
     p = run(env, "generate", ckpt, "hi", "--temperature", "-1")
-    assert p.returncode == 2 and "temperature must be >= 0" in p.stderr
+    assert p.returncode == 2 and "argument --temperature: must be in [0.0, inf], got -1" in p.stderr
     p = run(env, "generate", tmp_path / "missing", "hi")
     assert p.returncode == 2 and "no such file" in p.stderr
     p = run(env, "generate")
@@ -143,10 +143,10 @@ def test_bad_inputs_exit_2_in_a_subprocess(ckpt, env, tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["generate", "{ckpt}", "hi", "--top-p", "0"], "top_p"),
-    (["generate", "{ckpt}", "hi", "--top-p", "1.5"], "top_p"),
-    (["generate", "{ckpt}", "hi", "--top-k", "-3"], "top_k"),
-    (["generate", "{ckpt}", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "{ckpt}", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "{ckpt}", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "{ckpt}", "hi", "--top-k", "-3"], "--top-k"),
+    (["generate", "{ckpt}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "{ckpt}"], "give a prompt or --file"),
     (["generate", "{ckpt}", "hi", "--file", "{empty}"], "give a prompt or --file"),
     (["generate", "{ckpt}", "--file", "{empty}"], "no prompts"),
@@ -207,3 +207,191 @@ def test_chat_printer_streams_final_and_optionally_analysis():
         for i in range(0, len(ids), 3):
             printer(GenerationChunk([ids[i:i + 3]], None, [False], i))
         assert out.getvalue() == want
+
+
+# ---------------------------------------------------------------------------------------------------------- reliability
+# No traceback for any user error: every option is checked where it is parsed, text must be UTF-8, output paths are
+# checked before any work. Exit codes: 2 bad input, 1 environment (OS error, out of memory), 70 internal error (bug),
+# 130 interrupted. Holds the case rel-cli-tracebacks.
+@pytest.mark.parametrize("argv, option", [
+    (["generate", "{ckpt}", "hi", "--seed", "100000000000000000000000"], "--seed"),
+    (["generate", "{ckpt}", "hi", "--seed", str(2**64)], "--seed"),
+    (["generate", "{ckpt}", "hi", "--seed", "-1"], "--seed"),
+    (["generate", "{ckpt}", "hi", "--seed", "1.5"], "--seed"),
+    (["generate", "{ckpt}", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "{ckpt}", "hi", "--temperature", "inf"], "--temperature"),
+    (["generate", "{ckpt}", "hi", "--temperature", "1e39"], "--temperature"),
+    (["generate", "{ckpt}", "hi", "--temperature", "-0.5"], "--temperature"),
+    (["generate", "{ckpt}", "hi", "--top-p", "nan"], "--top-p"),
+    (["generate", "{ckpt}", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "{ckpt}", "hi", "--top-k", "2.0"], "--top-k"),
+    (["generate", "{ckpt}", "hi", "--max-new-tokens", "1e3"], "--max-new-tokens"),
+    (["generate", "{ckpt}", "hi", "--chunk-size", "0"], "--chunk-size"),
+    (["generate", "{ckpt}", "hi", "--max-seq-len", "-4"], "--max-seq-len"),
+    (["generate", "{ckpt}", "hi", "--stop-id", "-1"], "--stop-id"),
+    (["score", "{ckpt}", "f.txt", "--batch-size", "0"], "--batch-size"),
+    (["chat", "{ckpt}", "--seed", "x"], "--seed"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys):
+    assert cli.main([a.format(ckpt=ckpt) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "{ckpt}", "bad \udcff\udcfe bytes"], "the prompt is not valid UTF-8 (bytes b'\\xff\\xfe'"),
+    (["generate", "{ckpt}", "hi", "--stop", "\udcff"], "--stop #1 is not valid UTF-8"),
+    (["generate", "{ckpt}", ""], "the prompt is empty"),
+    (["generate", "{ckpt}", "hi", "--stream", "--json"], "--stream and --json cannot be combined"),
+    (["generate", "{ckpt}", "--file", "{latin1}"], "not UTF-8 text (bytes b'\\xe9' on line 2)"),
+    (["generate", "{ckpt}", "--file", "{tmp}"], "is a folder"),
+    (["score", "{ckpt}", "{latin1}"], "not UTF-8 text"),
+    (["score", "{ckpt}", "{tmp}"], "is a folder"),
+    (["score", "{ckpt}", "{two}", "--output", "{tmp}"], "is a folder; name a file"),
+    (["score", "{ckpt}", "{two}", "--output", "{tmp}/no/such/dir/out.json"], "does not exist"),
+    (["score", "{ckpt}", "{two}", "--output", "{two}"], "exists; pass --force"),
+    (["chat", "{ckpt}", "--instructions", "\udc80"], "--instructions is not valid UTF-8"),
+    (["chat", "{ckpt}", "--date", "June 5th"], "--date must be YYYY-MM-DD"),
+    (["chat", "{ckpt}", "--max-new-tokens", "64", "--max-seq-len", "64"], "leaves no room for the conversation"),
+    (["chat", "{ckpt}", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
+    (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
+    (["info", "{qc}"], "quantization_config must be a JSON object"),
+    (["demo", "--prompt", "  "], "--prompt is empty"),
+    (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
+])
+def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import tokenizers
+    from tokenizers import models
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\u00e9\n".encode("latin-1"))
+    (tmp_path / "two.txt").write_text("one\ntwo\n")
+    plain = tokenizers.Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    plain.save(str(tmp_path / "plain.json"))
+    qc = tmp_path / "qc"
+    if "{qc}" in argv:
+        shutil.copytree(ckpt, qc)
+        cfg = json.loads((qc / "config.json").read_text())
+        cfg["quantization_config"] = "awq"
+        (qc / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n"))  # chat must fail before reading
+    fill = dict(ckpt=ckpt, latin1=tmp_path / "latin1.txt", two=tmp_path / "two.txt", tmp=tmp_path,
+                plain=tmp_path / "plain.json", qc=qc)
+    before = (tmp_path / "two.txt").read_text()
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("[gptoss-jax]")]
+    assert len(lines) == 1 and lines[0].startswith(f"gptoss-jax {argv[0]}: error: ") and match in lines[0], err
+    assert "time to first token" not in err  # nothing was generated
+    assert (tmp_path / "two.txt").read_text() == before  # an existing --output is never touched
+
+
+def test_non_utf8_argv_bytes_and_version_in_a_subprocess(ckpt, env):
+    p = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "generate", str(ckpt), b"bad \xff\xfe bytes"],
+                       env=env, capture_output=True, timeout=300)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and "Traceback" not in err and "not valid UTF-8 (bytes b'\\xff\\xfe'" in err, err
+    p = run(env, "--version")
+    import gptoss_jax
+    assert p.returncode == 0 and p.stdout.strip() == f"gptoss-jax {gptoss_jax.__version__}"
+
+
+def test_score_output_force_replaces_atomically(ckpt, tmp_path, capsys):
+    (tmp_path / "two.txt").write_text("one two three\nfour five six\n")
+    out = tmp_path / "out.json"
+    out.write_text("old")
+    assert cli.main(["score", str(ckpt), str(tmp_path / "two.txt"), "--output", str(out), "--force"]) == 0
+    assert len(json.loads(out.read_text())["lines"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "two.txt"]  # no temporary file left
+
+
+def test_internal_and_environment_errors_are_not_usage_errors(ckpt, capsys, monkeypatch):
+    import numpy as np
+
+    def boom_type(args):
+        raise TypeError("unexpected")
+
+    def boom_numpy(args):
+        np.zeros(-1)  # a ValueError raised inside a library: a bug of ours, not the user's
+
+    def boom_os(args):
+        raise PermissionError(13, "Permission denied", "/x/y")
+
+    def boom_ours(args):
+        from gptoss_jax.validation import check_int
+        check_int(-1, "something", minimum=0)
+
+    for fn, code, words in ((boom_type, 70, "internal error"), (boom_numpy, 70, "internal error"),
+                            (boom_os, 1, "error: /x/y: Permission denied"), (boom_ours, 2, "error: something")):
+        monkeypatch.setitem(cli.COMMANDS, "info", fn)
+        assert cli.main(["info", str(ckpt)]) == code
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert ("Traceback" in err) == (code == 70)  # a bug's traceback is shown to be reported; nothing else
+
+
+class _Stdin:
+    """A terminal's stdin: isatty, lines from .buffer."""
+
+    def __init__(self, text, tty):
+        import io
+        self.buffer, self._tty = io.BytesIO(text.encode()), tty
+
+    def isatty(self):
+        return self._tty
+
+    def readline(self):
+        return self.buffer.readline().decode()
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_ctrl_c_during_a_chat_reply(ckpt, capsys, monkeypatch, tty):
+    """At a terminal, Ctrl-C stops the reply and returns to the prompt (the turn is not kept); with piped input the
+    session ends with status 130. Either way no traceback."""
+    real_turn, calls = cli._chat_turn, []
+
+    def turn(model, history, printer, kw, **chat_kw):
+        calls.append([m.content for m in history])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_turn(model, history, printer, kw, **chat_kw)
+
+    monkeypatch.setattr(cli, "_chat_turn", turn)
+    monkeypatch.setattr("sys.stdin", _Stdin("first\nWhat is 2 + 2?\n", tty))
+    code = cli.main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "reply interrupted" in err
+    if tty:
+        assert code == 0 and calls == [["first"], ["What is 2 + 2?"]]  # the interrupted turn left no history
+        assert FINAL_ANSWER in out
+    else:
+        assert code == 130 and len(calls) == 1 and "interrupted" in err.splitlines()[-1]
+
+
+def test_chat_skips_a_non_utf8_line(ckpt, capsys, monkeypatch):
+    stdin = _Stdin("", False)
+    stdin.buffer = __import__("io").BytesIO(b"caf\xe9\nWhat is 2 + 2?\n")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert cli.main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert "not UTF-8" in err and out.splitlines() == [FINAL_ANSWER]
+
+
+def test_chat_turn_error_keeps_the_session_at_a_terminal(ckpt, capsys, monkeypatch):
+    """A turn that cannot run (e.g. the history outgrew --max-seq-len) is reported in one line and dropped; the
+    session goes on."""
+    from gptoss_jax.generate import GenerationError
+    real_turn, calls = cli._chat_turn, []
+
+    def turn(model, history, printer, kw, **chat_kw):
+        calls.append(len(history))
+        if len(calls) == 1:
+            raise GenerationError("prompt length 9999 + max_new_tokens 40 exceeds the context")
+        return real_turn(model, history, printer, kw, **chat_kw)
+
+    monkeypatch.setattr(cli, "_chat_turn", turn)
+    monkeypatch.setattr("sys.stdin", _Stdin("long\nWhat is 2 + 2?\n", True))
+    assert cli.main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [1, 1] and "exceeds the context" in err and FINAL_ANSWER in out and "Traceback" not in err

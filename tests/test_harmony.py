@@ -5,15 +5,18 @@ Three kinds of checks:
   also published as the cookbook article "OpenAI Harmony Response Format");
 * fixtures produced by the reference renderer ``openai-harmony`` 0.0.8 (hard-coded here, so they
   run everywhere);
-* a live cross-check against ``openai-harmony`` on random conversations, which runs only where
-  the package can load its o200k vocabulary (it downloads it; offline, point
-  ``TIKTOKEN_ENCODINGS_BASE`` at a folder holding ``o200k_base.tiktoken``) and is skipped otherwise.
+* a live cross-check against ``openai-harmony`` on random conversations, offline: its o200k vocabulary is
+  unpacked from the ``bpe-openai`` package into a cache folder and SHA-256-checked
+  (gptoss_jax.harmony_reference); both packages are in the ``test`` extra, so this runs in CI.
 """
 
 import random
 import string
+import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptoss_jax import harmony as H
 from gptoss_jax.harmony import HarmonyParseError, Message, parse_completion, render_conversation
@@ -393,22 +396,35 @@ def test_parse_full_rendered_prompt():
 def test_parse_truncated_and_malformed():
     # cut off by the token budget: the partial message is kept
     assert parse_completion("<|channel|>final<|message|>The answ") == [Message.assistant("The answ")]
-    # cut off inside a header: dropped, or an error when strict
-    assert parse_completion("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi") == [
-        Message.assistant("x", channel="analysis")
-    ]
+    # cut off inside a header: kept as plain text with a warning (never dropped), or an error when strict; while
+    # streaming (complete=False) the unfinished header is simply not shown yet
+    cut = "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi"
+    with pytest.warns(H.HarmonyParseWarning, match="ended inside a message header"):
+        assert parse_completion(cut) == [Message.assistant("x", channel="analysis"),
+                                         Message("assistant", "<|start|>assistant<|channel|>fi")]
+    assert parse_completion(cut, complete=False) == [Message.assistant("x", channel="analysis")]
     with pytest.raises(HarmonyParseError, match="header"):
         parse_completion("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>fi", strict=True)
     # stray text between messages
     with pytest.raises(HarmonyParseError, match="expected"):
         parse_completion("<|channel|>final<|message|>x<|end|>junk", strict=True)
-    assert parse_completion("<|channel|>final<|message|>x<|end|>junk") == [Message.assistant("x")]
+    with pytest.warns(H.HarmonyParseWarning, match="outside a message"):
+        assert parse_completion("<|channel|>final<|message|>x<|end|>junk") == [Message.assistant("x"),
+                                                                               Message("assistant", "junk")]
     # empty channel / extra header words
     with pytest.raises(HarmonyParseError):
         parse_completion("<|channel|><|message|>x<|end|>", strict=True)
     with pytest.raises(HarmonyParseError, match="unexpected text"):
         parse_completion("<|channel|>final a b c<|message|>x<|end|>", strict=True)
     assert parse_completion("<|channel|><|message|>x<|end|>") == [Message("assistant", "x")]
+    with pytest.warns(H.HarmonyParseWarning, match="ignored unexpected words"):
+        assert [m.content for m in parse_completion("<|channel|>final a b c<|message|>x<|end|>")] == ["x"]
+    # an unusable header (no role) and a header cut by a format token: the raw output comes back as text
+    with pytest.warns(H.HarmonyParseWarning, match="could not be parsed"):
+        assert parse_completion("<|start|><|message|>hidden<|end|>", role=None) == [
+            Message("assistant", "<|start|><|message|>hidden<|end|>")]
+    with pytest.warns(H.HarmonyParseWarning, match="interrupted by <|end|>"):
+        assert parse_completion("<|channel|>fin<|end|>") == [Message("assistant", "<|channel|>fin<|end|>")]
     # newlines between messages, as in hand-written examples, are ignored
     assert parse_completion(DOC_BASIC_OUTPUT.replace("<|end|><|start|>", "<|end|>\n<|start|>")) == parse_completion(
         DOC_BASIC_OUTPUT
@@ -509,7 +525,9 @@ def test_parse_random_ids_never_raises(tiny_tok):
             rng.choice(specials) if rng.random() < 0.3 else rng.randrange(tiny_tok.vocab_size + 8)
             for _ in range(rng.randint(0, 40))
         ]
-        msgs = parse_completion(ids, tiny_tok)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", H.HarmonyParseWarning)
+            msgs = parse_completion(ids, tiny_tok)
         assert all(isinstance(m, Message) for m in msgs)
     # ids past the tokenizer (padded model vocabulary) decode as U+FFFD
     ids = tiny_tok.encode("<|channel|>final<|message|>ab") + [tiny_tok.vocab_size + 3]
@@ -551,18 +569,22 @@ DOC_BASIC_OUTPUT_IDS = [
 
 
 @pytest.fixture(scope="module")
-def real_tok():
+def real_tok(request):
+    """GPTOSS_TOKENIZER_JSON's tokenizer.json if set, else the official o200k_harmony encoding (openai-harmony)
+    seen through the tokenizer interface."""
     import os
 
     path = os.environ.get("GPTOSS_TOKENIZER_JSON")
     if not path:
-        pytest.skip("set GPTOSS_TOKENIZER_JSON to a gpt-oss tokenizer.json (or checkpoint dir) to run")
+        _, enc = request.getfixturevalue("oh")
+        return _OHTokenizer(enc)
     from gptoss_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 
 
-def test_real_tokenizer_documented_ids(real_tok):
+def test_real_tokenizer_documented_ids(real_tok, monkeypatch):
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
     assert H.special_token_ids(real_tok) == H.SPECIAL_TOKENS
     assert real_tok.encode(DOC_BASIC_OUTPUT) == DOC_BASIC_OUTPUT_IDS
     assert real_tok.decode(DOC_BASIC_OUTPUT_IDS) == DOC_BASIC_OUTPUT
@@ -574,13 +596,34 @@ def test_real_tokenizer_documented_ids(real_tok):
 
 # ----------------------------------------------------------------------------- live cross-check
 @pytest.fixture(scope="module")
-def oh():
-    openai_harmony = pytest.importorskip("openai_harmony")
-    try:
-        enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
-    except Exception as e:  # no network and no local o200k_base.tiktoken
-        pytest.skip(f"openai-harmony cannot load its vocabulary offline: {e}")
+def oh(tmp_path_factory):
+    openai_harmony = pytest.importorskip("openai_harmony")  # in the test extra: present in CI
+    pytest.importorskip("bpe_openai")
+    from gptoss_jax.harmony_reference import load_encoding
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+        enc = load_encoding(tmp_path_factory.mktemp("tiktoken"))
     return openai_harmony, enc
+
+
+def test_reference_vocab_is_unpacked_verified_and_repaired(tmp_path, monkeypatch):
+    pytest.importorskip("bpe_openai")
+    from gptoss_jax import harmony_reference as R
+
+    monkeypatch.delenv(R.ENV, raising=False)
+    folder = R.o200k_vocab_dir(tmp_path)
+    assert folder == tmp_path and R._sha256(tmp_path / R.O200K_FILE) == R.O200K_SHA256
+    assert R.O200K_SHA256.startswith("446a9538") and R.O200K_SHA256.endswith("1a2d")
+    assert [p.name for p in tmp_path.iterdir()] == [R.O200K_FILE]  # no temporary file left
+    (tmp_path / R.O200K_FILE).write_bytes(b"tampered")  # a bad cached copy is replaced, not used
+    assert R._sha256(R.o200k_vocab_dir(tmp_path) / R.O200K_FILE) == R.O200K_SHA256
+    bad = tmp_path / "env"
+    bad.mkdir()
+    (bad / R.O200K_FILE).write_bytes(b"not the vocabulary")
+    monkeypatch.setenv(R.ENV, str(bad))  # a folder the user named must hold the official file
+    with pytest.raises(R.HarmonyReferenceError, match="SHA-256"):
+        R.o200k_vocab_dir(tmp_path)
 
 
 def _to_oh(openai_harmony, m: Message):
@@ -615,8 +658,9 @@ class _OHTokenizer:
         return self.enc.decode_utf8(ids)
 
 
-def test_cross_check_openai_harmony(oh):
+def test_cross_check_openai_harmony(oh, monkeypatch):
     openai_harmony, enc = oh
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")  # our renderer, not the official one, is under test
     rng = random.Random()
     tok = _OHTokenizer(enc)
     assert {k: tok.token_to_id(k) for k in H.SPECIAL_TOKENS} == H.SPECIAL_TOKENS
@@ -650,8 +694,9 @@ def test_cross_check_openai_harmony(oh):
             ]
 
 
-def test_cross_check_tools_and_developer(oh):
+def test_cross_check_tools_and_developer(oh, monkeypatch):
     openai_harmony, enc = oh
+    monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
     specs = [t.get("function", t) for t in DOC_TOOLS + [_EXTRA_TOOL]]
     descriptions = [
         openai_harmony.ToolDescription.new(t["name"], t["description"], parameters=t.get("parameters")) for t in specs
@@ -717,3 +762,105 @@ def test_tools_section_extra_schema_features():
     assert "multi?: string | number,\n" in text
     assert '// Title\n//\n// Examples:\n// - "x"\n// - "y"\nt?: string,\n' in text
     assert text.endswith("} // namespace functions")
+
+
+# ----------------------------------------------------------------------------- nothing dropped
+_junk = st.text(alphabet=string.ascii_letters + string.digits + " .,!é日", min_size=1, max_size=12).filter(
+    lambda t: t.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=_junk, where=st.sampled_from(["between", "after", "broken_header", "header_cut_by_end", "tail_header",
+                                          "no_role_header"]))
+def test_malformed_output_is_surfaced_never_dropped(junk, where):
+    """Model output in any malformed place comes back (as text) with a HarmonyParseWarning; strict mode raises."""
+    good = "<|channel|>analysis<|message|>think<|end|>"
+    completion = {
+        "between": f"{good}{junk}<|start|>assistant<|channel|>final<|message|>ok<|return|>",
+        "after": f"{good}{junk}",
+        "broken_header": f"{good}<|start|>assistant<|channel|>final {junk}<|start|>assistant<|channel|>final"
+                         f"<|message|>ok<|return|>",
+        "header_cut_by_end": f"{good}<|start|>assistant<|channel|>{junk}<|end|>",
+        "tail_header": f"{good}<|start|>assistant<|channel|>final {junk}",
+        "no_role_header": f"<|start|>{junk}<|message|>x<|end|>",
+    }[where]
+    role = None if where == "no_role_header" else "assistant"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        msgs = parse_completion(completion, role=role)
+    shown = " ".join(str(v) for m in msgs for v in m.to_dict().values())
+    assert junk.strip() in shown or junk.split()[-1] in shown, (completion, msgs)
+    if where != "no_role_header":  # a header starting with an unknown word is a tool's output: well formed
+        assert any(issubclass(w.category, H.HarmonyParseWarning) for w in caught)
+        with pytest.raises(HarmonyParseError):
+            parse_completion(completion, role=role, strict=True)
+
+
+def test_o200k_tokenizer_renders_through_openai_harmony(oh, monkeypatch, tiny_tok):
+    """For the real o200k_harmony tokenizer the official renderer produces the prompt ids (where it expresses the
+    options); ours stays for other tokenizers and options, and both give the same ids."""
+    from gptoss_jax import harmony_reference as R
+
+    _, enc = oh
+    monkeypatch.setattr(R, "_ENCODING", enc)
+    calls = []
+    real_render = enc.render_conversation_for_completion
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(enc, name)
+
+        def render_conversation_for_completion(self, *a):
+            calls.append(1)
+            return real_render(*a)
+
+    monkeypatch.setattr(R, "_ENCODING", Spy())
+    tok = _OHTokenizer(enc)
+    rng = random.Random()
+    for _ in range(20):
+        msgs = [m for m in _random_conversation(rng) if m.role != "developer"]
+        kw = dict(reasoning=rng.choice(H.REASONING_LEVELS), current_date=rng.choice([None, "2025-06-28"]),
+                  instructions=rng.choice([None, "Be brief."]), tools=rng.choice([None, DOC_TOOLS]))
+        n = len(calls)
+        official = H.render_conversation_ids(tok, msgs, **kw)
+        used = len(calls) > n
+        # used exactly when our drop policy and openai-harmony's agree on this conversation
+        assert used == (H._drop_mask(msgs, True) == H._drop_mask(msgs, "openai_harmony"))
+        monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
+        assert H.render_conversation_ids(tok, msgs, **kw) == official
+        monkeypatch.delenv("GPTOSS_JAX_HARMONY_REFERENCE")
+    assert calls
+    n = len(calls)
+    H.render_conversation_ids(tiny_tok, [Message.user("hi")])  # not o200k: ours
+    H.render_conversation_ids(tok, [Message.user("hi")], model_identity="You are X.")  # not expressible: ours
+    assert len(calls) == n
+
+
+def test_o200k_completion_ids_parse_through_openai_harmony(oh, monkeypatch):
+    """Well-formed completions of the real tokenizer are parsed by the official parser, with the same result as
+    ours; malformed ones fall back to ours, which keeps the output as text."""
+    from gptoss_jax import harmony_reference as R
+
+    _, enc = oh
+    monkeypatch.setattr(R, "_ENCODING", enc)
+    tok = _OHTokenizer(enc)
+    used = []
+    real = R.parse_ids
+    monkeypatch.setattr(R, "parse_ids", lambda *a: used.append(r := real(*a)) or r)
+    rng = random.Random()
+    for _ in range(30):
+        completion = [m for m in _random_conversation(rng) if m.role == "assistant"]
+        if not completion:
+            continue
+        kw = dict(include_system=False, add_generation_prompt=False, drop_analysis=False)
+        text = render_conversation(completion, **kw)[len("<|start|>assistant"):]
+        ids = enc.encode(text, allowed_special="all")
+        official = parse_completion(ids, tok)
+        assert used[-1] is not None and official == used[-1]
+        monkeypatch.setenv("GPTOSS_JAX_HARMONY_REFERENCE", "0")
+        assert parse_completion(ids, tok) == official == parse_completion(text)
+        monkeypatch.delenv("GPTOSS_JAX_HARMONY_REFERENCE")
+    junk = enc.encode("<|channel|>final<|message|>ok<|end|>stray words", allowed_special="all")
+    with pytest.warns(H.HarmonyParseWarning):
+        msgs = parse_completion(junk, tok)
+    assert "stray words" in "".join(m.content for m in msgs)
