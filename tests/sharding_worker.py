@@ -118,9 +118,8 @@ def equivalence(full: bool = False):
         base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
         # bigger router logits so top-k picks are not near-ties (bf16 and int4 rounding must not flip a choice)
         params = params_of(base_model)
-        for li in params["layers"]:
-            r = params["layers"][li]["mlp"]["router"]
-            r["weight"] = (r["weight"].astype(jnp.float32) * 20).astype(r["weight"].dtype)
+        r = params["layers"]["mlp"]["router"]  # every layer (stacked)
+        r["weight"] = (r["weight"].astype(jnp.float32) * 20).astype(r["weight"].dtype)
         base_model = build_model(config, params, **kw)
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
         cases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
@@ -242,6 +241,11 @@ def restore(path, fmt):
     jax.block_until_ready(params)
     seconds = time.time() - t0
     peak = _rss_kb("VmHWM")
+    full = _random_tree(specs)
+    if fmt == "converter":  # restored as the model tree: layers stacked
+        specs = sharding.P_.model_specs(config, dtype=jnp.float32)
+        shardings = sharding.shardings_for(specs, mesh)
+        full = sharding.P_.stack_layers(full)
     ok_shapes, bad = 0, []
     for p, s in sharding.P_.iter_specs(specs):
         arr = params
@@ -257,7 +261,6 @@ def restore(path, fmt):
             else:
                 ok_shapes += 1
     # values: compare this host's shards with the same random tree regenerated
-    full = _random_tree(specs)
     mismatched = 0
     for p, _ in sharding.P_.iter_specs(specs):
         arr, ref = params, full
@@ -267,14 +270,15 @@ def restore(path, fmt):
             if not np.array_equal(np.asarray(shard.data), ref[shard.index]):
                 mismatched += 1
     local_bytes = sum(sh.data.nbytes for leaf in jax.tree.leaves(params) for sh in leaf.addressable_shards)
-    dev0 = params["layers"][0]["mlp"]["experts"]["down"].addressable_shards[0]
+    down = params["layers"]["mlp"]["experts"]["down"] if fmt == "converter" else params["layers"][0]["mlp"]["experts"]["down"]
+    dev0 = down.addressable_shards[0]
     print(json.dumps(dict(
         process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
         local_devices=jax.local_device_count(), checkpoint_bytes=sum(s.nbytes for _, s in
                                                                       sharding.P_.iter_specs(specs)),
         rss_increase_bytes=(peak - rss_before) * 1024, hwm_reset=hwm_reset, local_shard_bytes=local_bytes,
         shards_ok=ok_shapes, bad_shapes=bad[:5], mismatched_shards=mismatched, seconds=round(seconds, 2),
-        experts_down_shard_shape=list(dev0.data.shape))), flush=True)
+        experts_down_shard_shape=list(dev0.data.shape[-3:]))), flush=True)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_meshes_match_one_device():
         assert r["decode_rel_err"] <= tol, (label, r)
         assert r["tokens_equal"], (label, r["tokens"], r["ref_tokens"])
         n_shards = {"default": r["mesh"][1] * r["mesh"][2], "experts_over_data": 8}[r["rules"]]
-        assert r["expert_bias_shard_shapes"] == [[8 // n_shards, 256]], label  # E / n experts per device
+        assert r["expert_bias_shard_shapes"] == [[2, 8 // n_shards, 256]], label  # [L, E / n, H]: E / n experts per device
         seen.add((r["variant"], tuple(r["mesh"]), r["strategy"]))
     for mesh in [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]:
         for strategy in ("replicated", "dispatch"):
