@@ -18,6 +18,8 @@ with round-to-nearest at the source's group size and symmetry; metadata lists th
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ import numpy as np
 from convert import packing
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.params import QuantSpec
-from gptoss_jax.safetensors_io import Checkpoint
+from gptoss_jax.safetensors_io import Checkpoint, require_finite
 from pallas_kernels import int4_layout
 
 FORMATS = ("compressed-tensors", "awq", "hf", "mxfp4")
@@ -38,7 +40,7 @@ INT_DTYPES = tuple(np.dtype(t) for t in (np.int32, np.int64, np.int16, np.int8, 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class ConvertError(ValueError):
+class ConvertError(GptOssError, ValueError):
     """A source checkpoint (or option) the converter cannot handle; the message names the file and tensor."""
 
 
@@ -136,8 +138,11 @@ class Source:
         a = self.get(name)
         if transpose:
             a = a.T
+        require_finite(a, self.where(name), ConvertError)  # before the cast: fp32 beyond the bf16 range stays found
         out = _owned(a, self.out_dtype)
         self.release(name)
+        if a.dtype != out.dtype:  # a cast can overflow (fp32 -> fp16 beyond 65504)
+            require_finite(out, f"{self.where(name)} (cast to {self.out_dtype.name})", ConvertError)
         return out
 
     def _expect_common(self) -> None:

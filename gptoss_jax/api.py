@@ -11,6 +11,8 @@ applies defaults (stop tokens from the checkpoint, harmony stop tokens for chat)
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import json
 import math
@@ -34,11 +36,11 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float3
            "f32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
 
 
-class TokenizerMissingError(RuntimeError):
+class TokenizerMissingError(GptOssError, RuntimeError):
     """A text method was called on a model loaded without a tokenizer.json."""
 
 
-class LoadError(ValueError):
+class LoadError(GptOssError, ValueError):
     """`load` could not recognise or read a checkpoint folder (the message names the file)."""
 
 

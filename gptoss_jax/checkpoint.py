@@ -8,7 +8,8 @@ Layout (written by ``gptoss-convert`` through :class:`CheckpointWriter`, or by :
       params/<item>/              one Orbax PyTree checkpoint per item: "embed", "layers.<i>" (attention, norms,
                                   router, expert biases), "layers.<i>.gate_up", "layers.<i>.down", "head" (norm,
                                   lm_head)
-      gptoss_checkpoint.json      metadata, written last: its presence with "complete": true marks a finished folder
+      gptoss_checkpoint.json      metadata, written last: its presence with "complete": true marks a finished folder;
+                                  "files" records the size and SHA-256 of every other file of the folder
 
 The parameter tree is exactly ``params.param_specs(config, dtype=..., quant=...)``: the attention projections and
 the experts are int4 dicts ``{packed, scales[, zeros]}`` (layout of :mod:`pallas_kernels.int4_layout`), everything
@@ -17,7 +18,13 @@ restored one at a time straight into the requested shardings (each device reads 
 reader never builds a host copy of the whole model.
 
 A writer works in ``DST.tmp-<random>`` and renames it to ``DST`` only after the metadata is written; an interrupted
-write leaves no loadable folder at ``DST``.
+write leaves no loadable folder at ``DST`` (SIGINT / SIGTERM are held while Orbax writes an item, then the folder is
+removed; a SIGKILLed run's folder is removed by the next run, see :mod:`gptoss_jax.fsutil`).
+
+Integrity (docs/RELIABILITY.md): loading always checks the metadata's types, that every recorded file exists with its
+recorded size, that no unrecorded file sits under ``params/``, that config.json, the metadata and the stored arrays
+agree; with ``verify=True`` (the default) it also checks every file's SHA-256 (≈1 GB/s per core here: about a minute
+of one core for gpt-oss-120b's 65 GB, spread over up to 8 threads). ``gptoss-jax verify CKPT`` does the same alone.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax import fsutil
+from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.jsoncheck import field, read_json_object
 from gptoss_jax.params import ParamSpec, QuantSpec, iter_specs, param_specs, path_str
 from gptoss_jax.safetensors_io import CheckpointError
 from pallas_kernels.int4_layout import LAYOUT_VERSION
@@ -43,7 +52,7 @@ from pallas_kernels.int4_layout import LAYOUT_VERSION
 METADATA_FILE = "gptoss_checkpoint.json"
 PARAMS_DIR = "params"
 CHECKPOINT_FORMAT = "gptoss-jax-orbax"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: "files" (size + SHA-256 of every file) in the metadata
 CHUNK_BYTES = 64 << 20
 
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
@@ -150,10 +159,17 @@ def _move_to_cpu_arrays(tree: dict) -> None:
         del value
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
 def _check_item(name: str, tree, specs, where: str) -> None:
     """Raises CheckpointError if a tree's leaves differ from the specs in keys, shape or dtype."""
     spec_leaves = dict(iter_specs(specs))
     got = {}
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{where}: item {name!r} has no readable Orbax metadata (got {type(tree).__name__})")
 
     def walk(t, prefix):
         for k, v in t.items():
@@ -169,6 +185,8 @@ def _check_item(name: str, tree, specs, where: str) -> None:
                               f"{extra}")
     for p, spec in spec_leaves.items():
         a = got[p]
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise CheckpointError(f"{where}: item {name!r} tensor {path_str(p)} has no shape / dtype in its metadata")
         if tuple(a.shape) != tuple(spec.shape) or np.dtype(a.dtype) != np.dtype(spec.dtype):
             raise CheckpointError(f"{where}: item {name!r} tensor {path_str(p)} is {tuple(a.shape)} "
                                   f"{np.dtype(a.dtype).name}, expected {tuple(spec.shape)} {np.dtype(spec.dtype).name}")
@@ -183,16 +201,14 @@ class CheckpointWriter:
 
     def __init__(self, dst: str | os.PathLike, config: GptOssConfig, *, dtype="bfloat16",
                  quant: QuantSpec | None = None, force: bool = False):
-        self.dst = Path(dst)
-        if self.dst.exists() and not force:
-            raise CheckpointError(f"{self.dst}: already exists (pass --force / force=True to overwrite)")
+        self.dst = fsutil.check_destination(dst, force=force)
         self.config = config
         self.dtype = dtype_name(dtype)
         self.quant = quant
         self.force = force
         self.specs = param_specs(config, dtype=jnp.dtype(self.dtype), quant=quant)
-        self.tmp = self.dst.parent / f"{self.dst.name}.tmp-{secrets.token_hex(4)}"
-        self.tmp.mkdir(parents=True)
+        self.tmp = fsutil.make_temp_dir(self.dst)
+        self.left_behind: Path | None = None
         (self.tmp / PARAMS_DIR).mkdir()
         (self.tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         self.items: list[str] = []
@@ -216,7 +232,14 @@ class CheckpointWriter:
         _check_item(name, tree, select_item(self.specs, name), str(self.dst))
         _move_to_cpu_arrays(tree)
         save_args = jax.tree.map(lambda _: self._save_args(), tree)
-        self._ckpt().save(self.tmp / PARAMS_DIR / name, tree, save_args=save_args)
+        target = self.tmp / PARAMS_DIR / name
+        # Orbax finishes an item on background threads: hold Ctrl-C / SIGTERM until it is done, so abort() never
+        # races a thread that recreates files in the folder it removes.
+        with fsutil.deferred_signals():
+            try:
+                self._ckpt().save(target, tree, save_args=save_args)
+            except Exception as e:  # noqa: BLE001 — Orbax/TensorStore report disk full etc. as ValueError
+                raise CheckpointError(f"{target}: could not write item {name!r} ({_one_line(e)})") from None
         self.items.append(name)
         _release_freed_memory()
 
@@ -241,6 +264,7 @@ class CheckpointWriter:
             "dtype": self.dtype,
             "quantization": None if self.quant is None else {"scheme": "int4", **self.quant.to_dict()},
             "items": self.items,
+            "files": fsutil.file_digests(self.tmp, exclude=(METADATA_FILE, METADATA_FILE + ".partial")),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(metadata or {}),
             "complete": True,
@@ -248,21 +272,24 @@ class CheckpointWriter:
         tmp_meta = self.tmp / (METADATA_FILE + ".partial")
         tmp_meta.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_meta, self.tmp / METADATA_FILE)
-        if self.dst.exists():
-            if not self.force:
-                raise CheckpointError(f"{self.dst}: appeared while converting; not overwriting without force")
-            old = self.dst.parent / f"{self.dst.name}.old-{secrets.token_hex(4)}"
-            os.replace(self.dst, old)
-            os.replace(self.tmp, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dst)
-        self._done = True
+        with fsutil.deferred_signals():
+            fsutil.check_destination(self.dst, force=self.force)  # DST may have appeared meanwhile
+            (self.tmp / fsutil.OWNER_FILE).unlink()
+            if os.path.lexists(self.dst):
+                old = self.dst.parent / f"{self.dst.name}.old-{secrets.token_hex(4)}"
+                os.replace(self.dst, old)
+                fsutil.mark_owned(old)  # a kill before the rmtree below leaves it to the next run's cleanup
+                os.replace(self.tmp, self.dst)
+                fsutil.remove_tree(old)
+            else:
+                os.replace(self.tmp, self.dst)
+            self._done = True
         return self.dst
 
     def abort(self) -> None:
-        if not self._done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        """Removes the temporary folder; `left_behind` names it if it could not be removed."""
+        if not self._done and not fsutil.remove_tree(self.tmp):
+            self.left_behind = self.tmp
 
     def __enter__(self):
         return self
@@ -287,32 +314,121 @@ def save_params(path: str | os.PathLike, params: dict, config: GptOssConfig, *, 
 
 # ----------------------------------------------------------------------------------------------------------- reader
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of a finished checkpoint; CheckpointError for a folder that is not one (or not finished)."""
-    path = Path(path)
+    """The metadata of a finished checkpoint, every field type-checked; CheckpointError naming the file and field
+    for a folder that is not one (or not finished, or of another version)."""
+    path = fsutil.user_path(path)
     meta_path = path / METADATA_FILE
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not meta_path.exists():
         raise CheckpointError(f"{path}: no {METADATA_FILE}; not a gptoss-jax checkpoint, or its conversion did not "
                               f"finish (rerun gptoss-convert)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT or not meta.get("complete"):
+    meta = read_json_object(meta_path, error=CheckpointError)
+    w = str(meta_path)
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("complete") is not True:
         raise CheckpointError(f"{meta_path}: not a completed {CHECKPOINT_FORMAT} checkpoint")
-    if meta.get("layout_version") != LAYOUT_VERSION:
+    if field(meta, "layout_version", w, "int", error=CheckpointError) != LAYOUT_VERSION:
         raise CheckpointError(f"{meta_path}: int4 layout version {meta.get('layout_version')} but this gptoss-jax "
                               f"reads version {LAYOUT_VERSION}; reconvert the checkpoint")
-    if meta.get("checkpoint_version") != CHECKPOINT_VERSION:
+    if field(meta, "checkpoint_version", w, "int", error=CheckpointError) != CHECKPOINT_VERSION:
         raise CheckpointError(f"{meta_path}: checkpoint version {meta.get('checkpoint_version')} is not "
                               f"{CHECKPOINT_VERSION}; reconvert the checkpoint")
+    if field(meta, "dtype", w, "str", error=CheckpointError) not in ("bfloat16", "float16", "float32"):
+        raise CheckpointError(f"{meta_path}: field 'dtype' must be bfloat16, float16 or float32, got "
+                              f"{meta['dtype']!r}")
+    q = field(meta, "quantization", w, "object", nullable=True, error=CheckpointError)
+    if q is not None:
+        kw = dict(error=CheckpointError, prefix="quantization.")
+        if field(q, "scheme", w, "str", default="int4", **kw) != "int4":
+            raise CheckpointError(f"{meta_path}: quantization.scheme {q['scheme']!r} is not 'int4'")
+        field(q, "group_size", w, "int", nullable=True, minimum=1, **kw)
+        field(q, "symmetric", w, "bool", **kw)
+        if field(q, "scale_dtype", w, "str", **kw) not in ("bfloat16", "float16", "float32"):
+            raise CheckpointError(f"{meta_path}: quantization.scale_dtype {q['scale_dtype']!r} is not bfloat16, "
+                                  f"float16 or float32")
+    items = field(meta, "items", w, "str_list", error=CheckpointError)
+    if len(set(items)) != len(items):
+        raise CheckpointError(f"{meta_path}: field 'items' lists an item twice")
+    for name in items:
+        try:
+            _parse(name)
+        except ValueError:
+            raise CheckpointError(f"{meta_path}: field 'items' has an unknown item {name!r}") from None
+    files = field(meta, "files", w, "object", error=CheckpointError)
+    for rel, info in files.items():
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(x in ("", ".", "..") for x in parts) or "\\" in rel:
+            raise CheckpointError(f"{meta_path}: field 'files' names {rel!r}, not a plain path inside the folder")
+        if not isinstance(info, Mapping):
+            raise CheckpointError(f"{meta_path}: field 'files.{rel}' must be an object")
+        field(info, "size", w, "int", minimum=0, error=CheckpointError, prefix=f"files.{rel}.")
+        digest = field(info, fsutil.DIGEST, w, "str", error=CheckpointError, prefix=f"files.{rel}.")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CheckpointError(f"{meta_path}: field 'files.{rel}.sha256' is not a SHA-256 hex digest")
+    if "config.json" not in files:
+        raise CheckpointError(f"{meta_path}: field 'files' does not record config.json")
     return meta
 
 
 def quant_of(meta: Mapping[str, Any]) -> QuantSpec | None:
     q = meta.get("quantization")
     return None if q is None else QuantSpec.from_dict(q)
+
+
+def verify_checkpoint(path: str | os.PathLike, *, digests: bool = True) -> tuple[dict, GptOssConfig]:
+    """Checks a converted checkpoint before anything is allocated; returns (metadata, config).
+
+    Always: the metadata's fields (read_metadata); every file it records exists with its recorded size and no
+    unrecorded file sits under params/; config.json parses and describes exactly the items the metadata lists (the
+    layer count is compared before any per-layer table is built, so a config claiming 10^6 layers fails fast).
+    With `digests`: every recorded file's SHA-256 (threads; ≈1 GB/s per core measured, so ~65 s of one core for
+    gpt-oss-120b). Raises CheckpointError naming the file at fault.
+    """
+    path = fsutil.user_path(path)
+    meta = read_metadata(path)
+    meta_path = path / METADATA_FILE
+    fsutil.verify_files(path, meta["files"], where=str(meta_path), digests=digests, strict_under=(PARAMS_DIR,),
+                        error=CheckpointError)
+    items = meta["items"]
+    layers = sorted({_parse(n)[0] for n in items if _parse(n)[0] is not None})
+    try:
+        raw = read_json_object(path / "config.json", error=CheckpointError)
+        declared = raw.get("num_hidden_layers")
+        if isinstance(declared, int) and declared != len(layers):
+            raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {declared} but {meta_path} lists "
+                                  f"{len(layers)} layer(s)")
+        config = GptOssConfig.from_hf_dict(raw, source=str(path / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    plan = item_names(config)
+    if sorted(plan) != sorted(items):
+        missing = [n for n in plan if n not in items]
+        extra = [n for n in items if n not in plan]
+        raise CheckpointError(f"{meta_path}: items disagree with config.json: missing {missing[:8]}, unexpected "
+                              f"{extra[:8]}")
+    for name in plan:
+        if not (path / PARAMS_DIR / name).is_dir():
+            raise CheckpointError(f"{path / PARAMS_DIR / name}: missing item folder")
+    try:
+        quant = quant_of(meta)
+        param_specs(config, dtype=jnp.dtype(meta["dtype"]), quant=quant)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_path}: quantization {meta.get('quantization')} does not fit config.json "
+                              f"({e})") from None
+    return meta, config
+
+
+def _item_tree_metadata(checkpointer, item_dir: Path):
+    """The stored tree metadata of one Orbax item, or CheckpointError naming the folder."""
+    try:
+        stored_meta = checkpointer.metadata(item_dir)
+        stored_tree = getattr(stored_meta, "item_metadata", stored_meta)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+    except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable folders
+        raise CheckpointError(f"{item_dir}: unreadable Orbax checkpoint ({_one_line(e)})") from None
+    if stored_tree is None:
+        raise CheckpointError(f"{item_dir}: unreadable Orbax checkpoint (no metadata)")
+    return stored_tree
 
 
 def _sharding_for(shardings: Shardings, path: tuple, spec: ParamSpec):
@@ -328,19 +444,20 @@ def _sharding_for(shardings: Shardings, path: tuple, spec: ParamSpec):
     return node
 
 
-def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=None
+def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=None, verify: bool = True
                 ) -> tuple[GptOssConfig, QuantSpec | None, dict]:
     """Restores (config, quant, params) from a checkpoint, item by item, straight into device arrays.
 
     `shardings`: None (first device), one ``jax.sharding.Sharding`` for all leaves, a tree shaped like the params, or
     a callable ``(path, ParamSpec) -> Sharding``. `dtype` casts the 16-bit tensors (not the int4 codes, scales or
-    zero points) while reading; default: the dtype the checkpoint was written in.
+    zero points) while reading; default: the dtype the checkpoint was written in. `verify`: also check every
+    file's SHA-256 (structure, sizes and config/metadata/array agreement are always checked; see
+    verify_checkpoint). Raises CheckpointError naming the file at fault.
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    meta = read_metadata(path)
-    config = GptOssConfig.from_json(path / "config.json")
+    path = fsutil.user_path(path)
+    meta, config = verify_checkpoint(path, digests=verify)
     quant = quant_of(meta)
     stored = jnp.dtype(meta["dtype"])
     target = stored if dtype is None else jnp.dtype(dtype_name(dtype))
@@ -359,12 +476,7 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
         layer_idx, weight = _parse(name)
         prefix = () if layer_idx is None else ("layers", layer_idx, "mlp", "experts") if weight else (
             "layers", layer_idx)
-        try:
-            stored_meta = checkpointer.metadata(item_dir)
-            stored_tree = getattr(stored_meta, "item_metadata", stored_meta)
-            stored_tree = getattr(stored_tree, "tree", stored_tree)
-        except Exception as e:  # noqa: BLE001 — orbax raises many types for unreadable folders
-            raise CheckpointError(f"{item_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+        stored_tree = _item_tree_metadata(checkpointer, item_dir)
         _check_item(name, stored_tree, specs, str(item_dir))
 
         def restore_arg(rel: tuple, spec: ParamSpec):
@@ -383,16 +495,16 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
         try:
             tree = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{item_dir}: could not restore ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{item_dir}: could not restore ({_one_line(e)})") from None
         _deep_update(params, _rooted(name, tree))
     return config, quant, params
 
 
-def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = None):
+def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = None, verify: bool = True):
     """The GptOss model of a checkpoint, its int4 weights kept packed (quant from the metadata)."""
     from gptoss_jax.hf_loader import model_from_params
     meta = read_metadata(path)
-    config, quant, params = load_params(path, shardings=shardings, dtype=dtype)
+    config, quant, params = load_params(path, shardings=shardings, dtype=dtype, verify=verify)
     compute = jnp.dtype(dtype_name(dtype)) if dtype is not None else jnp.dtype(meta["dtype"])
     return model_from_params(config, params, dtype=compute, quant=quant)
 
@@ -402,6 +514,6 @@ def host_dtype(name: str):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["CheckpointWriter", "save_params", "read_metadata", "load_params", "load_model", "item_names",
+__all__ = ["CheckpointWriter", "save_params", "read_metadata", "verify_checkpoint", "load_params", "load_model", "item_names",
            "select_item",
            "quant_of", "METADATA_FILE", "dtype_name", "host_dtype"]

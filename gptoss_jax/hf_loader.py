@@ -17,7 +17,7 @@ from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.params import ParamSpec, iter_specs, param_specs, path_str
-from gptoss_jax.safetensors_io import Checkpoint, CheckpointError
+from gptoss_jax.safetensors_io import Checkpoint, CheckpointError, require_finite
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -83,6 +83,20 @@ def get_path(tree, path: tuple):
     return tree
 
 
+def check_config_against_tensors(config: GptOssConfig, ckpt: Checkpoint, where: str) -> None:
+    """CheckpointError naming config.json if its layer count or the embedding / router shapes disagree with the
+    safetensors headers (a config claiming 10^6 layers fails here in milliseconds, not after gigabytes)."""
+    layers = {int(m.group(1)) for n in ckpt.keys() if (m := _LAYER.match(n))}
+    if layers != set(range(config.num_hidden_layers)):
+        raise CheckpointError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the safetensors hold "
+                              f"tensors of {len(layers)} layer(s)")
+    for name, want in (("model.embed_tokens.weight", (config.vocab_size, config.hidden_size)),
+                       ("model.layers.0.mlp.router.weight", (config.num_local_experts, config.hidden_size))):
+        if name in ckpt and tuple(ckpt.info(name)[1]) != want:
+            raise CheckpointError(f"{where}: implies {name!r} of shape {want} but {ckpt.file_of(name)} stores "
+                                  f"{tuple(ckpt.info(name)[1])}")
+
+
 def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16,
                    place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
     """Reads every tensor of an unquantized HF gpt-oss checkpoint into our parameter tree (pure dict).
@@ -90,6 +104,8 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
     `place(path, host_array)` puts one converted tensor on device (default: jax.device_put); pass a sharded
     placement to load straight into shardings.
     """
+    with Checkpoint(path) as ckpt:  # config.json's sizes against the headers before any per-layer table is built
+        check_config_against_tensors(config, ckpt, str(Path(path) / "config.json"))
     specs = dict(iter_specs(param_specs(config, dtype=dtype)))
     place = place or (lambda p, a: jax.device_put(a))
     params: dict = {}
@@ -117,7 +133,9 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
                 raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has shape "
                                       f"{tuple(np.swapaxes(host, -1, -2).shape) if transpose else host.shape}, "
                                       f"config.json implies {spec.shape if not transpose else spec.shape[::-1]}")
-            set_path(params, ppath, place(ppath, np.ascontiguousarray(host).astype(spec.dtype)))
+            host = np.ascontiguousarray(host).astype(spec.dtype)
+            require_finite(host, f"{ckpt.file_of(name)}: tensor {name!r}")  # NaN/Inf would make every logit NaN
+            set_path(params, ppath, place(ppath, host))
             seen.add(ppath)
     missing = [path_str(p) for p in specs if p not in seen]
     if missing or unexpected:

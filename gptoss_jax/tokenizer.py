@@ -13,6 +13,8 @@ tokenizer instead of hard-coding the o200k_harmony values (199998 ... 200012).
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -46,7 +48,7 @@ HARMONY_SPECIAL_TOKENS: tuple[str, ...] = (
 TOKENIZER_FILENAME = "tokenizer.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptOssError, ValueError):
     """A tokenizer file is missing, unreadable or not a valid ``tokenizer.json``."""
 
 
