@@ -67,11 +67,47 @@ def _ints(shape):
     return Expect(tuple(shape), INT_DTYPES, "an integer type")
 
 
+def check_quantization_config(q: Any, source: str) -> None:
+    """ConvertError naming config.json and the field for any quantization_config field of the wrong JSON type (the
+    fields the readers below use: compressed-tensors' config_groups / weights, AutoAWQ's bits / group_size ...)."""
+    from gptoss_jax.jsoncheck import field
+
+    def f(d, key, kind, prefix="quantization_config.", **kw):
+        return field(d, key, source, kind, default=None, nullable=True, error=ConvertError, prefix=prefix, **kw)
+
+    if not isinstance(q, Mapping):
+        raise ConvertError(f"{source}: quantization_config must be an object, got {type(q).__name__}")
+    for key, kind in (("quant_method", "str"), ("format", "str"), ("config_groups", "object"), ("ignore", "list"),
+                      ("bits", "int"), ("w_bit", "int"), ("version", "str"), ("group_size", "int"),
+                      ("q_group_size", "int"), ("zero_point", "bool"), ("modules_to_not_convert", "list")):
+        f(q, key, kind)
+    for gname, group in (q.get("config_groups") or {}).items():
+        pre = f"quantization_config.config_groups.{gname}"
+        if not isinstance(group, Mapping):
+            raise ConvertError(f"{source}: {pre} must be an object, got {json_kind(group)}")
+        for key, kind in (("format", "str"), ("weights", "object"), ("input_activations", "object"),
+                          ("output_activations", "object"), ("targets", "list")):
+            f(group, key, kind, prefix=pre + ".")
+        w = group.get("weights") or {}
+        for key, kind in (("num_bits", "int"), ("type", "str"), ("symmetric", "bool"), ("strategy", "str"),
+                          ("group_size", "int")):
+            f(w, key, kind, prefix=pre + ".weights.")
+        if not (w.get("actorder") is None or isinstance(w.get("actorder"), (bool, str))):
+            raise ConvertError(f"{source}: {pre}.weights.actorder must be a string, a boolean or null")
+
+
+def json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def detect_format(hf_config: Mapping[str, Any], source: str = "config.json") -> str:
-    """The source format from config.json's quantization_config (none: unquantized 'hf')."""
+    """The source format from config.json's quantization_config (none: unquantized 'hf'); ConvertError for a
+    quantization_config of the wrong shape."""
     q = hf_config.get("quantization_config")
     if not q:
         return "hf"
+    check_quantization_config(q, source)
     method = str(q.get("quant_method", "")).lower().replace("_", "-")
     if method in ("compressed-tensors",):
         return "compressed-tensors"

@@ -406,13 +406,12 @@ def _is_converted_checkpoint(path: Path) -> bool:
 
 def _generation_stop_ids(path: Path, config: GptOssConfig) -> tuple[int, ...]:
     """The checkpoint's eos ids: generation_config.json's eos_token_id if present, else config.json's."""
+    from gptoss_jax.jsoncheck import field, read_json_object
     ids = list(config.eos_token_ids)
     gen_cfg = path / "generation_config.json"
     if gen_cfg.exists():
-        try:
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{gen_cfg}: not valid JSON ({e})") from None
+        eos = field(read_json_object(gen_cfg, error=LoadError), "eos_token_id", str(gen_cfg), "int_or_int_list",
+                    default=None, nullable=True, minimum=0, error=LoadError)
         if eos is not None:
             ids = list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
     return tuple(int(i) for i in ids if 0 <= int(i) < config.vocab_size)
@@ -443,7 +442,8 @@ def _cache_constraint(mesh):
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | None = None,
-         tokenizer: str | os.PathLike | bool | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> InferenceModel:
+         tokenizer: str | os.PathLike | bool | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+         verify: bool = True) -> InferenceModel:
     """Loads a checkpoint for inference.
 
     path: a folder written by ``gptoss-convert`` (int4 or 16-bit), or an unquantized Hugging Face gpt-oss folder
@@ -452,8 +452,15 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
     dtype: compute / parameter dtype of the 16-bit tensors ("bfloat16" default, "float32").
     max_seq_len: longest prompt + generation (default min(4096, max_position_embeddings)).
     tokenizer: a tokenizer.json path, False for none, None (default) for the folder's tokenizer.json if present.
+    verify: check the SHA-256 of every file of a converted checkpoint against its metadata (default; ≈1 GB/s per
+        core, see docs/RELIABILITY.md). Structure, sizes and config / metadata / array agreement are always checked.
+
+    Any path form works (relative, ``~``, symlink, trailing slash). Raises a GptOssError subclass naming the file at
+    fault (LoadError, CheckpointError, ConfigError, TokenizerError) for any bad input; never loads a checkpoint whose
+    recorded files differ from the metadata.
     """
-    path = Path(path)
+    from gptoss_jax.fsutil import user_path
+    path = user_path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -471,7 +478,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
             meta = checkpoint.read_metadata(path)
             specs = param_specs(config, quant=checkpoint.quant_of(meta))
             shardings = sharding.shardings_for(specs, mesh)
-        module = checkpoint.load_model(path, dtype=dtype, shardings=shardings)
+        module = checkpoint.load_model(path, dtype=dtype, shardings=shardings, verify=verify)
         source_format = "gptoss-jax (int4)" if module.quant is not None else "gptoss-jax (16-bit)"
     elif config is not None and _has_safetensors(path):
         qc = json.loads((path / "config.json").read_text()).get("quantization_config")

@@ -53,7 +53,7 @@ class TokenizerError(GptOssError, ValueError):
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    p = Path(os.path.expanduser(os.fspath(path)))
     if p.is_dir():
         p = p / TOKENIZER_FILENAME
     return p
