@@ -251,10 +251,14 @@ def file_digests(root: Path, exclude: Iterable[str] = ()) -> dict[str, dict]:
     return {n: {"size": (root / n).stat().st_size, DIGEST: d} for n, d in zip(names, digests)}
 
 
+ALWAYS_HASH_BELOW = 1 << 20
+
+
 def verify_files(root: Path, recorded: Mapping[str, Mapping], *, where: str, digests: bool = True,
                  strict_under: Iterable[str] = (), error=GptOssError) -> None:
-    """Checks that every recorded file exists with its size (and SHA-256 when `digests`), and that no unrecorded
-    file sits under the `strict_under` folders. Raises `error` naming the first bad file."""
+    """Checks that every recorded file exists with its size, that no unrecorded file sits under the `strict_under`
+    folders, and the SHA-256 of every file below 1 MiB (config.json, Orbax metadata and manifests: what decides how
+    the rest is read) — and of all files when `digests`. Raises `error` naming the first bad file."""
     for rel, info in recorded.items():
         p = root / rel
         if not p.is_file():
@@ -268,9 +272,7 @@ def verify_files(root: Path, recorded: Mapping[str, Mapping], *, where: str, dig
         if extra:
             raise error(f"{root / extra[0]}: not part of the checkpoint ({len(extra)} unrecorded file(s) under "
                         f"{root / sub}, not listed in {where})")
-    if not digests:
-        return
-    names = sorted(recorded)
+    names = sorted(n for n, info in recorded.items() if digests or info["size"] < ALWAYS_HASH_BELOW)
     with ThreadPoolExecutor(_threads()) as pool:
         got = list(pool.map(lambda n: sha256_file(root / n), names))
     for n, d in zip(names, got):
