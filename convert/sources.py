@@ -175,7 +175,8 @@ class Source:
         if transpose:
             a = a.T
         require_finite(a, self.where(name), ConvertError)  # before the cast: fp32 beyond the bf16 range stays found
-        out = _owned(a, self.out_dtype)
+        with np.errstate(over="ignore"):  # an overflow is reported just below, naming the tensor
+            out = _owned(a, self.out_dtype)
         self.release(name)
         if a.dtype != out.dtype:  # a cast can overflow (fp32 -> fp16 beyond 65504)
             require_finite(out, f"{self.where(name)} (cast to {self.out_dtype.name})", ConvertError)

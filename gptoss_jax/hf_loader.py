@@ -90,10 +90,12 @@ def check_config_against_tensors(config: GptOssConfig, ckpt: Checkpoint, where: 
     if layers != set(range(config.num_hidden_layers)):
         raise CheckpointError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the safetensors hold "
                               f"tensors of {len(layers)} layer(s)")
-    for name, want in (("model.embed_tokens.weight", (config.vocab_size, config.hidden_size)),
-                       ("model.layers.0.mlp.router.weight", (config.num_local_experts, config.hidden_size))):
+    for name, want, fields in (
+            ("model.embed_tokens.weight", (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"),
+            ("model.layers.0.mlp.router.weight", (config.num_local_experts, config.hidden_size),
+             "num_local_experts, hidden_size")):
         if name in ckpt and tuple(ckpt.info(name)[1]) != want:
-            raise CheckpointError(f"{where}: implies {name!r} of shape {want} but {ckpt.file_of(name)} stores "
+            raise CheckpointError(f"{where}: {fields} = {want} but {ckpt.file_of(name)} stores {name!r} with shape "
                                   f"{tuple(ckpt.info(name)[1])}")
 
 
