@@ -164,7 +164,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
         if not problems:
             problems = source.value_problems()
         if problems:
-            raise ConvertError(f"{src}: cannot convert ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+            # one line: the first few problems; `inspect` lists every one
+            shown = "; ".join(" ".join(p.split()) for p in problems[:4])
+            more = (f" (and {len(problems) - 4} more: `gptoss-convert inspect {src}` lists them all)"
+                    if len(problems) > 4 else "")
+            raise ConvertError(f"cannot convert {src} ({len(problems)} problem(s)): {shown}{more}")
         config = source.config
         log(f"{src}: {source.format}, {source.scheme_description()}, {len(ckpt.keys())} tensors, "
             f"{ckpt.nbytes() / 1e6:,.1f} MB")
