@@ -412,6 +412,8 @@ def _generation_stop_ids(path: Path, config: GptOssConfig) -> tuple[int, ...]:
     if gen_cfg.exists():
         eos = field(read_json_object(gen_cfg, error=LoadError), "eos_token_id", str(gen_cfg), "int_or_int_list",
                     default=None, nullable=True, minimum=0, error=LoadError)
+        if eos == []:
+            raise LoadError(f"{gen_cfg}: eos_token_id is an empty list (give at least one id, or null)")
         if eos is not None:
             ids = list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
     return tuple(int(i) for i in ids if 0 <= int(i) < config.vocab_size)

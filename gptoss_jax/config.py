@@ -206,6 +206,8 @@ class GptOssConfig:
         eos = d.get("eos_token_id")
         if eos is not None:
             kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+            if not kw["eos_token_ids"]:
+                raise ConfigError(f"{source}: eos_token_id is an empty list (give at least one id, or null)")
         if d.get("layer_types") is not None:
             kw["layer_types"] = tuple(d["layer_types"])
         if d.get("tie_word_embeddings"):

@@ -87,7 +87,8 @@ def check_destination(dst: str | os.PathLike, *, force: bool, sources: Iterable[
             raise DestinationError(f"{dst}: already exists (pass --force / force=True to replace a previous "
                                    f"gptoss-jax checkpoint)")
         if dst.is_symlink() or not dst.is_dir():
-            raise DestinationError(f"{dst}: exists and is not a folder; --force replaces only a previous gptoss-jax "
+            kind = "a symlink" if dst.is_symlink() else "not a folder"
+            raise DestinationError(f"{dst}: exists and is {kind}; --force replaces only a previous gptoss-jax "
                                    f"checkpoint folder")
         if any(dst.iterdir()) and not is_gptoss_checkpoint(dst):
             raise DestinationError(f"{dst}: exists and is not a gptoss-jax checkpoint (no gptoss_checkpoint.json); "

@@ -518,6 +518,15 @@ def test_cast_overflow_to_fp16_is_refused(sources, tmp_path, capsys):
     assert_one_line_error(rc, err, "gptoss-convert", "model.norm.weight", "float16")
 
 
+@pytest.mark.parametrize("eos", ['"2"', "1.5", "[1, \"x\"]", "-1", "{}", "[]"])
+def test_malformed_generation_config_is_named(eos, sources, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(sources / "hf", hf)
+    (hf / "generation_config.json").write_text('{"eos_token_id": ' + eos + "}")
+    with pytest.raises(GptOssError, match="generation_config.json: eos_token_id"):
+        gptoss_jax.load(hf, tokenizer=False)
+
+
 # ------------------------------------------------------------------------------------ 6. OS errors and interrupts
 def test_unwritable_destinations_give_one_line(ct, tmp_path, capsys):
     """rel-convert-oserror-traceback: a parent that is a file, a file system refusing writes -> one line naming
@@ -527,6 +536,24 @@ def test_unwritable_destinations_give_one_line(ct, tmp_path, capsys):
         rc, err = run_convert_cli(capsys, ct, dst, "--quiet", "--no-hash")
         assert_one_line_error(rc, err)
         assert str(dst.parent) in err[-1] or str(dst.parent.parent) in err[-1]
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "EACCES", "EPERM", "ENOSPC", "EDQUOT", "ENOTDIR", "EIO",
+                                        "ENAMETOOLONG"])
+def test_every_os_error_class_creating_the_output_gives_one_line(errno_name, ct, tmp_path, monkeypatch, capsys):
+    """Whatever OSError creating DST.tmp-* raises (read-only file system, permission, quota, I/O...), one line
+    naming the path and the reason; nothing left."""
+    import errno
+    code = getattr(errno, errno_name)
+    target = tmp_path / "out.tmp-x"
+
+    def refuse(self, *a, **k):
+        raise OSError(code, os.strerror(code), str(target))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    rc, err = run_convert_cli(capsys, ct, tmp_path / "out", "--quiet", "--no-hash")
+    assert_one_line_error(rc, err, "gptoss-convert", str(target), os.strerror(code))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
 
 
 @pytest.mark.parametrize("where", ["orbax", "copy"])
