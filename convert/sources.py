@@ -326,8 +326,13 @@ class Source:
                 fn(e)
             return
         with ThreadPoolExecutor(self.options.threads) as pool:
-            for future in [pool.submit(fn, e) for e in range(n)]:
-                future.result()
+            try:
+                for future in [pool.submit(fn, e) for e in range(n)]:
+                    future.result()
+            except BaseException:
+                # Ctrl-C or an error: drop the queued experts so cleanup starts after the running ones only
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -209,8 +209,12 @@ class CheckpointWriter:
         self.specs = param_specs(config, dtype=jnp.dtype(self.dtype), quant=quant)
         self.tmp = fsutil.make_temp_dir(self.dst)
         self.left_behind: Path | None = None
-        (self.tmp / PARAMS_DIR).mkdir()
-        (self.tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        try:
+            (self.tmp / PARAMS_DIR).mkdir()
+            (self.tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        except BaseException:  # not yet inside a `with`: clean up here
+            fsutil.remove_tree(self.tmp)
+            raise
         self.items: list[str] = []
         self._plan = item_names(config)
         self._checkpointer = None
@@ -264,9 +268,9 @@ class CheckpointWriter:
             "dtype": self.dtype,
             "quantization": None if self.quant is None else {"scheme": "int4", **self.quant.to_dict()},
             "items": self.items,
-            "files": fsutil.file_digests(self.tmp, exclude=(METADATA_FILE, METADATA_FILE + ".partial")),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(metadata or {}),
+            "files": fsutil.file_digests(self.tmp, exclude=(METADATA_FILE, METADATA_FILE + ".partial")),
             "complete": True,
         }
         tmp_meta = self.tmp / (METADATA_FILE + ".partial")

@@ -253,3 +253,31 @@ def test_metadata_corruptions_raise_checkpoint_error_or_load_the_same(converted,
     for key in ("format", "checkpoint_version", "layout_version", "dtype", "quantization", "files", "complete"):
         assert bad.get(key) == meta.get(key), key
     assert sorted(bad["items"]) == sorted(meta["items"])
+
+
+@SLOWER
+@given(data=st.data())
+def test_convert_with_corrupted_safetensors_header_one_line_error_or_correct_checkpoint(ct_source, tmp_path, capsys,
+                                                                                        data):
+    """End to end: a random field of a random tensor's header entry in the source -> one line from gptoss-convert
+    and no output, or a complete checkpoint that verifies."""
+    src = tmp_path / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ct_source, src)
+    header, body = split((src / "model.safetensors").read_bytes())
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    key = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+    header[name][key] = data.draw(json_values | st.lists(st.integers(0, 300), max_size=3)
+                                  | st.sampled_from(["F32", "BF16", "F16", "I32", "U8"]))
+    (src / "model.safetensors").write_bytes(join(header, body))
+    dst = tmp_path / "out"
+    shutil.rmtree(dst, ignore_errors=True)
+    rc = convert_cli.main([str(src), str(dst), "--quiet", "--no-hash"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if rc == 0:
+        checkpoint.verify_checkpoint(dst)
+    else:
+        errors = [line for line in err if line.startswith("gptoss-convert: error: ")]
+        assert rc == 1 and len(errors) == 1 and err[-1] == errors[0] and "model.safetensors" in errors[0], err
+        assert not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["src"], ["out", "src"])
