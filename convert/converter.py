@@ -9,7 +9,6 @@ copy when quantizing, independent of the number of layers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -138,6 +137,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
 
     group_size: RTN group size for hf / mxfp4 sources (None = default 64, "channel" = per channel); symmetric likewise
     (None = default, asymmetric). Quantized sources keep their own scheme (passing either is an error).
+    SRC and DST may be relative, ``~`` or symlinks. `force` replaces DST only if it is a previous gptoss-jax
+    checkpoint or an empty folder; a DST that is, holds or lies inside SRC is always refused.
+
+    Raises (all ``gptoss_jax.GptOssError``, naming the file / tensor / field): ConvertError for a source or option
+    that cannot be converted (malformed config.json, sizes the safetensors do not hold, NaN/Inf in a tensor, index
+    entries outside SRC) or a refused DST; CheckpointError for unreadable safetensors or a failed write; OSError
+    for the file system (permissions, disk full). Nothing is left at DST on any failure or interrupt (docs/
+    RELIABILITY.md).
     """
     src, dst = fsutil.user_path(src), fsutil.user_path(dst)
     log = log or (lambda msg: None)

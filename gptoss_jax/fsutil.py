@@ -283,5 +283,6 @@ def verify_files(root: Path, recorded: Mapping[str, Mapping], *, where: str, dig
 
 
 __all__ = ["user_path", "check_destination", "DestinationError", "Interrupted", "make_temp_dir",
-           "clean_stale_temp_dirs", "remove_own_temp_dirs", "remove_tree", "mark_owned", "deferred_signals", "sigterm_as_interrupt",
+           "clean_stale_temp_dirs", "remove_own_temp_dirs", "remove_tree", "mark_owned", "deferred_signals",
+           "sigterm_as_interrupt",
            "file_digests", "verify_files", "sha256_file", "list_files", "OWNER_FILE"]

@@ -160,7 +160,7 @@ def test_api_and_cli_load_relative_paths(sources, tmp_path, monkeypatch, capsys)
         assert json.loads(capsys.readouterr().out)["config"]["hidden_size"] == 128
 
 
-# ------------------------------------------------------------------------------- 2. never destroy what you did not create
+# ------------------------------------------------------------------------ 2. never destroy what you did not create
 @pytest.mark.parametrize("case", ["dst-is-src", "dst-holds-src", "dst-is-symlink-to-src", "dst-inside-src",
                                   "not-a-checkpoint", "dst-is-a-file"])
 def test_force_never_deletes_what_it_did_not_create(case, sources, tmp_path, capsys):
@@ -525,6 +525,41 @@ def test_malformed_generation_config_is_named(eos, sources, tmp_path):
     (hf / "generation_config.json").write_text('{"eos_token_id": ' + eos + "}")
     with pytest.raises(GptOssError, match="generation_config.json: eos_token_id"):
         gptoss_jax.load(hf, tokenizer=False)
+
+
+@pytest.mark.parametrize("case", ["missing", "a-file", "empty-folder", "config-is-a-folder", "config-not-utf8",
+                                  "config-duplicate-key", "config-nan", "shard-is-a-folder", "header-not-json"])
+def test_gptoss_jax_cli_one_line_for_broken_folders(case, sources, tmp_path, capsys):
+    """`gptoss-jax info` on broken checkpoint folders: one line naming the path, never a traceback."""
+    from gptoss_jax import cli
+    folder = tmp_path / "ckpt"
+    if case != "missing":
+        shutil.copytree(sources / "hf", folder)
+    cfg = folder / "config.json"
+    if case == "a-file":
+        folder = cfg
+    elif case == "empty-folder":
+        shutil.rmtree(folder)
+        folder.mkdir()
+    elif case == "config-is-a-folder":
+        cfg.unlink()
+        cfg.mkdir()
+    elif case == "config-not-utf8":
+        cfg.write_bytes(b"\xff\xfe{}")
+    elif case == "config-duplicate-key":
+        cfg.write_text(cfg.read_text().replace("{", '{"hidden_size": 64, ', 1))
+    elif case == "config-nan":
+        cfg.write_text(cfg.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN'))
+    elif case == "shard-is-a-folder":
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors").mkdir()
+    elif case == "header-not-json":
+        raw = (folder / "model.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        (folder / "model.safetensors").write_bytes(raw[:8] + b"x" * n + raw[8 + n:])
+    assert cli.main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gptoss-jax info: error: ") and str(folder) in err[0], err
 
 
 # ------------------------------------------------------------------------------------ 6. OS errors and interrupts
