@@ -60,7 +60,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace DST if it is a previous gptoss-jax checkpoint (or an empty folder); any other "
                         "existing DST, and a DST that is, holds or lies inside SRC, is refused")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files in the metadata")
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip the sha256 of the source files in the metadata (the digests of the written files, "
+                        "checked on load, are always recorded)")
     p.add_argument("--threads", type=int, default=None,
                    help="experts converted in parallel (default min(4, CPUs); each RTN thread needs ~0.55 GB at "
                         "gpt-oss-120b size)")

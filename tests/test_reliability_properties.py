@@ -26,9 +26,9 @@ from gptoss_jax.safetensors_io import Checkpoint, CheckpointError, SafetensorsFi
 CONFIG = GptOssConfig.from_preset("tiny").replace(
     num_hidden_layers=2, layer_types=default_layer_types(2), hidden_size=128, intermediate_size=128,
     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                       HealthCheck.too_slow])
-SLOWER = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+SLOWER = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 json_values = st.recursive(
