@@ -4,8 +4,8 @@
                    [--symmetric] [--dtype bf16|fp16|fp32] [--force] [--no-hash] [--threads N] [--quiet]
     gptoss-convert inspect SRC [--format ...] [--json]
 
-Exit codes: 0 success, 1 bad input / conversion error (the message names file and tensor), 2 bad usage,
-130 interrupted (nothing loadable is left at DST; rerunning succeeds).
+Exit codes: 0 success, 1 bad input / conversion error / OS error (one line naming the file, tensor or path), 2 bad
+usage, 130 / 143 interrupted by SIGINT / SIGTERM (the temporary folder is removed; nothing is left at DST).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import argparse
 import json
 import sys
 
-from convert.sources import FORMATS, ConvertError
-from gptoss_jax.config import ConfigError
-from gptoss_jax.safetensors_io import CheckpointError
+from convert.sources import FORMATS
+from gptoss_jax import fsutil
+from gptoss_jax.errors import describe_os_error, user_errors
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; SIGTERM gives 143
 
 
 def _group_size(text: str):
@@ -57,8 +57,12 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="symmetric RTN for hf / mxfp4 sources (default asymmetric)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="dtype of the 16-bit tensors (embeddings, norms, biases, router, lm_head)")
-    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files in the metadata")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it is a previous gptoss-jax checkpoint (or an empty folder); any other "
+                        "existing DST, and a DST that is, holds or lies inside SRC, is refused")
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip the sha256 of the source files in the metadata (the digests of the written files, "
+                        "checked on load, are always recorded)")
     p.add_argument("--threads", type=int, default=None,
                    help="experts converted in parallel (default min(4, CPUs); each RTN thread needs ~0.55 GB at "
                         "gpt-oss-120b size)")
@@ -94,12 +98,20 @@ def _print_inspect(report: dict) -> None:
         print(f"  - {prob}")
 
 
+def _error(e: BaseException) -> str:
+    return describe_os_error(e) if isinstance(e, OSError) else str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         args = _inspect_parser().parse_args(argv[1:])
         from convert.converter import inspect
-        report = inspect(args.src, args.format)
+        try:
+            report = inspect(args.src, args.format)
+        except user_errors() as e:
+            print(f"gptoss-convert inspect: error: {_error(e)}", file=sys.stderr)
+            return EXIT_ERROR
         if args.json:
             print(json.dumps(report, indent=2))
         else:
@@ -109,16 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _convert_parser().parse_args(argv)
     from convert.converter import convert
     try:
-        convert(args.src, args.dst, fmt=args.format, group_size=args.group_size, symmetric=args.symmetric,
-                dtype=args.dtype, force=args.force, progress=not args.quiet, hash_files=not args.no_hash,
-                threads=args.threads,
-                log=lambda msg: print(msg, file=sys.stderr))
-    except (ConvertError, CheckpointError, ConfigError) as e:
-        print(f"gptoss-convert: error: {e}", file=sys.stderr)
+        with fsutil.sigterm_as_interrupt():
+            convert(args.src, args.dst, fmt=args.format, group_size=args.group_size, symmetric=args.symmetric,
+                    dtype=args.dtype, force=args.force, progress=not args.quiet, hash_files=not args.no_hash,
+                    threads=args.threads,
+                    log=lambda msg: print(msg, file=sys.stderr))
+    except user_errors() as e:
+        print(f"gptoss-convert: error: {_error(e)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"gptoss-convert: interrupted; nothing was left at {args.dst}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", 2)
+        left = fsutil.remove_own_temp_dirs(args.dst)
+        where = (f"could not remove {', '.join(map(str, left))}" if left else
+                 f"nothing was left at {fsutil.user_path(args.dst)}")
+        print(f"gptoss-convert: interrupted ({'SIGTERM' if signum == 15 else 'SIGINT'}); {where}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

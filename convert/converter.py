@@ -9,7 +9,6 @@ copy when quantizing, independent of the number of layers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Any, Callable
 
 
 from convert.sources import FORMATS, ConvertError, Options, Source, detect_format, open_source
-from gptoss_jax import checkpoint
+from convert.validate import check_config_against_headers
+from gptoss_jax import checkpoint, fsutil
+from gptoss_jax.jsoncheck import read_json_object
 from gptoss_jax.config import ConfigError, GptOssConfig
 from gptoss_jax.params import count_parameters, iter_specs, param_specs
 from gptoss_jax.safetensors_io import Checkpoint, CheckpointError
@@ -29,16 +30,8 @@ HASH_CHUNK = 16 << 20
 
 
 def read_hf_config(src: Path) -> dict:
-    path = src / "config.json"
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: no such file (the source folder needs the model's config.json)") from None
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return d
+    return read_json_object(src / "config.json", error=ConvertError,
+                            what="the source folder needs the model's config.json")
 
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
@@ -73,7 +66,7 @@ class _Progress:
 def open_checkpoint_source(src: str | os.PathLike, fmt: str = "auto", options: Options | None = None
                            ) -> tuple[Checkpoint, Source, dict]:
     """Opens SRC, reads config.json and builds the format reader (no tensor data read yet)."""
-    src = Path(src)
+    src = fsutil.user_path(src)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder (expected a Hugging Face model folder with config.json)")
     hf = read_hf_config(src)
@@ -88,6 +81,8 @@ def open_checkpoint_source(src: str | os.PathLike, fmt: str = "auto", options: O
         raise ConvertError(f"--format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     ckpt = Checkpoint(src)
     try:
+        # sizes claimed by config.json against the safetensors headers, before any per-layer table is built
+        check_config_against_headers(config, ckpt, fmt, str(src / "config.json"))
         source = open_source(ckpt, config, hf, fmt, options or Options())
     except BaseException:
         ckpt.close()
@@ -106,7 +101,7 @@ def _estimate_out_bytes(source: Source) -> int | None:
 
 def inspect(src: str | os.PathLike, fmt: str = "auto", options: Options | None = None) -> dict[str, Any]:
     """What `gptoss-convert inspect` prints: format, scheme, counts, sizes and every problem found."""
-    src = Path(src)
+    src = fsutil.user_path(src)
     report: dict[str, Any] = {"source": str(src)}
     try:
         ckpt, source, hf = open_checkpoint_source(src, fmt, options)
@@ -142,11 +137,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
 
     group_size: RTN group size for hf / mxfp4 sources (None = default 64, "channel" = per channel); symmetric likewise
     (None = default, asymmetric). Quantized sources keep their own scheme (passing either is an error).
+    SRC and DST may be relative, ``~`` or symlinks. `force` replaces DST only if it is a previous gptoss-jax
+    checkpoint or an empty folder; a DST that is, holds or lies inside SRC is always refused.
+
+    Raises (all ``gptoss_jax.GptOssError``, naming the file / tensor / field): ConvertError for a source or option
+    that cannot be converted (malformed config.json, sizes the safetensors do not hold, NaN/Inf in a tensor, index
+    entries outside SRC) or a refused DST; CheckpointError for unreadable safetensors or a failed write; OSError
+    for the file system (permissions, disk full). Nothing is left at DST on any failure or interrupt (docs/
+    RELIABILITY.md).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = fsutil.user_path(src), fsutil.user_path(dst)
     log = log or (lambda msg: None)
-    if dst.exists() and not force:
-        raise ConvertError(f"{dst}: already exists (pass --force to overwrite)")
+    # refuses before any work: DST = / inside / holding SRC, an existing DST without force, and with force anything
+    # but a previous gptoss-jax checkpoint (or an empty folder)
+    try:
+        fsutil.check_destination(dst, force=force, sources=(src,))
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     out_dtype = checkpoint.dtype_name(dtype)
     if group_size is not None and group_size != "channel" and (isinstance(group_size, bool) or
                                                                not isinstance(group_size, int) or group_size <= 0):
@@ -164,7 +171,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
         if not problems:
             problems = source.value_problems()
         if problems:
-            raise ConvertError(f"{src}: cannot convert ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+            # one line: the first few problems; `inspect` lists every one
+            shown = "; ".join(" ".join(p.split()) for p in problems[:4])
+            more = (f" (and {len(problems) - 4} more: `gptoss-convert inspect {src}` lists them all)"
+                    if len(problems) > 4 else "")
+            raise ConvertError(f"cannot convert {src} ({len(problems)} problem(s)): {shown}{more}")
         config = source.config
         log(f"{src}: {source.format}, {source.scheme_description()}, {len(ckpt.keys())} tensors, "
             f"{ckpt.nbytes() / 1e6:,.1f} MB")

@@ -18,6 +18,8 @@ with round-to-nearest at the source's group size and symmetry; metadata lists th
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ import numpy as np
 from convert import packing
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.params import QuantSpec
-from gptoss_jax.safetensors_io import Checkpoint
+from gptoss_jax.safetensors_io import Checkpoint, require_finite
 from pallas_kernels import int4_layout
 
 FORMATS = ("compressed-tensors", "awq", "hf", "mxfp4")
@@ -38,7 +40,7 @@ INT_DTYPES = tuple(np.dtype(t) for t in (np.int32, np.int64, np.int16, np.int8, 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class ConvertError(ValueError):
+class ConvertError(GptOssError, ValueError):
     """A source checkpoint (or option) the converter cannot handle; the message names the file and tensor."""
 
 
@@ -65,11 +67,47 @@ def _ints(shape):
     return Expect(tuple(shape), INT_DTYPES, "an integer type")
 
 
+def check_quantization_config(q: Any, source: str) -> None:
+    """ConvertError naming config.json and the field for any quantization_config field of the wrong JSON type (the
+    fields the readers below use: compressed-tensors' config_groups / weights, AutoAWQ's bits / group_size ...)."""
+    from gptoss_jax.jsoncheck import field
+
+    def f(d, key, kind, prefix="quantization_config.", **kw):
+        return field(d, key, source, kind, default=None, nullable=True, error=ConvertError, prefix=prefix, **kw)
+
+    if not isinstance(q, Mapping):
+        raise ConvertError(f"{source}: quantization_config must be an object, got {type(q).__name__}")
+    for key, kind in (("quant_method", "str"), ("format", "str"), ("config_groups", "object"), ("ignore", "list"),
+                      ("bits", "int"), ("w_bit", "int"), ("version", "str"), ("group_size", "int"),
+                      ("q_group_size", "int"), ("zero_point", "bool"), ("modules_to_not_convert", "list")):
+        f(q, key, kind)
+    for gname, group in (q.get("config_groups") or {}).items():
+        pre = f"quantization_config.config_groups.{gname}"
+        if not isinstance(group, Mapping):
+            raise ConvertError(f"{source}: {pre} must be an object, got {json_kind(group)}")
+        for key, kind in (("format", "str"), ("weights", "object"), ("input_activations", "object"),
+                          ("output_activations", "object"), ("targets", "list")):
+            f(group, key, kind, prefix=pre + ".")
+        w = group.get("weights") or {}
+        for key, kind in (("num_bits", "int"), ("type", "str"), ("symmetric", "bool"), ("strategy", "str"),
+                          ("group_size", "int")):
+            f(w, key, kind, prefix=pre + ".weights.")
+        if not (w.get("actorder") is None or isinstance(w.get("actorder"), (bool, str))):
+            raise ConvertError(f"{source}: {pre}.weights.actorder must be a string, a boolean or null")
+
+
+def json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def detect_format(hf_config: Mapping[str, Any], source: str = "config.json") -> str:
-    """The source format from config.json's quantization_config (none: unquantized 'hf')."""
+    """The source format from config.json's quantization_config (none: unquantized 'hf'); ConvertError for a
+    quantization_config of the wrong shape."""
     q = hf_config.get("quantization_config")
     if not q:
         return "hf"
+    check_quantization_config(q, source)
     method = str(q.get("quant_method", "")).lower().replace("_", "-")
     if method in ("compressed-tensors",):
         return "compressed-tensors"
@@ -136,8 +174,12 @@ class Source:
         a = self.get(name)
         if transpose:
             a = a.T
-        out = _owned(a, self.out_dtype)
+        require_finite(a, self.where(name), ConvertError)  # before the cast: fp32 beyond the bf16 range stays found
+        with np.errstate(over="ignore"):  # an overflow is reported just below, naming the tensor
+            out = _owned(a, self.out_dtype)
         self.release(name)
+        if a.dtype != out.dtype:  # a cast can overflow (fp32 -> fp16 beyond 65504)
+            require_finite(out, f"{self.where(name)} (cast to {self.out_dtype.name})", ConvertError)
         return out
 
     def _expect_common(self) -> None:
@@ -284,8 +326,13 @@ class Source:
                 fn(e)
             return
         with ThreadPoolExecutor(self.options.threads) as pool:
-            for future in [pool.submit(fn, e) for e in range(n)]:
-                future.result()
+            try:
+                for future in [pool.submit(fn, e) for e in range(n)]:
+                    future.result()
+            except BaseException:
+                # Ctrl-C or an error: drop the queued experts so cleanup starts after the running ones only
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def _np_dtype(name: str) -> np.dtype:

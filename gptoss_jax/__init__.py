@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "GptOssError": "gptoss_jax.errors",
     "GptOssConfig": "gptoss_jax.config",
     "ConfigError": "gptoss_jax.config",
     "GptOss": "gptoss_jax.model",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from gptoss_jax.api import (ChatResult, InferenceModel, LoadError, ScoreResult,  # noqa: F401
                                 TokenizerMissingError, load)
     from gptoss_jax.config import ConfigError, GptOssConfig  # noqa: F401
+    from gptoss_jax.errors import GptOssError  # noqa: F401
     from gptoss_jax.generate import (GenerationChunk, GenerationError, GenerationResult,  # noqa: F401
                                      GenerationStats, SamplingParams)
     from gptoss_jax.harmony import Message  # noqa: F401

@@ -11,6 +11,8 @@ applies defaults (stop tokens from the checkpoint, harmony stop tokens for chat)
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import json
 import math
@@ -37,11 +39,11 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float3
            "f32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
 
 
-class TokenizerMissingError(RuntimeError):
+class TokenizerMissingError(GptOssError, RuntimeError):
     """A text method was called on a model loaded without a tokenizer.json."""
 
 
-class LoadError(ValueError):
+class LoadError(GptOssError, ValueError):
     """`load` could not recognise or read a checkpoint folder (the message names the file)."""
 
 
@@ -384,13 +386,14 @@ def _is_converted_checkpoint(path: Path) -> bool:
 
 def _generation_stop_ids(path: Path, config: GptOssConfig) -> tuple[int, ...]:
     """The checkpoint's eos ids: generation_config.json's eos_token_id if present, else config.json's."""
+    from gptoss_jax.jsoncheck import field, read_json_object
     ids = list(config.eos_token_ids)
     gen_cfg = path / "generation_config.json"
     if gen_cfg.exists():
-        try:
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{gen_cfg}: not valid JSON ({e})") from None
+        eos = field(read_json_object(gen_cfg, error=LoadError), "eos_token_id", str(gen_cfg), "int_or_int_list",
+                    default=None, nullable=True, minimum=0, error=LoadError)
+        if eos == []:
+            raise LoadError(f"{gen_cfg}: eos_token_id is an empty list (give at least one id, or null)")
         if eos is not None:
             from gptoss_jax.validation import check_int
             ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -419,7 +422,8 @@ def _cache_constraint(mesh):
 
 
 def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | None = None,
-         tokenizer: str | os.PathLike | bool | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> InferenceModel:
+         tokenizer: str | os.PathLike | bool | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+         verify: bool = True) -> InferenceModel:
     """Loads a checkpoint for inference.
 
     path: a folder written by ``gptoss-convert`` (int4 or 16-bit), or an unquantized Hugging Face gpt-oss folder
@@ -428,10 +432,17 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
     dtype: compute / parameter dtype of the 16-bit tensors ("bfloat16" default, "float32").
     max_seq_len: longest prompt + generation (default min(4096, max_position_embeddings)).
     tokenizer: a tokenizer.json path, False for none, None (default) for the folder's tokenizer.json if present.
+    verify: check the SHA-256 of every file of a converted checkpoint against its metadata (default; ≈1 GB/s per
+        core, see docs/RELIABILITY.md). Structure, sizes and config / metadata / array agreement are always checked.
+
+    Any path form works (relative, ``~``, symlink, trailing slash). Raises a GptOssError subclass naming the file at
+    fault (LoadError, CheckpointError, ConfigError, TokenizerError) for any bad input; never loads a checkpoint whose
+    recorded files differ from the metadata.
     """
+    from gptoss_jax.fsutil import user_path
     from gptoss_jax.validation import check_load_args
     check_load_args(max_seq_len=max_seq_len, chunk_size=chunk_size, tokenizer=tokenizer)
-    path = Path(path).expanduser().absolute()
+    path = user_path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory")
     enable_compilation_cache()
@@ -450,9 +461,8 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
         sharding_of = sharding.sharding_rule(mesh)
         moe_par = MoEParallel.from_rules(mesh, sharding.RULES)
     if _is_converted_checkpoint(path):
-        meta = checkpoint.read_metadata(path)
-        module = checkpoint.load_model(path, dtype=dtype, shardings=sharding_of, moe_parallel=moe_par, meta=meta,
-                                       config=config)
+        checked = checkpoint.verify_checkpoint(path, digests=verify)  # metadata and config, read once
+        module = checkpoint.load_model(path, dtype=dtype, shardings=sharding_of, moe_parallel=moe_par, checked=checked)
         source_format = "gptoss-jax (int4)" if module.quant is not None else "gptoss-jax (16-bit)"
     elif config is not None and _has_safetensors(path):
         qc = json.loads((path / "config.json").read_text()).get("quantization_config")

@@ -5,6 +5,7 @@
     gptoss-jax chat CKPT --reasoning low --show-reasoning          # interactive, keeps history
     gptoss-jax score CKPT lines.txt --output scores.json           # per-line log-likelihood (JSON)
     gptoss-jax info CKPT                                           # config, quantization, parameters, devices
+    gptoss-jax verify CKPT                                         # sizes + SHA-256 of every file vs metadata
     gptoss-jax demo                                                # tiny random model end to end, self-checking
 
 Results go to stdout; progress and timings (load time, time to first token, tokens/s) go to stderr.
@@ -26,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+from gptoss_jax.errors import GptOssError
 
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 1
@@ -40,7 +44,7 @@ EXIT_INTERRUPTED = 130
 SEED_MAX = 2**64 - 1
 
 
-class CliError(Exception):
+class CliError(GptOssError):
     """A user error: printed as one line, exit status 2."""
 
 
@@ -103,6 +107,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, metavar="DATA,EXPERT,TENSOR",
                    help="device mesh sizes, e.g. 1,4,2 (default: one device)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of a converted checkpoint's files (sizes and structure are always "
+                        "checked; see `gptoss-jax verify`)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -156,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--json", action="store_true")
 
+    v = sub.add_parser("verify", help="check a converted checkpoint: structure, sizes and every file's SHA-256")
+    v.add_argument("checkpoint", help="gptoss-convert output folder")
+
     d = sub.add_parser("demo", help="tiny random model: save, load, stream-generate, verify greedy decoding")
-    d.add_argument("--out", default=None, help="folder for the tiny checkpoint (default: a temporary folder)")
+    d.add_argument("--out", default=None,
+                   help="new folder for the tiny checkpoint (default: a temporary folder); an existing non-empty "
+                        "folder is refused, never overwritten")
     d.add_argument("--prompt", default="Hello, world! The quick brown fox")
     d.add_argument("--max-new-tokens", type=_int_type(1), default=32)
     d.add_argument("--seed", type=_int_type(0, 2**32 - 1), default=0, help="seed of the random weights")
@@ -172,7 +184,7 @@ def _load(args):
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise CliError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     model = gptoss_jax.load(args.checkpoint, mesh=args.mesh, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer, verify=not getattr(args, "no_verify", False))
     info = model.info()
     _err(f"[gptoss-jax] loaded {args.checkpoint} ({info['format']}, {_human_bytes(info['bytes'])}) "
          f"in {time.perf_counter() - t0:.1f}s on {info['backend']}")
@@ -577,6 +589,42 @@ def make_tiny_checkpoint(out: str | Path, *, preset: str = "tiny", seed: int = 0
     return out
 
 
+def cmd_verify(args) -> int:
+    """Exit 0 if the checkpoint's files match its metadata (sizes and SHA-256), 1 naming the first bad file."""
+    from gptoss_jax import checkpoint
+    from gptoss_jax.safetensors_io import CheckpointError
+    t0 = time.perf_counter()
+    try:
+        meta, _ = checkpoint.verify_checkpoint(args.checkpoint, digests=True)
+    except CheckpointError as e:
+        _err(f"gptoss-jax verify: FAILED: {e}")
+        return EXIT_CHECK_FAILED
+    total = sum(f["size"] for f in meta["files"].values())
+    print(f"OK: {len(meta['files'])} files, {_human_bytes(total)} match {checkpoint.METADATA_FILE} "
+          f"(SHA-256, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def _new_demo_folder(out: Path, *, preset: str, seed: int) -> Path:
+    """Writes the demo checkpoint into a fresh temporary sibling and renames it to `out`, which must not exist or
+    be empty: the demo never overwrites a user's folder."""
+    from gptoss_jax import fsutil
+    out = fsutil.user_path(out)
+    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
+        raise CliError(f"--out {out}: exists and is not an empty folder; the demo writes only into a new folder")
+    tmp = fsutil.make_temp_dir(out)
+    try:
+        make_tiny_checkpoint(tmp, preset=preset, seed=seed)
+        (tmp / fsutil.OWNER_FILE).unlink()
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); fails rather than deletes if something appeared meanwhile
+        os.replace(tmp, out)
+    except BaseException:
+        fsutil.remove_tree(tmp)
+        raise
+    return out
+
+
 def cmd_demo(args) -> int:
     import numpy as np
 
@@ -598,7 +646,10 @@ def cmd_demo(args) -> int:
         out = Path(args.out)
     try:
         print(f"1. building the {args.preset!r} preset with random weights (seed {args.seed}) → {out}")
-        make_tiny_checkpoint(out, preset=args.preset, seed=args.seed)
+        if tmp is None:
+            out = _new_demo_folder(out, preset=args.preset, seed=args.seed)
+        else:
+            make_tiny_checkpoint(out, preset=args.preset, seed=args.seed)
         print("2. loading it with gptoss_jax.load (float32)")
         model = gptoss_jax.load(out, dtype="float32", max_seq_len=256)
         print(f"   {model}")
@@ -656,7 +707,8 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo,
+            "verify": cmd_verify}
 
 
 def _user_error_types() -> tuple[type, ...]:
@@ -670,11 +722,8 @@ def _user_error_types() -> tuple[type, ...]:
     from gptoss_jax.tokenizer import TokenizerError
     types = [CliError, LoadError, TokenizerMissingError, ConfigError, CheckpointError, TokenizerError,
              GenerationError, HarmonyParseError]
-    try:  # the file-kind errors' base class, once it exists
-        from gptoss_jax.errors import GptOssError
-        types.append(GptOssError)
-    except ImportError:
-        pass
+    from pallas_kernels.int4_layout import Int4LayoutError
+    types += [GptOssError, Int4LayoutError]  # every user-facing error of the package (gptoss_jax.errors)
     return tuple(types)
 
 
@@ -702,11 +751,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)  # usage errors: argparse prints usage + one line naming the option
     except SystemExit as e:  # 2 for a usage error, 0 for --help / --version: returned, so main() always returns
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from gptoss_jax.fsutil import sigterm_as_interrupt
     try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():  # SIGTERM ends like Ctrl-C: cleanup runs, nothing partial is left
+            return COMMANDS[args.command](args)
+    except KeyboardInterrupt as e:
         _err(f"gptoss-jax {args.command}: interrupted")
-        return EXIT_INTERRUPTED
+        return 128 + getattr(e, "signum", 2)  # 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not an error; silence the final flush of stdout
         import os

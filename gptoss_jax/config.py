@@ -10,6 +10,8 @@ Presets live in ``configs/<name>.json`` at the repository root (also packaged as
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import json
 import math
@@ -34,7 +36,45 @@ _IGNORED_HF_KEYS = frozenset(
 )
 
 
-class ConfigError(ValueError):
+# Sanity bounds checked before anything is sized from a config (a 1 KB config.json must not be able to make us
+# allocate gigabytes): far above gpt-oss-120b (36 layers, 128 experts, 201088 vocab), within int32 indexing.
+MAX_LAYERS = 4096
+MAX_DIM = 2**31 - 1
+
+# config.json field -> JSON kind (gptoss_jax.jsoncheck) and bounds; checked before the dataclass is built.
+_HF_FIELD_TYPES = {
+    **{k: ("int", 1, MAX_DIM) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                        "num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
+                                        "num_experts_per_tok", "experts_per_token", "max_position_embeddings",
+                                        "initial_context_length")},
+    "num_hidden_layers": ("int", 1, MAX_LAYERS),
+    "sliding_window": ("int", 1, MAX_DIM),
+    "rms_norm_eps": ("number", None, None),
+    "swiglu_alpha": ("number", None, None),
+    "swiglu_limit": ("number", None, None),
+    "rope_theta": ("number", None, None),
+    "attention_bias": ("bool", None, None),
+    "tie_word_embeddings": ("bool", None, None),
+    "layer_types": ("str_list", None, None),
+    "eos_token_id": ("int_or_int_list", 0, MAX_DIM),
+    "pad_token_id": ("int", 0, MAX_DIM),
+    "bos_token_id": ("int", 0, MAX_DIM),
+    "model_type": ("str", None, None),
+    "rope_scaling": ("object", None, None),
+    "rope_parameters": ("object", None, None),
+    "quantization_config": ("object", None, None),
+}
+
+
+def check_hf_types(d: Mapping[str, Any], source: str) -> None:
+    """ConfigError naming the file and field for any config.json field of the wrong JSON type or out of bounds
+    (null is accepted where transformers writes it: optional ids, sliding_window, rope dicts)."""
+    from gptoss_jax.jsoncheck import field
+    for key, (kind, lo, hi) in _HF_FIELD_TYPES.items():
+        field(d, key, source, kind, default=None, nullable=True, minimum=lo, maximum=hi, error=ConfigError)
+
+
+class ConfigError(GptOssError, ValueError):
     """A config.json (or preset) that cannot describe a gpt-oss model."""
 
 
@@ -73,6 +113,9 @@ class GptOssConfig:
     pad_token_id: int | None = 199999
 
     def __post_init__(self):
+        n = self.num_hidden_layers
+        if not (isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_LAYERS):
+            raise ConfigError(f"num_hidden_layers must be an integer in [1, {MAX_LAYERS}], got {n!r}")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", default_layer_types(self.num_hidden_layers))
         else:
@@ -133,7 +176,10 @@ class GptOssConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> "GptOssConfig":
         """Reads a Hugging Face gpt-oss config dict (either rope spelling). `source` names it in errors."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: must hold a JSON object, got {type(d).__name__}")
         d = dict(d)
+        check_hf_types(d, source)
         model_type = d.get("model_type", "gpt_oss")
         if model_type != "gpt_oss":
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gpt_oss'")
@@ -160,6 +206,8 @@ class GptOssConfig:
         eos = d.get("eos_token_id")
         if eos is not None:
             kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+            if not kw["eos_token_ids"]:
+                raise ConfigError(f"{source}: eos_token_id is an empty list (give at least one id, or null)")
         if d.get("layer_types") is not None:
             kw["layer_types"] = tuple(d["layer_types"])
         if d.get("tie_word_embeddings"):
@@ -174,16 +222,11 @@ class GptOssConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GptOssConfig":
-        path = Path(path)
+        from gptoss_jax.jsoncheck import read_json_object
+        path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json_object(path, error=ConfigError), source=str(path))
 
     @classmethod
     def from_preset(cls, name: str) -> "GptOssConfig":
@@ -252,7 +295,14 @@ def _rope_from_hf(d: Mapping[str, Any], source: str) -> RopeConfig:
     else:
         # Neither spelling: transformers' GptOssConfig defaults (YaRN, factor 32).
         p = {"rope_type": "yarn", "rope_theta": d.get("rope_theta", 150000.0)}
-    rope_type = p.pop("rope_type", p.pop("type", "yarn"))
+    from gptoss_jax.jsoncheck import field
+    pre = "rope_parameters." if params is not None else "rope_scaling."
+    for key, kind in (("rope_type", "str"), ("type", "str"), ("original_max_position_embeddings", "int"),
+                      ("truncate", "bool")):
+        field(p, key, source, kind, default=None, nullable=True, minimum=1 if kind == "int" else None,
+              error=ConfigError, prefix=pre)
+    rope_type = p.pop("rope_type", None) or p.pop("type", None) or "yarn"
+    p.pop("type", None)
     known = {"rope_theta", "factor", "beta_fast", "beta_slow", "original_max_position_embeddings", "truncate",
              "attention_factor"}
     unknown = sorted(k for k in p if k not in known)

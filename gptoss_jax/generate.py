@@ -24,6 +24,8 @@ recompiles; only the *mode* (greedy, or which of top-k / top-p is active at all)
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import collections
 import dataclasses
 import time
@@ -46,7 +48,7 @@ MAX_STOP_TOKEN_IDS = 16  # stop ids travel to the device as a fixed-size array (
 NO_TOKEN = -1  # marks "nothing emitted here" in the device → host token buffers
 
 
-class GenerationError(ValueError):
+class GenerationError(GptOssError, ValueError):
     """Invalid arguments to generation or scoring (the message names the argument)."""
 
 

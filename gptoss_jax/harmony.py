@@ -23,6 +23,8 @@ special ids); :data:`SPECIAL_TOKENS` holds the documented o200k_harmony ids as d
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import dataclasses
 import datetime as _dt
 import json
@@ -94,7 +96,7 @@ CHANNELS: tuple[str, ...] = ("analysis", "commentary", "final")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-class HarmonyParseError(ValueError):
+class HarmonyParseError(GptOssError, ValueError):
     """A completion does not follow the harmony format (strict parsing only)."""
 
 

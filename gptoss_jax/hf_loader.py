@@ -20,7 +20,7 @@ from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import build_model
 from gptoss_jax.params import (ParamSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
                                unstack_layers)
-from gptoss_jax.safetensors_io import Checkpoint, CheckpointError
+from gptoss_jax.safetensors_io import Checkpoint, CheckpointError, require_finite
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -86,6 +86,22 @@ def get_path(tree, path: tuple):
     return tree
 
 
+def check_config_against_tensors(config: GptOssConfig, ckpt: Checkpoint, where: str) -> None:
+    """CheckpointError naming config.json if its layer count or the embedding / router shapes disagree with the
+    safetensors headers (a config claiming 10^6 layers fails here in milliseconds, not after gigabytes)."""
+    layers = {int(m.group(1)) for n in ckpt.keys() if (m := _LAYER.match(n))}
+    if layers != set(range(config.num_hidden_layers)):
+        raise CheckpointError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the safetensors hold "
+                              f"tensors of {len(layers)} layer(s)")
+    for name, want, fields in (
+            ("model.embed_tokens.weight", (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"),
+            ("model.layers.0.mlp.router.weight", (config.num_local_experts, config.hidden_size),
+             "num_local_experts, hidden_size")):
+        if name in ckpt and tuple(ckpt.info(name)[1]) != want:
+            raise CheckpointError(f"{where}: {fields} = {want} but {ckpt.file_of(name)} stores {name!r} with shape "
+                                  f"{tuple(ckpt.info(name)[1])}")
+
+
 def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16,
                    sharding_of: Callable[[tuple, ParamSpec], Any] | None = None) -> dict:
     """Reads every tensor of an unquantized HF gpt-oss checkpoint into the model tree (layers stacked).
@@ -95,6 +111,8 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
     (:class:`gptoss_jax.params.StackedTreeBuilder`), so neither the host nor one device ever holds a second copy.
     Raises CheckpointError naming the file and tensor for dtype/shape mismatches, missing or unexpected tensors.
     """
+    with Checkpoint(path) as ckpt:  # config.json's sizes against the headers before any per-layer table is built
+        check_config_against_tensors(config, ckpt, str(Path(path) / "config.json"))
     storage_specs = dict(iter_specs(param_specs(config, dtype=dtype)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     builder = StackedTreeBuilder(model_specs(config, dtype=dtype), sharding_of or (lambda p, s: device))
@@ -123,6 +141,7 @@ def load_hf_params(path: str | Path, config: GptOssConfig, *, dtype=jnp.bfloat16
                                       f"{tuple(np.swapaxes(host, -1, -2).shape) if transpose else host.shape}, "
                                       f"config.json implies {spec.shape if not transpose else spec.shape[::-1]}")
             host = np.ascontiguousarray(host).astype(spec.dtype)
+            require_finite(host, f"{ckpt.file_of(name)}: tensor {name!r}")  # NaN/Inf would make every logit NaN
             builder.put(ppath, jax.device_put(host, builder.layer_sharding(ppath)))
             del host
             seen.add(ppath)

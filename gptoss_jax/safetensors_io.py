@@ -6,7 +6,10 @@ the caller converts it. bfloat16 is read through ml_dtypes. Every error names th
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import json
+import math
 import mmap
 import os
 import struct
@@ -26,8 +29,75 @@ DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptOssError, ValueError):
     """A checkpoint file or tensor that cannot be read; the message names the file and tensor."""
+
+
+def _parse_header(path: Path, raw: bytes, data_size: int):
+    """(metadata, {name: (dtype, shape, begin, end)}) of a safetensors header, every field checked against the
+    format (https://github.com/huggingface/safetensors, "Format"): a UTF-8 JSON object; "__metadata__" a string to
+    string map; each tensor {"dtype": known name, "shape": non-negative ints, "data_offsets": [begin, end]} with
+    end - begin = its byte size; the tensors tile the data buffer exactly (no overlap, no hole, nothing after)."""
+    def dup_check(pairs):
+        d = {}
+        for k, v in pairs:
+            if k in d:
+                raise CheckpointError(f"{path}: corrupted safetensors header (duplicate key {k!r})")
+            d[k] = v
+        return d
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=dup_check)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: corrupted safetensors header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupted safetensors header (__metadata__ must map strings to strings)")
+    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry must be an object, got {type(info).__name__}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise CheckpointError(f"{where}: header entry lacks {missing}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}"[:300])
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got "
+                                  f"{offsets!r}"[:300])
+        np_dtype = np.dtype(DTYPES[dtype])
+        nbytes = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow for absurd shapes
+        begin, end = offsets
+        if end - begin != nbytes or end > data_size:
+            raise CheckpointError(f"{where}: data range [{begin}, {end}) does not fit its shape {tuple(shape)} "
+                                  f"{np_dtype.name} ({nbytes} bytes) or the file's {data_size} data bytes "
+                                  f"(truncated?)")
+        entries[name] = (np_dtype, tuple(shape), begin, end)
+    pos = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a hole of {begin - pos} bytes before it"
+            raise CheckpointError(f"{path}: tensor {name!r} data range [{begin}, {end}) {what} (corrupted header)")
+        pos = end
+    if pos != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {pos} of the file's {data_size} data bytes (corrupted "
+                              f"header or trailing bytes)")
+    return metadata, entries
 
 
 class SafetensorsFile:
@@ -44,35 +114,13 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n < 2 or n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{self.path}: corrupted or truncated safetensors header "
                                       f"(header length {n}, file size {size})")
             raw = f.read(n)
-        try:
-            header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: corrupted safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupted safetensors header (not an object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        self.metadata, self.entries = _parse_header(self.path, raw, size - 8 - n)
         self._data_start = 8 + n
         self._data_size = size - self._data_start
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except KeyError as e:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported or missing header field "
-                                      f"{e}") from None
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry ({e})") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if end - begin != nbytes or begin < 0 or end > self._data_size:
-                raise CheckpointError(f"{self.path}: tensor {name!r} data range [{begin}, {end}) does not fit its "
-                                      f"shape {shape} {np.dtype(dtype).name} or the file (truncated?)")
-            self.entries[name] = (np.dtype(dtype), shape, begin, end)
         self._mmap = None
 
     def keys(self) -> list[str]:
@@ -125,11 +173,30 @@ class SafetensorsFile:
         self._mmap = None
 
 
+def read_index(index_path: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json, type-checked; every shard must be a plain file name in the
+    index's folder (no "/", "\\", "..", absolute path): a downloaded index must not make us read other files."""
+    from gptoss_jax.jsoncheck import field, read_json_object
+    index = read_json_object(index_path, error=CheckpointError)
+    field(index, "metadata", str(index_path), "object", default=None, nullable=True, error=CheckpointError)
+    weight_map = field(index, "weight_map", str(index_path), "object", error=CheckpointError)
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_path}: field 'weight_map.{tensor}' must be a file name, got {shard!r}")
+        if (not shard or "/" in shard or "\\" in shard or shard in (".", "..") or "\0" in shard
+                or Path(shard).is_absolute()):
+            raise CheckpointError(f"{index_path}: shard {shard!r} (of tensor {tensor!r}) is not a plain file name "
+                                  f"in the checkpoint folder; refusing to read outside it")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: field 'weight_map' is empty")
+    return weight_map
+
+
 class Checkpoint:
     """A folder (or a single file) with model.safetensors or a sharded model.safetensors.index.json."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         self.root = path if path.is_dir() else path.parent
         self.files: dict[str, SafetensorsFile] = {}
         self.tensor_file: dict[str, str] = {}
@@ -137,11 +204,7 @@ class Checkpoint:
             shards = [path.name]
         elif (path / "model.safetensors.index.json").exists():
             index_path = path / "model.safetensors.index.json"
-            try:
-                index = json.loads(index_path.read_text())
-                weight_map = index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            weight_map = read_index(index_path)
             missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
             if missing:
                 raise CheckpointError(f"{index_path}: shard(s) named in the index are missing: {missing}")
@@ -235,3 +298,28 @@ def write_sharded(tensors, path: str | os.PathLike, *, max_shard_bytes: int | No
         weight_map.update({k: fname for k in shard})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
                                                                   indent=1))
+
+
+def first_nonfinite(a: np.ndarray) -> int | None:
+    """Flat index of the first NaN / ±Inf of a float array (bf16 via ml_dtypes), or None. One float64 reduction
+    (≈1 GB/s here; finite 16/32-bit values cannot overflow a float64 sum), then a search only if it is non-finite."""
+    if a.dtype.kind != "f" and a.dtype != np.dtype(ml_dtypes.bfloat16):
+        return None
+    flat = np.asarray(a).reshape(-1)
+    if np.isfinite(np.add.reduce(flat, dtype=np.float64)):
+        return None
+    step = 1 << 22
+    for i in range(0, flat.size, step):
+        bad = np.flatnonzero(~np.isfinite(flat[i:i + step].astype(np.float32)))
+        if bad.size:
+            return i + int(bad[0])
+    return None
+
+
+def require_finite(a: np.ndarray, where: str, error=CheckpointError) -> None:
+    """Raises `error` ("<where>: NaN/Inf at index (i, j)") if `a` holds a non-finite value."""
+    i = first_nonfinite(a)
+    if i is not None:
+        value = float(np.asarray(a).reshape(-1)[i].astype(np.float32))
+        raise error(f"{where}: non-finite value {value} at index {tuple(int(x) for x in np.unravel_index(i, a.shape))}"
+                    f" (a corrupted or diverged checkpoint; every tensor must be finite)")

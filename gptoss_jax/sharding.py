@@ -24,6 +24,8 @@ or, with a converted Orbax checkpoint, :func:`restore_params` reads each device'
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -77,7 +79,7 @@ RULES: dict[str, MeshAxes] = {
 _MUST_DIVIDE = {P_.EXPERTS, P_.Q_HEADS, P_.KV_HEADS, P_.HEADS, CACHE_KV_HEADS, BATCH}
 
 
-class ShardingError(ValueError):
+class ShardingError(GptOssError, ValueError):
     """A mesh or sharding that cannot hold the model (names the axis, the sizes and the tensor)."""
 
 

@@ -13,6 +13,8 @@ tokenizer instead of hard-coding the o200k_harmony values (199998 ... 200012).
 
 from __future__ import annotations
 
+from gptoss_jax.errors import GptOssError
+
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -46,12 +48,12 @@ HARMONY_SPECIAL_TOKENS: tuple[str, ...] = (
 TOKENIZER_FILENAME = "tokenizer.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptOssError, ValueError):
     """A tokenizer file is missing, unreadable or not a valid ``tokenizer.json``."""
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    p = Path(os.path.expanduser(os.fspath(path)))
     if p.is_dir():
         p = p / TOKENIZER_FILENAME
     return p

@@ -195,9 +195,13 @@ def test_dst_exists_needs_force(src, tmp_path):
         convert(src, dst)
     assert (dst / "keep.txt").exists()
     assert cli.main([str(src), str(dst), "--quiet"]) == cli.EXIT_ERROR
+    # --force never deletes a folder that is not a previous gptoss-jax checkpoint (docs/RELIABILITY.md)
+    assert cli.main([str(src), str(dst), "--quiet", "--force"]) == cli.EXIT_ERROR
+    assert (dst / "keep.txt").read_text() == "user data"
+    (dst / "keep.txt").unlink()  # an empty folder, or a previous checkpoint, is replaced
     assert cli.main([str(src), str(dst), "--quiet", "--force"]) == 0
-    assert not (dst / "keep.txt").exists()
     assert checkpoint.read_metadata(dst)["complete"]
+    assert cli.main([str(src), str(dst), "--quiet", "--force"]) == 0
 
 
 def test_interruption_leaves_nothing_and_rerun_succeeds(src, tmp_path, monkeypatch, capsys):
