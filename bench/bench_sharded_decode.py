@@ -40,7 +40,8 @@ from gptoss_jax import sharding  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
 from gptoss_jax.model import build_model, shard_model  # noqa: E402
 from gptoss_jax.kv_cache import init_cache  # noqa: E402
-from gptoss_jax.params import QuantSpec, iter_specs, model_specs, path_str  # noqa: E402
+from gptoss_jax.params import (QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs,  # noqa: E402
+                               path_str)
 
 T0 = time.time()
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
@@ -87,26 +88,25 @@ _GEN_CACHE: dict = {}
 
 
 def random_params(config, *, dtype, quant, shardings_of, seed=0):
-    """Parameter tree generated on device; shardings_of(path, spec) gives each leaf's sharding."""
+    """The model tree (layers stacked) generated on device layer by layer, each layer written in place into its
+    stacked array (params.StackedTreeBuilder), so no leaf is ever generated whole (a 36-layer gate_up is 38 GB);
+    shardings_of(model_path, spec) gives each leaf's sharding."""
     base = jax.random.key(seed)
-    out: dict = {}
-    for path, spec in iter_specs(model_specs(config, dtype=dtype, quant=quant)):  # layers stacked
+    builder = StackedTreeBuilder(model_specs(config, dtype=dtype, quant=quant), shardings_of)
+    for path, spec in iter_specs(param_specs(config, dtype=dtype, quant=quant)):  # storage tree: per layer
         kind = _leaf_kind(path)
         # key from the path with the layer index folded in separately: layer i is the same in any model depth
         name = path_str(tuple("L" if isinstance(p, int) else p for p in path))
         key = jax.random.fold_in(base, zlib.crc32(name.encode()) & 0x7FFFFFFF)
         layer = next((p for p in path if isinstance(p, int)), -1)
         key = jax.random.fold_in(key, layer + 1)
-        sh = shardings_of(path, spec)
+        sh = builder.layer_sharding(path)
         cache_key = (spec.shape, str(jnp.dtype(spec.dtype)), kind, sh)
         if cache_key not in _GEN_CACHE:
             _GEN_CACHE[cache_key] = jax.jit(lambda k, s=spec.shape, d=jnp.dtype(spec.dtype), kd=kind:
                                             _gen(k, shape=s, dtype=d, kind=kd), out_shardings=sh)
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = _GEN_CACHE[cache_key](key)
-    return out
+        builder.put(path, _GEN_CACHE[cache_key](key))
+    return builder.tree()
 
 
 # ------------------------------------------------------------------------------------------------- model steps
