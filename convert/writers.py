@@ -135,11 +135,14 @@ def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- the writer
-def _bf16_round_(model) -> None:
+def _round_(model, torch_dtype) -> None:
     import torch
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+            p.copy_(p.to(torch_dtype).float())
+
+
+TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> None:
@@ -152,27 +155,32 @@ def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> Non
 
 def write_source(config, model, path, fmt: str, *, group: int | None = 64, symmetric: bool = False,
                  quantize_attention: bool = True, fused_gate_up: bool = False, max_shard_bytes: int | None = None,
-                 seed: int = 0, tokenizer: bool = True) -> dict[str, Any]:
+                 seed: int = 0, tokenizer: bool = True, dtype: str = "bfloat16") -> dict[str, Any]:
     """Writes `model` (float32 transformers GptOssForCausalLM of `config`) as a `fmt` source checkpoint at `path`
     and sets the model's weights to what the converted checkpoint must hold (see module docstring).
 
     group / symmetric: the source scheme (compressed-tensors, awq) or the RTN scheme the test will ask the
-    converter for (hf, mxfp4). Returns the config.json dict written."""
+    converter for (hf, mxfp4). dtype: the dtype of every unquantized tensor ("bfloat16", "float16", "float32").
+    quantize_attention=False leaves attention 16-bit in a quantized source (experts-only releases): the converter
+    keeps it as it is. Returns the config.json dict written."""
     import torch
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    _bf16_round_(model)
+    tdt = getattr(torch, TORCH_DTYPES[dtype])
+    _round_(model, tdt)
     c = config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors: dict[str, Any] = {}
     hf = c.to_hf_dict()
 
     def keep16(name):
-        tensors[name] = sd[name].to(torch.bfloat16)
+        tensors[name] = sd[name].to(tdt)
 
     quantized_src = fmt in ("compressed-tensors", "awq")
+    # the converter's RTN scales: the source weights' dtype for hf, bf16 for mxfp4
+    rtn_scale_dtype = np.dtype(ml_dtypes.bfloat16) if fmt == "mxfp4" or dtype == "bfloat16" else np.dtype(dtype)
 
     def quantize_linear(w_out_in):
         if fmt == "compressed-tensors":
@@ -192,13 +200,9 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
             new_sd[name] = torch.from_numpy(deq).float()
         elif is_attn_w and not quantized_src:
             keep16(name)
-            new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric).T).float()
-        elif is_attn_w:  # 16-bit in a quantized source: the converter applies RTN with the source's scheme
-            keep16(name)
-            sdt = ml_dtypes.bfloat16 if fmt == "compressed-tensors" else np.float16
             new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric,
-                                                          sdt).T).float()
-        else:
+                                                          rtn_scale_dtype).T).float()
+        else:  # (also 16-bit attention of a quantized source: the converter keeps it exactly)
             keep16(name)
 
     h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
@@ -209,10 +213,10 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         gu_bias, down_bias = sd[base + "gate_up_proj_bias"], sd[base + "down_proj_bias"]
         new_gu, new_down = np.empty_like(gate_up), np.empty_like(down)
         if fmt == "hf":
-            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(torch.bfloat16)
-            tensors[base + "down_proj"] = sd[base + "down_proj"].to(torch.bfloat16)
-            new_gu = rtn_reference(gate_up, group, symmetric)
-            new_down = rtn_reference(down, group, symmetric)
+            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(tdt)
+            tensors[base + "down_proj"] = sd[base + "down_proj"].to(tdt)
+            new_gu = rtn_reference(gate_up, group, symmetric, rtn_scale_dtype)
+            new_down = rtn_reference(down, group, symmetric, rtn_scale_dtype)
         elif fmt == "mxfp4":
             for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
                 blocks, scales = mxfp4_random(rng, (e,), n, k)
@@ -231,23 +235,23 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
                     ts, deq = quantize_linear(gate_up[ex].T)
                     for suffix, t in ts.items():
                         tensors[f"{ep}gate_up_proj.{suffix}"] = t
-                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(torch.bfloat16)
+                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(tdt)
                     new_gu[ex] = deq.T
                 else:
                     for sub, cols in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
                         ts, deq = quantize_linear(gate_up[ex][:, cols].T)
                         for suffix, t in ts.items():
                             tensors[f"{ep}{sub}.{suffix}"] = t
-                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(torch.bfloat16)
+                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(tdt)
                         new_gu[ex][:, cols] = deq.T
                 ts, deq = quantize_linear(down[ex].T)
                 for suffix, t in ts.items():
                     tensors[f"{ep}down_proj.{suffix}"] = t
-                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(torch.bfloat16)
+                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(tdt)
                 new_down[ex] = deq.T
         if fmt in ("hf", "mxfp4"):
-            tensors[base + "gate_up_proj_bias"] = gu_bias.to(torch.bfloat16)
-            tensors[base + "down_proj_bias"] = down_bias.to(torch.bfloat16)
+            tensors[base + "gate_up_proj_bias"] = gu_bias.to(tdt)
+            tensors[base + "down_proj_bias"] = down_bias.to(tdt)
         new_sd[base + "gate_up_proj"] = torch.from_numpy(new_gu).float()
         new_sd[base + "down_proj"] = torch.from_numpy(new_down).float()
 

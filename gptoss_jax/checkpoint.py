@@ -66,6 +66,33 @@ def dtype_name(dtype) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ items
 EXPERT_WEIGHTS = ("gate_up", "down")
+INT4_KEYS = ("packed", "scales", "zeros")
+FLOAT_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+# ------------------------------------------------------------------------------- per-tensor dtypes (lossless)
+# A converted checkpoint keeps every non-int4 tensor in its source dtype. The metadata's "dtype" is the dtype most of
+# those bytes have; "tensor_dtypes" {path: dtype} lists every tensor stored in another one.
+def _leaves(tree: Mapping, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def apply_tensor_dtypes(specs: Mapping, tensor_dtypes: Mapping[str, str]) -> dict:
+    """A copy of a spec tree whose tensors named in `tensor_dtypes` (path_str -> dtype name) have that dtype."""
+    out = {}
+    for k, v in specs.items():
+        if isinstance(v, Mapping):
+            out[k] = apply_tensor_dtypes(v, {p[len(str(k)) + 1:]: d for p, d in tensor_dtypes.items()
+                                             if p.startswith(f"{k}.")})
+        elif str(k) in tensor_dtypes:
+            out[k] = ParamSpec(v.shape, jnp.dtype(tensor_dtypes[str(k)]), v.axes)
+        else:
+            out[k] = v
+    return out
 
 
 def item_names(config: GptOssConfig) -> list[str]:
@@ -196,6 +223,7 @@ class CheckpointWriter:
         (self.tmp / PARAMS_DIR).mkdir()
         (self.tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         self.items: list[str] = []
+        self.tensor_dtypes: dict[str, str] = {}  # non-int4 tensors written in a dtype other than self.dtype
         self._plan = item_names(config)
         self._checkpointer = None
         self._done = False
@@ -213,12 +241,27 @@ class CheckpointWriter:
             raise ValueError(f"unknown checkpoint item {name!r}; expected one of {self._plan}")
         if name in self.items:
             raise ValueError(f"checkpoint item {name!r} written twice")
+        self._adopt_float_dtypes(name, tree)
         _check_item(name, tree, select_item(self.specs, name), str(self.dst))
         _move_to_cpu_arrays(tree)
         save_args = jax.tree.map(lambda _: self._save_args(), tree)
         self._ckpt().save(self.tmp / PARAMS_DIR / name, tree, save_args=save_args)
         self.items.append(name)
         _release_freed_memory()
+
+    def _adopt_float_dtypes(self, name: str, tree: Mapping) -> None:
+        """Records non-int4 leaves given in another float dtype than the checkpoint's (lossless conversion)."""
+        changed = False
+        for full, leaf in _leaves(_rooted(name, tree)):
+            if full[-1] in INT4_KEYS or not hasattr(leaf, "dtype"):
+                continue
+            got = np.dtype(leaf.dtype).name
+            if got != self.dtype and got in FLOAT_DTYPE_NAMES:
+                self.tensor_dtypes[path_str(full)] = got
+                changed = True
+        if changed:
+            self.specs = apply_tensor_dtypes(param_specs(self.config, dtype=jnp.dtype(self.dtype), quant=self.quant),
+                                             self.tensor_dtypes)
 
     @staticmethod
     def _save_args():
@@ -241,6 +284,7 @@ class CheckpointWriter:
             "dtype": self.dtype,
             "quantization": None if self.quant is None else {"scheme": "int4", **self.quant.to_dict()},
             "items": self.items,
+            "tensor_dtypes": dict(sorted(self.tensor_dtypes.items())),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(metadata or {}),
             "complete": True,
@@ -334,7 +378,8 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
 
     `shardings`: None (first device), one ``jax.sharding.Sharding`` for all leaves, a tree shaped like the params, or
     a callable ``(path, ParamSpec) -> Sharding``. `dtype` casts the 16-bit tensors (not the int4 codes, scales or
-    zero points) while reading; default: the dtype the checkpoint was written in.
+    zero points) while reading; default: each tensor in the dtype it was written in (the metadata's "dtype", or its
+    entry in "tensor_dtypes": a lossless conversion keeps source dtypes per tensor).
     """
     import orbax.checkpoint as ocp
 
@@ -344,7 +389,7 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
     quant = quant_of(meta)
     stored = jnp.dtype(meta["dtype"])
     target = stored if dtype is None else jnp.dtype(dtype_name(dtype))
-    stored_specs = param_specs(config, dtype=stored, quant=quant)
+    stored_specs = apply_tensor_dtypes(param_specs(config, dtype=stored, quant=quant), meta.get("tensor_dtypes", {}))
     checkpointer = ocp.PyTreeCheckpointer()
     params: dict = {}
     plan = item_names(config)
@@ -369,8 +414,8 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
 
         def restore_arg(rel: tuple, spec: ParamSpec):
             full = (*prefix, *rel)
-            is_16bit = rel[-1] not in ("packed", "scales", "zeros")
-            want = target if is_16bit else jnp.dtype(spec.dtype)
+            is_16bit = rel[-1] not in INT4_KEYS
+            want = target if is_16bit and dtype is not None else jnp.dtype(spec.dtype)
             return ocp.ArrayRestoreArgs(sharding=_sharding_for(shardings, full, spec), global_shape=spec.shape,
                                         dtype=want)
 
@@ -392,8 +437,9 @@ def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = No
     """The GptOss model of a checkpoint, its int4 weights kept packed (quant from the metadata)."""
     from gptoss_jax.hf_loader import model_from_params
     meta = read_metadata(path)
-    config, quant, params = load_params(path, shardings=shardings, dtype=dtype)
     compute = jnp.dtype(dtype_name(dtype)) if dtype is not None else jnp.dtype(meta["dtype"])
+    # the compute dtype is the load dtype: every non-int4 tensor is cast to it while reading
+    config, quant, params = load_params(path, shardings=shardings, dtype=compute)
     return model_from_params(config, params, dtype=compute, quant=quant)
 
 
@@ -402,6 +448,6 @@ def host_dtype(name: str):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["CheckpointWriter", "save_params", "read_metadata", "load_params", "load_model", "item_names",
+__all__ = ["CheckpointWriter", "apply_tensor_dtypes", "save_params", "read_metadata", "load_params", "load_model", "item_names",
            "select_item",
            "quant_of", "METADATA_FILE", "dtype_name", "host_dtype"]

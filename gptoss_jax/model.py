@@ -22,7 +22,7 @@ from flax import nnx
 from gptoss_jax import layers
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import LayerCache, update_layer_cache
-from gptoss_jax.params import QuantSpec
+from gptoss_jax.params import QuantSpec, quant_for
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
 
@@ -46,10 +46,11 @@ class Attention(nnx.Module):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.window = c.sliding_window if c.is_sliding(layer_idx) else None
-        self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.o_proj = layers.Linear(c.q_dim, c.hidden_size, dtype=dtype, quant=quant, rngs=rngs)
+        qf = lambda module: quant_for(quant, module)  # noqa: E731 — mixed precision: int4 or 16-bit per module
+        self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=qf('q_proj'), rngs=rngs)
+        self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('k_proj'), rngs=rngs)
+        self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('v_proj'), rngs=rngs)
+        self.o_proj = layers.Linear(c.q_dim, c.hidden_size, dtype=dtype, quant=qf('o_proj'), rngs=rngs)
         # One learned logit per query head, appended as an extra softmax column that carries no value.
         self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
 
@@ -126,9 +127,9 @@ class Experts(nnx.Module):
     def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.alpha, self.limit = e, config.swiglu_alpha, config.swiglu_limit
-        self.gate_up = layers.weight((e, h, 2 * i), dtype=dtype, quant=quant, rngs=rngs)
+        self.gate_up = layers.weight((e, h, 2 * i), dtype=dtype, quant=quant_for(quant, "gate_up"), rngs=rngs)
         self.gate_up_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, 2 * i), dtype))
-        self.down = layers.weight((e, i, h), dtype=dtype, quant=quant, rngs=rngs)
+        self.down = layers.weight((e, i, h), dtype=dtype, quant=quant_for(quant, "down"), rngs=rngs)
         self.down_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, h), dtype))
 
     def __call__(self, x_sorted, group_sizes):
