@@ -355,11 +355,14 @@ class Source:
              "scales": np.empty((e, k // g, n), _np_dtype(self.quant.scale_dtype))}
         if not self.quant.symmetric:
             d["zeros"] = np.empty((e, k // g, n), np.uint8)
+        if "gate_up" in self.quant.act_order and k == self.config.hidden_size and n == 2 * self.config.intermediate_size:
+            d["perm"] = np.empty((e, k), np.int32)  # filled by the reader
         return d
 
     def _put_expert(self, dst: dict, e: int, src: dict, columns=slice(None)) -> None:
         for key in dst:
-            dst[key][e][:, columns] = src[key]
+            if key != "perm":
+                dst[key][e][:, columns] = src[key]
 
     def for_each_expert(self, fn: Callable[[int], None]) -> None:
         """Runs fn(expert) for every expert, on `options.threads` threads; the first error is raised."""
@@ -566,8 +569,9 @@ class QuantizedSource(Source):
       ``experts.gate_up.{i}/down.{i}`` (GPTQModel's gpt-oss definition; interleaved).
     * Activation order (a stored g_idx that is not ``k // group``) is applied exactly by permuting K at conversion
       (:func:`act_order_perm`). For an expert's down_proj the permutation of its input (the intermediate units) is
-      absorbed into the column order of that expert's gate_up and gate_up bias, at no run-time cost. For a linear
-      whose input is the residual stream (attention, gate_up) no such absorption exists; those are refused.
+      absorbed into the column order of that expert's gate_up and gate_up bias, at no run-time cost. A linear whose
+      input is the residual stream (attention, gate_up) keeps the permutation as "perm" (QuantSpec.act_order) and
+      the model gathers its input features in that order (layers.linear / grouped_linear).
     """
 
     weight_suffix = ""  # the packed tensor's suffix: tells a 4-bit linear from a 16-bit one
@@ -622,8 +626,14 @@ class QuantizedSource(Source):
                    if not all(self.attn_quantized[f"model.layers.{li}.self_attn.{proj}"] for li in layers)]
         if partial:
             self.requantized.append(f"attention projections {partial} of the layers that store them 16-bit (RTN)")
+        act_order = ()
+        if not self.scheme_problems:
+            try:
+                act_order = self.scan_act_order()
+            except ConvertError as e:
+                self.scheme_problems.append(str(e))
         self.quant = QuantSpec(self.scheme_group, self.scheme_symmetric, scale_dtype,
-                               modules=(*int4_attn, "gate_up", "down"))
+                               modules=(*int4_attn, "gate_up", "down"), act_order=act_order)
         for what, k in (("hidden_size", h), ("intermediate_size", i), ("q_dim (heads·head_dim)", c.q_dim)):
             if k % 8:
                 self.scheme_problems.append(f"config.json: {what} {k} is not a multiple of 8 (int4 packing)")
@@ -689,13 +699,30 @@ class QuantizedSource(Source):
                     self._down_perms[li][e] = perm
         return self._down_perms[li].get(ex)
 
-    def linear_no_reorder(self, prefix: str, out: int, inp: int, what: str) -> dict:
-        d, perm = self.ordered_linear(prefix, out, inp)
-        if perm is not None:
-            raise ConvertError(f"{self.where(prefix + '.' + self.g_idx_suffix)}: activation order (g_idx) on {what}, "
-                               f"whose input is the residual stream, is not supported (only on experts' down_proj, "
-                               f"where it is absorbed exactly)")
-        return d
+    @staticmethod
+    def module_of(prefix: str) -> str:
+        """Our module (one of params.QUANTIZED_MODULES) of a source linear."""
+        if ".self_attn." in prefix:
+            return prefix.rsplit(".", 1)[1]
+        return "down" if "down" in prefix.split(".experts.")[-1] else "gate_up"
+
+    def scan_act_order(self) -> tuple[str, ...]:
+        """Modules with a non-trivial g_idx in some layer, other than down_proj (absorbed into gate_up's columns):
+        they are stored with an input permutation "perm" (QuantSpec.act_order). Reads every g_idx (small)."""
+        found: set[str] = set()
+        if not self.g_idx_suffix:
+            return ()
+        suffix = "." + self.g_idx_suffix
+        for name in list(self.expected):
+            if not name.endswith(suffix) or name not in self.ckpt:
+                continue
+            prefix = name[: -len(suffix)]
+            module = self.module_of(prefix)
+            if module in found or module == "down":
+                continue
+            if self.input_perm(prefix, int(self.ckpt.info(name)[1][0])) is not None:
+                found.add(module)
+        return tuple(sorted(found))
 
     # ---------------------------------------------------------------------------------------------- readers
     def groups(self, inp: int) -> int:
@@ -726,11 +753,16 @@ class QuantizedSource(Source):
             raise ConvertError(f"{self.where(name)}: non-finite scales")
 
     def attn_weight(self, prefix, out, inp):
-        if not self.quant.quantizes(prefix.rsplit(".", 1)[1]):
+        proj = prefix.rsplit(".", 1)[1]
+        if not self.quant.quantizes(proj):
             return self.f16(prefix + ".weight", transpose=True)  # 16-bit in the source: kept 16-bit
         if self.attn_quantized[prefix]:
-            return self.linear_no_reorder(prefix, out, inp, "an attention projection")
-        return self.dense_linear(prefix, out, inp)
+            d, perm = self.ordered_linear(prefix, out, inp)
+        else:
+            d, perm = self.dense_linear(prefix, out, inp), None
+        if proj in self.quant.act_order:
+            d["perm"] = (np.arange(inp) if perm is None else perm).astype(np.int32)
+        return d
 
     def read_expert_biases(self, li: int) -> dict:
         c = self.config
@@ -755,18 +787,26 @@ class QuantizedSource(Source):
         dst = self._alloc_experts(k, n)
 
         def one(ex):
+            perms = []
             for prefix, out, inp, w, cols in self.expert_linears(li, ex):
                 if w != which:
                     continue
-                if which == "down":
-                    d, _ = self.ordered_linear(prefix, out, inp)  # its perm is absorbed by gate_up (down_perm)
-                else:
-                    d = self.linear_no_reorder(prefix, out, inp, "an expert's gate/up projection")
+                d, perm = self.ordered_linear(prefix, out, inp)  # a down perm is absorbed by gate_up (down_perm)
                 self._put_expert(dst, ex, d, cols)
+                perms.append((prefix, np.arange(inp) if perm is None else perm))
+            if "perm" in dst:
+                first = perms[0][1]
+                for prefix, perm in perms[1:]:
+                    if not np.array_equal(perm, first):  # (GPTQ derives both from the same input: never seen)
+                        raise ConvertError(f"{self.where(prefix + '.' + self.g_idx_suffix)}: its g_idx orders the "
+                                           f"input rows differently from {perms[0][0]}; the fused gate_up can hold "
+                                           f"one order per expert")
+                dst["perm"][ex] = first
             perm = self.down_perm(li, ex) if which == "gate_up" else None
             if perm is not None:
                 for key in dst:
-                    dst[key][ex] = dst[key][ex][:, _pair_columns(perm)]
+                    if key != "perm":
+                        dst[key][ex] = dst[key][ex][:, _pair_columns(perm)]
         if which == "gate_up":
             self.down_perm(li, 0)  # read the layer's down g_idx once, before the threads
         self.for_each_expert(one)

@@ -66,7 +66,7 @@ def dtype_name(dtype) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ items
 EXPERT_WEIGHTS = ("gate_up", "down")
-INT4_KEYS = ("packed", "scales", "zeros")
+INT4_KEYS = ("packed", "scales", "zeros", "perm")  # leaves of an int4 weight dict (never cast)
 FLOAT_DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 

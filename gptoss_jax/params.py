@@ -59,8 +59,12 @@ class QuantSpec:
     # Which of QUANTIZED_MODULES are int4; the others are plain 16/32-bit weights (mixed precision, e.g. a GPTQ /
     # AutoRound release that quantized the experts only). Metadata written before this field means all of them.
     modules: tuple[str, ...] = QUANTIZED_MODULES
+    # Modules stored with an input-row permutation "perm" (activation order, GPTQ desc_act / compressed-tensors
+    # actorder group: x @ W = x[..., perm] @ W_stored, applied by layers.linear / grouped_linear). Usually empty.
+    act_order: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "act_order", tuple(m for m in QUANTIZED_MODULES if m in self.act_order))
         bad = [m for m in self.modules if m not in QUANTIZED_MODULES]
         if bad:
             raise ValueError(f"unknown quantized module(s) {bad}; expected some of {QUANTIZED_MODULES}")
@@ -78,18 +82,23 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["modules"] = list(self.modules)
+        d["act_order"] = list(self.act_order)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
         return cls(group_size=d.get("group_size"), symmetric=bool(d.get("symmetric", True)),
                    scale_dtype=str(d.get("scale_dtype", "bfloat16")),
-                   modules=tuple(d.get("modules", QUANTIZED_MODULES)))
+                   modules=tuple(d.get("modules", QUANTIZED_MODULES)), act_order=tuple(d.get("act_order", ())))
 
 
 def quant_for(quant: QuantSpec | None, module: str) -> QuantSpec | None:
-    """The QuantSpec of one of QUANTIZED_MODULES, or None where that module is a plain 16/32-bit weight."""
-    return quant if quant is not None and quant.quantizes(module) else None
+    """The QuantSpec of one of QUANTIZED_MODULES (its act_order narrowed to that module), or None where that module
+    is a plain 16/32-bit weight."""
+    if quant is None or not quant.quantizes(module):
+        return None
+    return quant if quant.act_order == ((module,) if module in quant.act_order else ()) else dataclasses.replace(
+        quant, act_order=(module,) if module in quant.act_order else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +131,8 @@ def _weight_spec(lead: tuple[int, ...], lead_axes: tuple[str, ...], k: int, n: i
     }
     if not quant.symmetric:
         spec["zeros"] = ParamSpec((*lead, k // g, n), jnp.uint8, (*lead_axes, None, n_axis))
+    if quant.act_order:  # set by quant_for for an act-order module only
+        spec["perm"] = ParamSpec((*lead, k), jnp.int32, (*lead_axes, None))
     return spec
 
 

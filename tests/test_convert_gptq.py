@@ -72,15 +72,32 @@ def test_v1_zero_offset_matters(tmp_path):
         convert(src, tmp_path / "dst")
 
 
-def test_act_order_on_residual_inputs_is_refused(tmp_path):
-    """A scattered g_idx on a linear whose input is the residual stream (gate_up here) cannot be absorbed: a one-line
-    error naming the tensor, nothing written."""
+@pytest.mark.parametrize("symmetric,quantize_attention", [(True, False), (False, True)])
+def test_gptq_act_order_everywhere(tmp_path, symmetric, quantize_attention):
+    """desc_act on every quantized linear (scattered g_idx): down_proj's order is absorbed into gate_up's columns;
+    gate_up (and attention) keep theirs as an input permutation "perm" that the model applies; logits still match,
+    through the int4 kernels and through the dequantized fp32 model."""
+    _, dst = run_round_trip(tmp_path, "gptq", 256, 32, symmetric, quantize_attention=quantize_attention,
+                            act_order=True, check_dequantized=not quantize_attention)
+    meta = checkpoint.read_metadata(dst)
+    want = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up"] if quantize_attention else ["gate_up"]
+    assert meta["quantization"]["act_order"] == want
+    _, _, params = checkpoint.load_params(dst)
+    perm = np.asarray(params["layers"][0]["mlp"]["experts"]["gate_up"]["perm"])
+    chex.assert_shape(perm, (tiny_config(256).num_local_experts, 256))
+    assert all(sorted(p) == list(range(256)) for p in perm) and not np.array_equal(perm[0], np.arange(256))
+    assert "perm" not in params["layers"][0]["mlp"]["experts"]["down"]
+
+
+def test_act_order_gate_and_up_orders_must_agree(tmp_path):
+    """Split gate_proj / up_proj whose g_idx orders differ cannot share one fused gate_up: a one-line error naming
+    the tensor, nothing written."""
     config = tiny_config(256)
     src = tmp_path / "src"
-    writers.write_source(config, fresh_model(256), src, "gptq", group=32, symmetric=True, quantize_attention=False,
-                         act_order=True)
+    writers.write_source(config, fresh_model(256), src, "auto-round", group=32, symmetric=True,
+                         quantize_attention=False, act_order=("gate_up",))
     assert inspect(src)["problems"] == []
-    with pytest.raises(ConvertError, match=r"gate_up\.0\.g_idx.*activation order"):
+    with pytest.raises(ConvertError, match=r"experts\.0\.up_proj\.g_idx.*orders the input rows differently"):
         convert(src, tmp_path / "dst")
     assert not list(tmp_path.glob("dst*"))
 

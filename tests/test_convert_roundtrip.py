@@ -59,7 +59,11 @@ def dequantized_params(params, quant):
         if isinstance(d, dict) and "packed" in d:
             k = d["packed"].shape[-2] * 8
             t = int4_layout.Int4Tensor(d["packed"], d["scales"], d.get("zeros"), quant.group_for(k))
-            return int4_layout.dequantize(t, jnp.float32)
+            w = int4_layout.dequantize(t, jnp.float32)
+            if "perm" in d:  # act-order: stored rows are W[perm]; put them back (W[perm[j]] = stored[j])
+                inv = jnp.argsort(d["perm"], axis=-1)
+                w = jnp.take_along_axis(w, inv[..., None], axis=-2)
+            return w
         if isinstance(d, dict):
             return {key: walk(v) for key, v in d.items()}
         return d
@@ -189,6 +193,9 @@ def test_dtype_option_casts_and_is_reported(tmp_path):
     convert(src, dst, dtype="bf16")
     meta = checkpoint.read_metadata(dst)
     assert meta["dtype"] == "bfloat16" and meta["dtype_cast"] == "bfloat16" and meta["tensor_dtypes"] == {}
+    from gptoss_jax import api
+    assumed = api.load(dst, tokenizer=False).info()["assumed"]
+    assert assumed == ["at conversion: --dtype bfloat16 cast every non-int4 tensor (possibly lossy)"]
 
 
 def test_codes_scales_and_zeros_are_bit_exact(tmp_path):
