@@ -338,12 +338,13 @@ class Source:
             if kept_dtypes:
                 extra = "" if not other else " biases, sinks" if group == "attention" else " biases"
                 source.append("/".join(short(d) for d in kept_dtypes) + extra)
+                what = extra.strip() + " " if extra else ""
                 if cast is None:
-                    action.append("kept as is (lossless)")
+                    action.append(f"{what}kept as is (lossless)")
                 else:
                     narrower = any(np.dtype(_np_dtype(d)).itemsize > _np_dtype(cast).itemsize or (
                         d != cast and _np_dtype(d).itemsize == _np_dtype(cast).itemsize) for d in kept_dtypes)
-                    action.append(f"cast to {short(cast)} (--dtype" + (", lossy)" if narrower else ")"))
+                    action.append(f"{what}cast to {short(cast)} (--dtype" + (", lossy)" if narrower else ")"))
             rows.append({"group": group, "source": "; ".join(source) or "-", "conversion": "; ".join(action) or "-"})
         return rows
 
@@ -627,6 +628,7 @@ class QuantizedSource(Source):
         if partial:
             self.requantized.append(f"attention projections {partial} of the layers that store them 16-bit (RTN)")
         act_order = ()
+        self.down_reordered = False
         if not self.scheme_problems:
             try:
                 act_order = self.scan_act_order()
@@ -718,10 +720,13 @@ class QuantizedSource(Source):
                 continue
             prefix = name[: -len(suffix)]
             module = self.module_of(prefix)
-            if module in found or module == "down":
+            if module in found or (module == "down" and self.down_reordered):
                 continue
             if self.input_perm(prefix, int(self.ckpt.info(name)[1][0])) is not None:
-                found.add(module)
+                if module == "down":
+                    self.down_reordered = True  # absorbed into gate_up's columns, not stored
+                else:
+                    found.add(module)
         return tuple(sorted(found))
 
     # ---------------------------------------------------------------------------------------------- readers
@@ -824,13 +829,15 @@ class QuantizedSource(Source):
         return f"int4 {self.format} ({g}, {'symmetric' if self.scheme_symmetric else 'asymmetric'})"
 
     def int4_action(self, group: str) -> str:
-        reorder = self.g_idx_suffix and any(n.endswith("." + self.g_idx_suffix) and self.module_group(n) == group
-                                            for n in self.expected)
         text = super().int4_action(group)
         if group == "experts" and self.expert_layout != "fused":
             text += f", fused from per-expert linears ({self.expert_layout})"
-        if reorder:
-            text += "; g_idx applied exactly by permuting K (non-trivial orderings)"
+        stored = [m for m in self.quant.act_order if (m in ATTN_PROJ) == (group == "attention")]
+        if stored or (group == "experts" and getattr(self, "down_reordered", False)):
+            parts = [f"{', '.join(stored)}: input permutation stored"] if stored else []
+            if group == "experts" and self.down_reordered:
+                parts.append("down: absorbed into gate_up's columns")
+            text += f"; act-order g_idx applied exactly by permuting K ({'; '.join(parts)})"
         if group == "attention" and self.requantized:
             text += "; " + "; ".join(self.requantized)
         return text

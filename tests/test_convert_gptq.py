@@ -37,6 +37,10 @@ def test_gptq_experts_only(tmp_path, group, symmetric, v2, dtype):
     _attention_is_16bit(dst, dtype)
     plan = {r["group"]: r for r in checkpoint.read_metadata(dst)["modules"]}
     assert "fused from per-expert linears (gptqmodel)" in plan["experts"]["conversion"]
+    assert "act-order" not in plan["experts"]["conversion"]  # g_idx stored but trivial (i // group)
+    assert plan["attention"] == {"group": "attention", "source": {"float16": "fp16", "bfloat16": "bf16",
+                                                                  "float32": "fp32"}[dtype],
+                                 "conversion": "kept as is (lossless)"}
 
 
 def test_gptq_all_modules_and_act_order_on_down(tmp_path):
@@ -45,7 +49,9 @@ def test_gptq_all_modules_and_act_order_on_down(tmp_path):
     src, dst = run_round_trip(tmp_path, "gptq", 256, 32, False, act_order=("down",), check_dequantized=True)
     meta = checkpoint.read_metadata(dst)
     assert meta["quantization"]["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down"]
-    assert "g_idx applied exactly" in {r["group"]: r for r in meta["modules"]}["experts"]["conversion"]
+    experts = {r["group"]: r for r in meta["modules"]}["experts"]["conversion"]
+    assert "act-order g_idx applied exactly by permuting K (down: absorbed into gate_up's columns)" in experts
+    assert meta["quantization"]["act_order"] == []
 
 
 @pytest.mark.parametrize("packing_format,symmetric,dtype", [("auto_round:auto_gptq", True, "bfloat16"),
@@ -87,6 +93,9 @@ def test_gptq_act_order_everywhere(tmp_path, symmetric, quantize_attention):
     chex.assert_shape(perm, (tiny_config(256).num_local_experts, 256))
     assert all(sorted(p) == list(range(256)) for p in perm) and not np.array_equal(perm[0], np.arange(256))
     assert "perm" not in params["layers"][0]["mlp"]["experts"]["down"]
+    plan = {r["group"]: r["conversion"] for r in meta["modules"]}
+    assert "(gate_up: input permutation stored; down: absorbed into gate_up's columns)" in plan["experts"]
+    assert ("act-order" in plan["attention"]) == quantize_attention
 
 
 def test_act_order_gate_and_up_orders_must_agree(tmp_path):
