@@ -1,8 +1,9 @@
 """``gptoss-convert``: any 4-bit (or unquantized) gpt-oss checkpoint -> a gptoss-jax Orbax checkpoint.
 
-    gptoss-convert SRC DST [--format auto|compressed-tensors|awq|hf|mxfp4] [--group-size N|channel]
-                   [--symmetric] [--dtype bf16|fp16|fp32 (default: source dtypes)] [--force] [--no-hash] [--threads N] [--quiet]
-    gptoss-convert inspect SRC [--format ...] [--json]
+    gptoss-convert SRC DST [--format auto|compressed-tensors|awq|gptq|auto-round|hf|mxfp4] [--group-size N|channel]
+                   [--symmetric] [--dtype bf16|fp16|fp32 (default: source dtypes, lossless)] [--force]
+                   [--no-hash] [--threads N] [--quiet]
+    gptoss-convert inspect SRC [--format ...] [--dtype ...] [--json]
 
 Exit codes: 0 success, 1 bad input / conversion error (the message names file and tensor), 2 bad usage,
 130 interrupted (nothing loadable is left at DST; rerunning succeeds).
@@ -44,9 +45,10 @@ def _human(n: int) -> str:
 
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-convert",
-                                description="Convert a gpt-oss checkpoint (compressed-tensors / AutoAWQ 4-bit, "
-                                            "MXFP4 or unquantized) into a gptoss-jax Orbax checkpoint with packed "
-                                            "int4 weights. `gptoss-convert inspect SRC` checks a source only.")
+                                description="Convert a gpt-oss checkpoint (compressed-tensors / AutoAWQ / GPTQ / "
+                                            "AutoRound 4-bit, MXFP4 or unquantized) into a gptoss-jax Orbax "
+                                            "checkpoint with packed int4 weights. `gptoss-convert inspect SRC` checks "
+                                            "a source only.")
     p.add_argument("src", help="source folder (config.json + safetensors)")
     p.add_argument("dst", help="output folder (must not exist unless --force)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS),

@@ -356,7 +356,8 @@ class Source:
              "scales": np.empty((e, k // g, n), _np_dtype(self.quant.scale_dtype))}
         if not self.quant.symmetric:
             d["zeros"] = np.empty((e, k // g, n), np.uint8)
-        if "gate_up" in self.quant.act_order and k == self.config.hidden_size and n == 2 * self.config.intermediate_size:
+        c = self.config
+        if "gate_up" in self.quant.act_order and (k, n) == (c.hidden_size, 2 * c.intermediate_size):
             d["perm"] = np.empty((e, k), np.int32)  # filled by the reader
         return d
 

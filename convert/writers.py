@@ -2,11 +2,12 @@
 that format).
 
 They are deliberately independent of the converter's readers: compressed-tensors sources are quantized and packed
-with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ
-sources are packed by a loop over the documented nibble order, MXFP4 sources are random E2M1 bytes and E8M0 scales.
+with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ, GPTQ
+and AutoRound sources are packed by loops over the documented bit positions (no GPTQ / AutoRound packer installs on
+CPU quickly), MXFP4 sources are random E2M1 bytes and E8M0 scales.
 
 ``write_source(config, model, path, fmt, ...)`` writes a source checkpoint from a float32 transformers model and
-updates the model *in place* to the weights the source really stores (16-bit tensors rounded to bf16, quantized
+updates the model *in place* to the weights the source really stores (16-bit tensors rounded to `dtype`, quantized
 weights dequantized), so the model is then the exact reference for logits. The unquantized ``hf`` and ``mxfp4``
 formats are quantized by the converter (round-to-nearest); for them the reference weights are computed by
 :func:`rtn_reference`, a float64 transcription of the documented rule.

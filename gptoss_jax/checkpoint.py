@@ -448,6 +448,7 @@ def host_dtype(name: str):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["CheckpointWriter", "apply_tensor_dtypes", "save_params", "read_metadata", "load_params", "load_model", "item_names",
+__all__ = ["CheckpointWriter", "apply_tensor_dtypes", "save_params", "read_metadata", "load_params", "load_model",
+           "item_names",
            "select_item",
            "quant_of", "METADATA_FILE", "dtype_name", "host_dtype"]

@@ -1,6 +1,7 @@
 """GPTQ (AutoGPTQ / GPTQModel) and AutoRound sources: checkpoints written by the formats' documented packing
 (convert.writers.gptq_quantize_linear: loops over the documented bit positions, v1 / v2 zero points, act-order g_idx)
--> gptoss-convert with default options -> fp32 logits vs transformers on the dequantized weights (≤ 1e-4, 100 % top-1).
+-> gptoss-convert with default options -> fp32 logits vs transformers on the dequantized weights (≤ 1e-4, 100 %
+top-1).
 
 Real int4 gpt-oss releases of these tools quantize the experts only: their attention must stay 16-bit.
 """

@@ -263,7 +263,8 @@ def test_tokenizer_files_and_metadata(tmp_path):
     assert meta["dtype"] == "float16"
     assert meta["converter"]["name"] == "gptoss-convert" and meta["converter"]["version"]
     assert meta["quantization"] == {"scheme": "int4", "group_size": 64, "symmetric": True, "scale_dtype": "bfloat16",
-                                    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down"]}
+                                    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down"],
+                                    "act_order": []}
     shards = [f for f in meta["source"]["files"] if f["name"].endswith(".safetensors")]
     assert len(shards) > 1
     import hashlib
@@ -294,3 +295,19 @@ def test_actorder_spellings_without_g_idx_convert(tmp_path):
     _, _, a = checkpoint.load_params(tmp_path / "out-None")
     _, _, b = checkpoint.load_params(tmp_path / "out-weight")
     chex.assert_trees_all_equal(a, b)
+    # actorder "group" with a stored weight_g_idx that is the identity grouping (k // group): read, checked, and no
+    # reordering (the same checkpoint again)
+    import torch
+    from safetensors.torch import load_file, save_file
+    base["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (src / "config.json").write_text(json.dumps(base))
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name in [n for n in tensors if n.endswith(".weight_shape")]:
+            inp = int(tensors[name][1])
+            tensors[name.replace(".weight_shape", ".weight_g_idx")] = torch.arange(inp, dtype=torch.int32) // 32
+        save_file(tensors, f)
+    convert(src, tmp_path / "out-group", hash_files=False)
+    _, quant, c = checkpoint.load_params(tmp_path / "out-group")
+    assert quant.act_order == ()
+    chex.assert_trees_all_equal(a, c)
