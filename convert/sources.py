@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
@@ -553,6 +554,71 @@ def act_order_perm(g_idx: np.ndarray, group: int, inp: int, where: str) -> np.nd
     return perm
 
 
+_STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj(?:\.(\w+)|_bias)$")
+
+
+class StackedExpertsView:
+    """GPTQModel's restacked save — ``mlp.experts.gate_up_proj.{qweight,qzeros,scales,g_idx}`` [E, ...] and
+    ``mlp.experts.gate_up_proj_bias`` [E, N] (likewise ``down_proj``) — seen as the per-expert modules GPTQModel
+    loads them back into, ``mlp.experts.gate_up.{i}.{qweight,...,bias}`` (its ``_repair_stacked_experts``). Every
+    other tensor passes through. Implements the part of :class:`Checkpoint` the readers use."""
+
+    def __init__(self, ckpt: Checkpoint, num_experts: int):
+        self.base, self.root, self.files = ckpt, ckpt.root, ckpt.files
+        self.virtual: dict[str, tuple[str, int]] = {}
+        self.tensor_file: dict[str, str] = {}
+        for name in ckpt.keys():
+            m = _STACKED_EXPERTS.match(name)
+            shape = ckpt.info(name)[1]
+            if m and len(shape) >= 2 and shape[0] == num_experts:
+                prefix, which, suffix = m.groups()
+                for e in range(num_experts):
+                    virtual = f"{prefix}.{which}.{e}.{suffix or 'bias'}"
+                    self.virtual[virtual] = (name, e)
+                    self.tensor_file[virtual] = ckpt.tensor_file[name]
+            else:
+                self.tensor_file[name] = ckpt.tensor_file[name]
+
+    def keys(self) -> list[str]:
+        return list(self.tensor_file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensor_file
+
+    def file_of(self, name: str):
+        return self.root / self.tensor_file[name]
+
+    def info(self, name: str):
+        if name in self.virtual:
+            dtype, shape = self.base.info(self.virtual[name][0])
+            return dtype, tuple(shape[1:])
+        return self.base.info(name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self.virtual:
+            stacked, e = self.virtual[name]
+            return self.base.get(stacked)[e]
+        return self.base.get(name)
+
+    def release(self, name: str, index: int | None = None) -> None:
+        if name in self.virtual:
+            self.base.release(*self.virtual[name])
+        else:
+            self.base.release(name, index)
+
+    def nbytes_of(self, name: str) -> int:
+        if name in self.virtual:
+            stacked, _ = self.virtual[name]
+            return self.base.nbytes_of(stacked) // self.base.info(stacked)[1][0]
+        return self.base.nbytes_of(name)
+
+    def nbytes(self) -> int:
+        return self.base.nbytes()
+
+    def close(self) -> None:
+        self.base.close()
+
+
 def _pair_columns(perm: np.ndarray) -> np.ndarray:
     """Columns of the fused gate_up (gate even, up odd) that feed intermediate unit perm[j], for every j."""
     return np.stack([2 * perm, 2 * perm + 1], axis=-1).reshape(-1)
@@ -568,7 +634,8 @@ class QuantizedSource(Source):
     * Per-expert linears are fused into our [E, K, N] layout; three layouts are read (``expert_layout``):
       ``split`` ``experts.{i}.gate_proj/up_proj/down_proj`` (gate/up = the even/odd columns of gate_up: llm-compressor,
       AutoRound), ``fused`` ``experts.{i}.gate_up_proj/down_proj`` (interleaved), ``gptqmodel``
-      ``experts.gate_up.{i}/down.{i}`` (GPTQModel's gpt-oss definition; interleaved).
+      ``experts.gate_up.{i}/down.{i}`` (GPTQModel's gpt-oss definition; interleaved; also its restacked save
+      ``experts.gate_up_proj.qweight`` [E, ...], read through :class:`StackedExpertsView`).
     * Activation order (a stored g_idx that is not ``k // group``) is applied exactly by permuting K at conversion
       (:func:`act_order_perm`). For an expert's down_proj the permutation of its input (the intermediate units) is
       absorbed into the column order of that expert's gate_up and gate_up bias, at no run-time cost. A linear whose
@@ -582,6 +649,8 @@ class QuantizedSource(Source):
 
     def __init__(self, *args):
         super().__init__(*args)
+        if f"model.layers.0.mlp.experts.gate_up_proj.{self.weight_suffix}" in self.ckpt:
+            self.ckpt = StackedExpertsView(self.ckpt, self.config.num_local_experts)  # GPTQModel restack
         self.scheme_group: int | None = None  # None: channel
         self.scheme_symmetric = False
         self.validate_scheme()

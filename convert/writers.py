@@ -208,7 +208,8 @@ def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> Non
 def write_source(config, model, path, fmt: str, *, group: int | None = 64, symmetric: bool = False,
                  quantize_attention: bool = True, fused_gate_up: bool = False, max_shard_bytes: int | None = None,
                  seed: int = 0, tokenizer: bool = True, dtype: str = "bfloat16", act_order: bool | tuple = False,
-                 packing: str = "auto_round:auto_gptq", gptq_v2: bool = False) -> dict[str, Any]:
+                 packing: str = "auto_round:auto_gptq", gptq_v2: bool = False,
+                 stacked: bool = False) -> dict[str, Any]:
     """Writes `model` (float32 transformers GptOssForCausalLM of `config`) as a `fmt` source checkpoint at `path`
     and sets the model's weights to what the converted checkpoint must hold (see module docstring).
 
@@ -216,7 +217,8 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
     converter for (hf, mxfp4). dtype: the dtype of every unquantized tensor ("bfloat16", "float16", "float32").
     quantize_attention=False leaves attention 16-bit in a quantized source (experts-only releases): the converter
     keeps it as it is. gptq: GPTQModel's gpt-oss layout (experts.gate_up.{i} interleaved, experts.down.{i}),
-    act_order / gptq_v2 as in gptq_quantize_linear; auto-round: AutoRound's (experts.{i}.gate_proj = even columns,
+    act_order / gptq_v2 as in gptq_quantize_linear; stacked: GPTQModel's restacked save (experts.gate_up_proj.qweight
+    [E, ...], experts.gate_up_proj_bias [E, N]); auto-round: AutoRound's (experts.{i}.gate_proj = even columns,
     up_proj = odd columns, down_proj) in `packing` (auto_round:auto_gptq / auto_round:gptqmodel /
     auto_round:auto_awq). Returns the config.json dict written."""
     import torch
@@ -320,6 +322,13 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
                     tensors[f"{ep}down_proj.{suffix}"] = t
                 tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(tdt)
                 new_down[ex] = deq.T
+        if fmt == "gptq" and stacked:  # GPTQModel restack: gate_up.{i}.S -> gate_up_proj.S [E, ...]
+            for which in ("gate_up", "down"):
+                for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                    tensors[f"{base}{which}_proj.{suffix}"] = np.stack(
+                        [tensors.pop(f"{base}{which}.{ex}.{suffix}") for ex in range(e)])
+                tensors[f"{base}{which}_proj_bias"] = torch.stack(
+                    [tensors.pop(f"{base}{which}.{ex}.bias") for ex in range(e)])
         if fmt in ("hf", "mxfp4"):
             tensors[base + "gate_up_proj_bias"] = gu_bias.to(tdt)
             tensors[base + "down_proj_bias"] = down_bias.to(tdt)

@@ -140,3 +140,16 @@ def test_gptq_zero_unpacking_matches_documented_bits():
     words = words.astype(np.uint32).view(np.int32)
     np.testing.assert_array_equal(packing.gptq_zeros(words, 16, 0), z)
     np.testing.assert_array_equal(packing.gptq_zeros(words, 16, 1), z + 1)
+
+
+def test_gptq_restacked_experts(tmp_path):
+    """GPTQModel's restacked save (experts.gate_up_proj.qweight [E, in/8, 2I], gate_up_proj_bias [E, 2I], ...) reads
+    as its per-expert modules, act-order included."""
+    src, dst = run_round_trip(tmp_path, "gptq", 256, 32, False, quantize_attention=False, act_order=True,
+                              stacked=True)
+    from gptoss_jax.safetensors_io import Checkpoint
+    with Checkpoint(src) as ck:
+        assert "model.layers.0.mlp.experts.gate_up_proj.qweight" in ck
+        assert "model.layers.0.mlp.experts.gate_up.0.qweight" not in ck
+    _attention_is_16bit(dst, "bfloat16")
+    assert checkpoint.read_metadata(dst)["quantization"]["act_order"] == ["gate_up"]
