@@ -1,8 +1,9 @@
 """``gptoss-convert``: any 4-bit (or unquantized) gpt-oss checkpoint -> a gptoss-jax Orbax checkpoint.
 
-    gptoss-convert SRC DST [--format auto|compressed-tensors|awq|hf|mxfp4] [--group-size N|channel]
-                   [--symmetric] [--dtype bf16|fp16|fp32] [--force] [--no-hash] [--threads N] [--quiet]
-    gptoss-convert inspect SRC [--format ...] [--json]
+    gptoss-convert SRC DST [--format auto|compressed-tensors|awq|gptq|auto-round|hf|mxfp4] [--group-size N|channel]
+                   [--symmetric] [--dtype bf16|fp16|fp32 (default: source dtypes, lossless)] [--force]
+                   [--no-hash] [--threads N] [--quiet]
+    gptoss-convert inspect SRC [--format ...] [--dtype ...] [--json]
 
 Exit codes: 0 success, 1 bad input / conversion error / OS error (one line naming the file, tensor or path), 2 bad
 usage, 130 / 143 interrupted by SIGINT / SIGTERM (the temporary folder is removed; nothing is left at DST).
@@ -44,9 +45,10 @@ def _human(n: int) -> str:
 
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-convert",
-                                description="Convert a gpt-oss checkpoint (compressed-tensors / AutoAWQ 4-bit, "
-                                            "MXFP4 or unquantized) into a gptoss-jax Orbax checkpoint with packed "
-                                            "int4 weights. `gptoss-convert inspect SRC` checks a source only.")
+                                description="Convert a gpt-oss checkpoint (compressed-tensors / AutoAWQ / GPTQ / "
+                                            "AutoRound 4-bit, MXFP4 or unquantized) into a gptoss-jax Orbax "
+                                            "checkpoint with packed int4 weights. `gptoss-convert inspect SRC` checks "
+                                            "a source only.")
     p.add_argument("src", help="source folder (config.json + safetensors)")
     p.add_argument("dst", help="output folder (must not exist unless --force)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
@@ -55,8 +57,10 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="RTN group size for hf / mxfp4 sources (default 64; 'channel' = per channel)")
     p.add_argument("--symmetric", action="store_true", default=None,
                    help="symmetric RTN for hf / mxfp4 sources (default asymmetric)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                   help="dtype of the 16-bit tensors (embeddings, norms, biases, router, lm_head)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="cast every non-int4 tensor (embeddings, norms, biases, router, lm_head, 16-bit attention) "
+                        "to this dtype; lossy when narrower than the source. Default: keep each tensor's source "
+                        "dtype (lossless)")
     p.add_argument("--force", action="store_true",
                    help="replace DST if it is a previous gptoss-jax checkpoint (or an empty folder); any other "
                         "existing DST, and a DST that is, holds or lies inside SRC, is refused")
@@ -74,12 +78,14 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-convert inspect", description="Report on a source checkpoint.")
     p.add_argument("src")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="report the plan for a conversion with this --dtype")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
 def _print_inspect(report: dict) -> None:
-    for key, label in (("source", "source"), ("format", "format"), ("scheme", "scheme"),
+    for key, label in (("source", "source"), ("format", "format"), ("scheme", "scheme"), ("dtype", "stored dtype"),
                        ("requantized", "requantized"), ("files", "files"), ("tensors", "tensors"),
                        ("parameters", "parameters"), ("layers", "layers"), ("experts", "experts")):
         if key in report:
@@ -92,6 +98,13 @@ def _print_inspect(report: dict) -> None:
     for key in ("bytes_in", "estimated_bytes_out"):
         if report.get(key) is not None:
             print(f"{key.replace('_', ' '):>20}: {_human(report[key])} ({report[key]:,} bytes)")
+    if report.get("modules"):
+        print(f"{'modules':>20}:")
+        width = max(len(r["source"]) for r in report["modules"])
+        for r in report["modules"]:
+            print(f"  {r['group']:<10} {r['source']:<{width}}  -> {r['conversion']}")
+    for note in report.get("assumed", []):
+        print(f"{'assumed':>20}: {note}")
     problems = report.get("problems", [])
     print(f"{'problems':>20}: {len(problems) or 'none'}")
     for prob in problems:
@@ -107,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "inspect":
         args = _inspect_parser().parse_args(argv[1:])
         from convert.converter import inspect
+        from convert.sources import Options
+        from gptoss_jax.checkpoint import dtype_name
         try:
-            report = inspect(args.src, args.format)
+            report = inspect(args.src, args.format,
+                             Options(dtype=None if args.dtype is None else dtype_name(args.dtype)))
         except user_errors() as e:
             print(f"gptoss-convert inspect: error: {_error(e)}", file=sys.stderr)
             return EXIT_ERROR

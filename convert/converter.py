@@ -93,7 +93,7 @@ def open_checkpoint_source(src: str | os.PathLike, fmt: str = "auto", options: O
 def _estimate_out_bytes(source: Source) -> int | None:
     """Bytes of the converted parameters (None when the scheme cannot describe this model, e.g. a bad group)."""
     try:
-        specs = param_specs(source.config, dtype=source.out_dtype, quant=source.quant)
+        specs = param_specs(source.config, dtype=checkpoint.host_dtype(source.storage_dtype()), quant=source.quant)
     except ValueError:
         return None
     return sum(s.nbytes for _, s in iter_specs(specs))
@@ -117,6 +117,10 @@ def inspect(src: str | os.PathLike, fmt: str = "auto", options: Options | None =
             "detected_format": detect_format(hf),
             "scheme": source.scheme_description(),
             "quant": source.quant.to_dict(),
+            "dtype": source.storage_dtype(),
+            "dtype_cast": source.options.dtype,
+            "modules": source.module_plan(),
+            "assumed": list(source.config.rope.assumed),
             "requantized": list(source.requantized),
             "files": len(ckpt.files),
             "tensors": len(ckpt.keys()),
@@ -131,12 +135,15 @@ def inspect(src: str | os.PathLike, fmt: str = "auto", options: Options | None =
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto", group_size: int | str | None = None,
-            symmetric: bool | None = None, dtype: str = "bf16", force: bool = False, progress: bool = False,
+            symmetric: bool | None = None, dtype: str | None = None, force: bool = False, progress: bool = False,
             hash_files: bool = True, threads: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Converts SRC into a gptoss-jax checkpoint at DST and returns DST.
 
     group_size: RTN group size for hf / mxfp4 sources (None = default 64, "channel" = per channel); symmetric likewise
     (None = default, asymmetric). Quantized sources keep their own scheme (passing either is an error).
+    dtype: None (default) keeps every non-int4 tensor in its source dtype (lossless); "bf16" / "fp16" / "fp32" casts
+    them all to it (an explicit choice, lossy when narrower than the source), recorded in the metadata.
+
     SRC and DST may be relative, ``~`` or symlinks. `force` replaces DST only if it is a previous gptoss-jax
     checkpoint or an empty folder; a DST that is, holds or lies inside SRC is always refused.
 
@@ -154,7 +161,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
         fsutil.check_destination(dst, force=force, sources=(src,))
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
-    out_dtype = checkpoint.dtype_name(dtype)
+    out_dtype = None if dtype is None else checkpoint.dtype_name(dtype)
     if group_size is not None and group_size != "channel" and (isinstance(group_size, bool) or
                                                                not isinstance(group_size, int) or group_size <= 0):
         raise ConvertError(f"group size must be a positive integer or 'channel', got {group_size!r}")
@@ -193,7 +200,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
 
         started = time.perf_counter()
         try:
-            with checkpoint.CheckpointWriter(dst, config, dtype=out_dtype, quant=source.quant, force=force) as w:
+            storage = source.storage_dtype()
+            with checkpoint.CheckpointWriter(dst, config, dtype=storage, quant=source.quant, force=force) as w:
                 for name in checkpoint.item_names(config):
                     try:
                         tree = source.read_item(name)
@@ -224,6 +232,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
                     "source": {"path": str(src.resolve()), "format": source.format,
                                "scheme": source.scheme_description(),
                                "quantization_config": hf.get("quantization_config"), "files": files},
+                    "dtype_cast": out_dtype,  # None: lossless (source dtypes kept per tensor)
+                    "modules": source.module_plan(),
+                    "assumed": list(config.rope.assumed),
                     "requantized": list(source.requantized),
                 })
         finally:

@@ -2,11 +2,12 @@
 that format).
 
 They are deliberately independent of the converter's readers: compressed-tensors sources are quantized and packed
-with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ
-sources are packed by a loop over the documented nibble order, MXFP4 sources are random E2M1 bytes and E8M0 scales.
+with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ, GPTQ
+and AutoRound sources are packed by loops over the documented bit positions (no GPTQ / AutoRound packer installs on
+CPU quickly), MXFP4 sources are random E2M1 bytes and E8M0 scales.
 
 ``write_source(config, model, path, fmt, ...)`` writes a source checkpoint from a float32 transformers model and
-updates the model *in place* to the weights the source really stores (16-bit tensors rounded to bf16, quantized
+updates the model *in place* to the weights the source really stores (16-bit tensors rounded to `dtype`, quantized
 weights dequantized), so the model is then the exact reference for logits. The unquantized ``hf`` and ``mxfp4``
 formats are quantized by the converter (round-to-nearest); for them the reference weights are computed by
 :func:`rtn_reference`, a float64 transcription of the documented rule.
@@ -118,6 +119,57 @@ def awq_quantize_linear(w_out_in: np.ndarray, group: int | None):
     return {"qweight": pack(q), "qzeros": pack(zeros), "scales": scales}, deq.T
 
 
+def gptq_quantize_linear(w_out_in: np.ndarray, group: int | None, symmetric: bool, *, act_order: bool = False,
+                         v2: bool = False, rng: np.random.Generator | None = None):
+    """GPTQ tensors of one linear by the documented format (AutoGPTQ / GPTQModel), rounding to nearest with GPTQ's
+    quantizer rule (asymmetric: scale = (max − min)/15 with min ≤ 0 ≤ max, zero = round(−min/scale); symmetric:
+    scale = 2·absmax/15, zero = 8), fp16 scales.
+
+    Packing, written out here by loops over the documented bit positions (independent of the converter):
+    ``qweight`` int32 [in/8, out], input row 8r + j at bits 4j of word r; ``qzeros`` int32 [groups, out/8], column
+    8c + j at bits 4j of word c, storing z − 1 (v1 "gptq") or z ("gptq_v2"); ``scales`` fp16 [groups, out];
+    ``g_idx`` int32 [in]. act_order: the groups are formed over a random permutation of the input rows (as GPTQ's
+    desc_act does with its Hessian order), so g_idx is a scattered assignment. Returns (tensors, dequantized float64
+    [out, in])."""
+    w = np.asarray(w_out_in, np.float64).T  # [in, out]
+    inp, out = w.shape
+    g = inp if group is None else group
+    if act_order:
+        order = (rng or np.random.default_rng(0)).permutation(inp)
+        g_idx = np.empty(inp, np.int64)
+        g_idx[order] = np.arange(inp) // g
+    else:
+        g_idx = np.arange(inp) // g
+    groups = inp // g
+    scales = np.empty((groups, out), np.float16)
+    zeros = np.empty((groups, out), np.int64)
+    for gi in range(groups):
+        rows = w[g_idx == gi]
+        lo, hi = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
+        if symmetric:
+            s = 2 * np.maximum(-lo, hi) / 15
+            z = np.full(out, 8)
+        else:
+            s = (hi - lo) / 15
+        s = np.where(s == 0, 1.0, s).astype(np.float16)
+        if not symmetric:
+            z = np.clip(np.round(-lo / s.astype(np.float64)), 0, 15).astype(np.int64)
+        scales[gi], zeros[gi] = s, z
+    s_rows, z_rows = scales.astype(np.float64)[g_idx], zeros[g_idx]
+    q = np.clip(np.round(w / s_rows) + z_rows, 0, 15).astype(np.int64)
+    deq = (q - z_rows) * s_rows
+    qweight = np.zeros((inp // 8, out), np.int64)
+    for j in range(8):
+        qweight |= q[j::8] << (4 * j)
+    stored = (zeros - (0 if v2 else 1)) & 0xF
+    qzeros = np.zeros((groups, out // 8), np.int64)
+    for j in range(8):
+        qzeros |= stored[:, j::8] << (4 * j)
+    tensors = {"qweight": qweight.astype(np.uint32).view(np.int32), "qzeros": qzeros.astype(np.uint32).view(np.int32),
+               "scales": scales, "g_idx": g_idx.astype(np.int32)}
+    return tensors, deq.T
+
+
 def mxfp4_random(rng: np.random.Generator, lead: tuple, out: int, inp: int):
     """Random MXFP4 blocks uint8 [*lead, out, in/32, 16] and E8M0 scales [*lead, out, in/32] (exponents near 2^-5)."""
     blocks = rng.integers(0, 256, size=(*lead, out, inp // 32, 16), dtype=np.uint8)
@@ -135,11 +187,14 @@ def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- the writer
-def _bf16_round_(model) -> None:
+def _round_(model, torch_dtype) -> None:
     import torch
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+            p.copy_(p.to(torch_dtype).float())
+
+
+TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> None:
@@ -152,32 +207,49 @@ def _save_tensors(tensors: dict, path: Path, max_shard_bytes: int | None) -> Non
 
 def write_source(config, model, path, fmt: str, *, group: int | None = 64, symmetric: bool = False,
                  quantize_attention: bool = True, fused_gate_up: bool = False, max_shard_bytes: int | None = None,
-                 seed: int = 0, tokenizer: bool = True) -> dict[str, Any]:
+                 seed: int = 0, tokenizer: bool = True, dtype: str = "bfloat16", act_order: bool | tuple = False,
+                 packing: str = "auto_round:auto_gptq", gptq_v2: bool = False,
+                 stacked: bool = False) -> dict[str, Any]:
     """Writes `model` (float32 transformers GptOssForCausalLM of `config`) as a `fmt` source checkpoint at `path`
     and sets the model's weights to what the converted checkpoint must hold (see module docstring).
 
     group / symmetric: the source scheme (compressed-tensors, awq) or the RTN scheme the test will ask the
-    converter for (hf, mxfp4). Returns the config.json dict written."""
+    converter for (hf, mxfp4). dtype: the dtype of every unquantized tensor ("bfloat16", "float16", "float32").
+    quantize_attention=False leaves attention 16-bit in a quantized source (experts-only releases): the converter
+    keeps it as it is. gptq: GPTQModel's gpt-oss layout (experts.gate_up.{i} interleaved, experts.down.{i}),
+    act_order / gptq_v2 as in gptq_quantize_linear; stacked: GPTQModel's restacked save (experts.gate_up_proj.qweight
+    [E, ...], experts.gate_up_proj_bias [E, N]); auto-round: AutoRound's (experts.{i}.gate_proj = even columns,
+    up_proj = odd columns, down_proj) in `packing` (auto_round:auto_gptq / auto_round:gptqmodel /
+    auto_round:auto_awq). Returns the config.json dict written."""
     import torch
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    _bf16_round_(model)
+    tdt = getattr(torch, TORCH_DTYPES[dtype])
+    _round_(model, tdt)
     c = config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tensors: dict[str, Any] = {}
     hf = c.to_hf_dict()
 
     def keep16(name):
-        tensors[name] = sd[name].to(torch.bfloat16)
+        tensors[name] = sd[name].to(tdt)
 
-    quantized_src = fmt in ("compressed-tensors", "awq")
+    quantized_src = fmt in ("compressed-tensors", "awq", "gptq", "auto-round")
+    # the converter's RTN scales: the source weights' dtype for hf, bf16 for mxfp4
+    rtn_scale_dtype = np.dtype(ml_dtypes.bfloat16) if fmt == "mxfp4" or dtype == "bfloat16" else np.dtype(dtype)
 
-    def quantize_linear(w_out_in):
+    act_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down") if act_order is True else (
+        tuple(act_order or ()))
+
+    def quantize_linear(w_out_in, module=""):
         if fmt == "compressed-tensors":
             return ct_quantize_linear(w_out_in, group, symmetric)
-        return awq_quantize_linear(w_out_in, group)
+        if fmt == "awq" or (fmt == "auto-round" and packing == "auto_round:auto_awq"):
+            return awq_quantize_linear(w_out_in, group)
+        v2 = gptq_v2 if fmt == "gptq" else packing == "auto_round:gptqmodel"
+        return gptq_quantize_linear(w_out_in, group, symmetric, act_order=module in act_modules, v2=v2, rng=rng)
 
     new_sd: dict[str, torch.Tensor] = {}
     for name in sd:
@@ -186,19 +258,15 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         is_attn_w = ".self_attn." in name and name.endswith("_proj.weight")
         if is_attn_w and quantized_src and quantize_attention:
             prefix = name[: -len(".weight")]
-            ts, deq = quantize_linear(sd[name].double().numpy())
+            ts, deq = quantize_linear(sd[name].double().numpy(), prefix.rsplit(".", 1)[1])
             for suffix, t in ts.items():
                 tensors[f"{prefix}.{suffix}"] = t
             new_sd[name] = torch.from_numpy(deq).float()
         elif is_attn_w and not quantized_src:
             keep16(name)
-            new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric).T).float()
-        elif is_attn_w:  # 16-bit in a quantized source: the converter applies RTN with the source's scheme
-            keep16(name)
-            sdt = ml_dtypes.bfloat16 if fmt == "compressed-tensors" else np.float16
             new_sd[name] = torch.from_numpy(rtn_reference(sd[name].double().numpy().T, group, symmetric,
-                                                          sdt).T).float()
-        else:
+                                                          rtn_scale_dtype).T).float()
+        else:  # (also 16-bit attention of a quantized source: the converter keeps it exactly)
             keep16(name)
 
     h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
@@ -209,10 +277,10 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         gu_bias, down_bias = sd[base + "gate_up_proj_bias"], sd[base + "down_proj_bias"]
         new_gu, new_down = np.empty_like(gate_up), np.empty_like(down)
         if fmt == "hf":
-            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(torch.bfloat16)
-            tensors[base + "down_proj"] = sd[base + "down_proj"].to(torch.bfloat16)
-            new_gu = rtn_reference(gate_up, group, symmetric)
-            new_down = rtn_reference(down, group, symmetric)
+            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(tdt)
+            tensors[base + "down_proj"] = sd[base + "down_proj"].to(tdt)
+            new_gu = rtn_reference(gate_up, group, symmetric, rtn_scale_dtype)
+            new_down = rtn_reference(down, group, symmetric, rtn_scale_dtype)
         elif fmt == "mxfp4":
             for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
                 blocks, scales = mxfp4_random(rng, (e,), n, k)
@@ -227,27 +295,43 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         else:
             for ex in range(e):
                 ep = f"{base}{ex}."
+                if fmt == "gptq":  # GPTQModel: experts.gate_up.{i} (interleaved) and experts.down.{i}
+                    for which, w, b, dst in (("gate_up", gate_up[ex], gu_bias[ex], new_gu),
+                                             ("down", down[ex], down_bias[ex], new_down)):
+                        ts, deq = quantize_linear(w.T, which)
+                        for suffix, t in ts.items():
+                            tensors[f"{base}{which}.{ex}.{suffix}"] = t
+                        tensors[f"{base}{which}.{ex}.bias"] = b.to(tdt)
+                        dst[ex] = deq.T
+                    continue
                 if fused_gate_up:
-                    ts, deq = quantize_linear(gate_up[ex].T)
+                    ts, deq = quantize_linear(gate_up[ex].T, "gate_up")
                     for suffix, t in ts.items():
                         tensors[f"{ep}gate_up_proj.{suffix}"] = t
-                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(torch.bfloat16)
+                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(tdt)
                     new_gu[ex] = deq.T
                 else:
                     for sub, cols in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
-                        ts, deq = quantize_linear(gate_up[ex][:, cols].T)
+                        ts, deq = quantize_linear(gate_up[ex][:, cols].T, "gate_up")
                         for suffix, t in ts.items():
                             tensors[f"{ep}{sub}.{suffix}"] = t
-                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(torch.bfloat16)
+                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(tdt)
                         new_gu[ex][:, cols] = deq.T
-                ts, deq = quantize_linear(down[ex].T)
+                ts, deq = quantize_linear(down[ex].T, "down")
                 for suffix, t in ts.items():
                     tensors[f"{ep}down_proj.{suffix}"] = t
-                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(torch.bfloat16)
+                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(tdt)
                 new_down[ex] = deq.T
+        if fmt == "gptq" and stacked:  # GPTQModel restack: gate_up.{i}.S -> gate_up_proj.S [E, ...]
+            for which in ("gate_up", "down"):
+                for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                    tensors[f"{base}{which}_proj.{suffix}"] = np.stack(
+                        [tensors.pop(f"{base}{which}.{ex}.{suffix}") for ex in range(e)])
+                tensors[f"{base}{which}_proj_bias"] = torch.stack(
+                    [tensors.pop(f"{base}{which}.{ex}.bias") for ex in range(e)])
         if fmt in ("hf", "mxfp4"):
-            tensors[base + "gate_up_proj_bias"] = gu_bias.to(torch.bfloat16)
-            tensors[base + "down_proj_bias"] = down_bias.to(torch.bfloat16)
+            tensors[base + "gate_up_proj_bias"] = gu_bias.to(tdt)
+            tensors[base + "down_proj_bias"] = down_bias.to(tdt)
         new_sd[base + "gate_up_proj"] = torch.from_numpy(new_gu).float()
         new_sd[base + "down_proj"] = torch.from_numpy(new_down).float()
 
@@ -261,6 +345,16 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
     elif fmt == "awq":
         hf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": -1 if group is None else group,
                                      "zero_point": True, "version": "gemm", "modules_to_not_convert": ignore}
+    elif fmt == "gptq":
+        hf["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": -1 if group is None else group,
+                                     "sym": symmetric, "desc_act": bool(act_order),
+                                     "checkpoint_format": "gptq_v2" if gptq_v2 else "gptq",
+                                     "meta": {"quantizer": ["gptqmodel:test-writer"]}}
+    elif fmt == "auto-round":
+        hf["quantization_config"] = {"quant_method": "auto-round", "bits": 4, "data_type": "int",
+                                     "group_size": -1 if group is None else group, "sym": symmetric,
+                                     "packing_format": packing, "autoround_version": "test-writer",
+                                     "block_name_to_quantize": "model.layers"}
     elif fmt == "mxfp4":
         hf["quantization_config"] = {"quant_method": "mxfp4",
                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",

@@ -364,6 +364,9 @@ class InferenceModel:
             "tokenizer": None if self.tokenizer is None else {"vocab_size": self.tokenizer.vocab_size,
                                                               "path": str(self.tokenizer.path)},
             "stop_token_ids": list(self.default_stop_token_ids),
+            # what config.json left out and was filled with transformers' defaults (and, for a converted
+            # checkpoint, what its conversion assumed or cast); see load()
+            "assumed": list(getattr(self, "assumed", self.config.rope.assumed)),
             "backend": jax.default_backend(),
             "devices": devices,
             "mesh": None if self.mesh is None else {str(k): int(v) for k, v in dict(self.mesh.shape).items()},
@@ -464,6 +467,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
         checked = checkpoint.verify_checkpoint(path, digests=verify)  # metadata and config, read once
         module = checkpoint.load_model(path, dtype=dtype, shardings=sharding_of, moe_parallel=moe_par, checked=checked)
         source_format = "gptoss-jax (int4)" if module.quant is not None else "gptoss-jax (16-bit)"
+        assumed = _conversion_notes(checkpoint.read_metadata(path))
     elif config is not None and _has_safetensors(path):
         qc = json.loads((path / "config.json").read_text()).get("quantization_config")
         if qc is not None and not isinstance(qc, dict):
@@ -476,6 +480,7 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
         module = load_hf_model(path, dtype=dtype or jnp.bfloat16, config=config, sharding_of=sharding_of,
                                moe_parallel=moe_par)
         source_format = "huggingface"
+        assumed = list(config.rope.assumed)
     else:
         raise LoadError(f"{path}: neither a gptoss-convert checkpoint nor a Hugging Face folder with config.json "
                         f"and *.safetensors")
@@ -486,6 +491,17 @@ def load(path: str | os.PathLike, *, mesh=None, dtype=None, max_seq_len: int | N
         tok_path = Path(tokenizer) if tokenizer not in (None, True) else path / "tokenizer.json"
         if tok_path.exists() or tokenizer is not None:
             tok = load_tokenizer(tok_path)
-    return InferenceModel(module, tokenizer=tok, max_seq_len=max_seq_len, mesh=mesh, chunk_size=chunk_size,
-                          default_stop_token_ids=_generation_stop_ids(path, module.config), source=str(path),
-                          source_format=source_format, cache_constraint=_cache_constraint(mesh))
+    model = InferenceModel(module, tokenizer=tok, max_seq_len=max_seq_len, mesh=mesh, chunk_size=chunk_size,
+                           default_stop_token_ids=_generation_stop_ids(path, module.config), source=str(path),
+                           source_format=source_format, cache_constraint=_cache_constraint(mesh))
+    model.assumed = assumed
+    return model
+
+
+def _conversion_notes(meta: dict) -> list[str]:
+    """What a converted checkpoint's conversion assumed (rope defaults) or changed (--dtype cast, RTN)."""
+    notes = [f"at conversion: {a}" for a in meta.get("assumed", [])]
+    if meta.get("dtype_cast"):
+        notes.append(f"at conversion: --dtype {meta['dtype_cast']} cast every non-int4 tensor (possibly lossy)")
+    notes += [f"at conversion: requantized with RTN: {r}" for r in meta.get("requantized", [])]
+    return notes

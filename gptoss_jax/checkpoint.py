@@ -78,6 +78,33 @@ def dtype_name(dtype) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ items
 EXPERT_WEIGHTS = ("gate_up", "down")
+INT4_KEYS = ("packed", "scales", "zeros", "perm")  # leaves of an int4 weight dict (never cast)
+FLOAT_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+# ------------------------------------------------------------------------------- per-tensor dtypes (lossless)
+# A converted checkpoint keeps every non-int4 tensor in its source dtype. The metadata's "dtype" is the dtype most of
+# those bytes have; "tensor_dtypes" {path: dtype} lists every tensor stored in another one.
+def _leaves(tree: Mapping, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def apply_tensor_dtypes(specs: Mapping, tensor_dtypes: Mapping[str, str]) -> dict:
+    """A copy of a spec tree whose tensors named in `tensor_dtypes` (path_str -> dtype name) have that dtype."""
+    out = {}
+    for k, v in specs.items():
+        if isinstance(v, Mapping):
+            out[k] = apply_tensor_dtypes(v, {p[len(str(k)) + 1:]: d for p, d in tensor_dtypes.items()
+                                             if p.startswith(f"{k}.")})
+        elif str(k) in tensor_dtypes:
+            out[k] = ParamSpec(v.shape, jnp.dtype(tensor_dtypes[str(k)]), v.axes)
+        else:
+            out[k] = v
+    return out
 
 
 def item_names(config: GptOssConfig) -> list[str]:
@@ -219,6 +246,7 @@ class CheckpointWriter:
             fsutil.remove_tree(self.tmp)
             raise
         self.items: list[str] = []
+        self.tensor_dtypes: dict[str, str] = {}  # non-int4 tensors written in a dtype other than self.dtype
         self._plan = item_names(config)
         self._checkpointer = None
         self._done = False
@@ -236,6 +264,7 @@ class CheckpointWriter:
             raise ValueError(f"unknown checkpoint item {name!r}; expected one of {self._plan}")
         if name in self.items:
             raise ValueError(f"checkpoint item {name!r} written twice")
+        self._adopt_float_dtypes(name, tree)
         _check_item(name, tree, select_item(self.specs, name), str(self.dst))
         _move_to_cpu_arrays(tree)
         save_args = jax.tree.map(lambda _: self._save_args(), tree)
@@ -249,6 +278,20 @@ class CheckpointWriter:
                 raise CheckpointError(f"{target}: could not write item {name!r} ({_one_line(e)})") from None
         self.items.append(name)
         _release_freed_memory()
+
+    def _adopt_float_dtypes(self, name: str, tree: Mapping) -> None:
+        """Records non-int4 leaves given in another float dtype than the checkpoint's (lossless conversion)."""
+        changed = False
+        for full, leaf in _leaves(_rooted(name, tree)):
+            if full[-1] in INT4_KEYS or not hasattr(leaf, "dtype"):
+                continue
+            got = np.dtype(leaf.dtype).name
+            if got != self.dtype and got in FLOAT_DTYPE_NAMES:
+                self.tensor_dtypes[path_str(full)] = got
+                changed = True
+        if changed:
+            self.specs = apply_tensor_dtypes(param_specs(self.config, dtype=jnp.dtype(self.dtype), quant=self.quant),
+                                             self.tensor_dtypes)
 
     @staticmethod
     def _save_args():
@@ -271,6 +314,7 @@ class CheckpointWriter:
             "dtype": self.dtype,
             "quantization": None if self.quant is None else {"scheme": "int4", **self.quant.to_dict()},
             "items": self.items,
+            "tensor_dtypes": dict(sorted(self.tensor_dtypes.items())),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **dict(metadata or {}),
             "files": fsutil.file_digests(self.tmp, exclude=(METADATA_FILE, METADATA_FILE + ".partial")),
@@ -469,7 +513,9 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
     `shardings`: None (first device), one ``jax.sharding.Sharding`` for all leaves, a tree shaped like the model
     tree, or a callable ``(model-tree path, ParamSpec) -> Sharding`` (e.g. :func:`gptoss_jax.sharding.sharding_rule`).
     `dtype` casts the 16-bit tensors (not the int4 codes, scales or zero points) while reading; default: the dtype
-    the checkpoint was written in. `verify`: also check every file's SHA-256 (structure, sizes and
+    each tensor in the dtype it was written in (the metadata's "dtype", or its entry in
+    "tensor_dtypes": a lossless conversion keeps source dtypes per tensor; a stacked leaf whose layers were stored in
+    different dtypes takes the widest). `verify`: also check every file's SHA-256 (structure, sizes and
     config/metadata/array agreement are always checked; see verify_checkpoint). `checked`: (metadata, config) from
     a verify_checkpoint call the caller already made (not repeated). Raises CheckpointError naming the file at fault.
     """
@@ -480,10 +526,18 @@ def load_params(path: str | os.PathLike, *, shardings: Shardings = None, dtype=N
     quant = quant_of(meta)
     stored = jnp.dtype(meta["dtype"])
     target = stored if dtype is None else jnp.dtype(dtype_name(dtype))
-    stored_specs = param_specs(config, dtype=stored, quant=quant)
+    stored_specs = apply_tensor_dtypes(param_specs(config, dtype=stored, quant=quant), meta.get("tensor_dtypes", {}))
+    # one dtype per model-tree leaf: the load dtype for 16-bit tensors when given, else the stored dtype (the widest
+    # over the layers of a stacked leaf); int4 codes, scales, zero points and act-order permutations keep theirs
+    kept: dict[tuple, Any] = {}
+    for spath, sspec in iter_specs(stored_specs):
+        mpath = ("layers", *spath[2:]) if spath[0] == "layers" else spath
+        kept[mpath] = jnp.promote_types(kept[mpath], sspec.dtype) if mpath in kept else jnp.dtype(sspec.dtype)
 
     def dtype_of(model_path, spec):
-        return target if model_path[-1] not in ("packed", "scales", "zeros") else jnp.dtype(spec.dtype)
+        if model_path[-1] in INT4_KEYS or dtype is None:
+            return kept[model_path]
+        return target
 
     builder = StackedTreeBuilder(model_specs(config, dtype=stored, quant=quant), sharding_fn(shardings), dtype_of)
     checkpointer = ocp.PyTreeCheckpointer()
@@ -548,8 +602,9 @@ def load_model(path: str | os.PathLike, *, dtype=None, shardings: Shardings = No
     path = fsutil.user_path(path)
     checked = verify_checkpoint(path, digests=verify) if checked is None else checked
     meta = checked[0]
-    config, quant, params = load_params(path, shardings=shardings, dtype=dtype, checked=checked)
     compute = jnp.dtype(dtype_name(dtype)) if dtype is not None else jnp.dtype(meta["dtype"])
+    # the compute dtype is the load dtype: every non-int4 tensor is cast to it while reading
+    config, quant, params = load_params(path, shardings=shardings, dtype=compute, checked=checked)
     return build_model(config, params, dtype=compute, quant=quant, moe_parallel=moe_parallel)
 
 
@@ -558,7 +613,8 @@ def host_dtype(name: str):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-__all__ = ["CheckpointWriter", "save_params", "read_metadata", "verify_checkpoint", "load_params", "load_model",
+__all__ = ["CheckpointWriter", "apply_tensor_dtypes", "save_params", "read_metadata", "verify_checkpoint", "load_params",
+           "load_model",
            "item_names",
            "select_item",
            "quant_of", "METADATA_FILE", "dtype_name", "host_dtype"]

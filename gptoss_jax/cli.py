@@ -561,6 +561,8 @@ def cmd_info(args) -> int:
     tok = info["tokenizer"]
     print("tokenizer:     " + ("none" if tok is None else f"{tok['vocab_size']} ids ({tok['path']})"))
     print(f"stop ids:      {info['stop_token_ids']}")
+    for note in info.get("assumed", []):
+        print(f"assumed:       {note}")
     print(f"devices:       {info['backend']}: {', '.join(info['devices'])}")
     if info["mesh"]:
         print(f"mesh:          {info['mesh']}")

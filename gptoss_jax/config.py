@@ -88,6 +88,9 @@ class RopeConfig:
     original_max_position_embeddings: int = 4096
     truncate: bool = False
     attention_factor: float | None = None  # None: 0.1 * ln(factor) + 1 (YaRN's default)
+    # What config.json left out and was filled with transformers' default ("truncate=True (not in rope_scaling)", ...);
+    # reported by `gptoss-convert inspect` and `gptoss-jax info`. Not part of equality.
+    assumed: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,32 +280,59 @@ def default_layer_types(num_layers: int) -> tuple[str, ...]:
 
 
 def _rope_from_hf(d: Mapping[str, Any], source: str) -> RopeConfig:
+    """The rotary config of a Hugging Face config dict, every missing key filled as transformers fills it.
+
+    Reference: transformers ``PreTrainedConfig.standardize_rope_params`` and ``_compute_yarn_parameters``
+    (modeling_rope_utils.py) and ``GptOssConfig.__post_init__``: no rope dict at all gives gpt-oss's
+    {yarn, factor 32, beta 32/1, truncate False, original 4096}; a rope dict without ``rope_type`` is plain RoPE
+    ("default"); in a YaRN dict a missing ``truncate`` is True, ``original_max_position_embeddings`` is
+    ``max_position_embeddings``, ``beta_fast``/``beta_slow`` are 32/1, ``attention_factor`` is 0.1·ln(factor)+1, a
+    missing ``rope_theta`` is the top-level one or 150000. Each filled key is listed in ``RopeConfig.assumed``.
+    """
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
+    assumed: list[str] = []
     if params is not None and scaling is not None:
         raise ConfigError(f"{source}: has both rope_parameters and rope_scaling; keep one")
-    if params is not None:
-        if not isinstance(params, Mapping):
-            raise ConfigError(f"{source}: rope_parameters must be an object")
-        p = dict(params)
-        if "rope_theta" not in p and "rope_theta" in d:
-            p["rope_theta"] = d["rope_theta"]
-    elif scaling is not None:
-        if not isinstance(scaling, Mapping):
-            raise ConfigError(f"{source}: rope_scaling must be an object")
-        p = dict(scaling)
-        p["rope_theta"] = d.get("rope_theta", 150000.0)
+    if params is not None or scaling is not None:
+        field_name = "rope_parameters" if params is not None else "rope_scaling"
+        raw = params if params is not None else scaling
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: {field_name} must be an object")
+        p = dict(raw)
+        from gptoss_jax.jsoncheck import field
+        for key, kind in (("rope_type", "str"), ("type", "str"), ("original_max_position_embeddings", "int"),
+                          ("truncate", "bool")):  # types first: a wrong type is named, not a crash below
+            field(p, key, source, kind, default=None, nullable=True, minimum=1 if kind == "int" else None,
+                  error=ConfigError, prefix=field_name + ".")
+        if "rope_theta" not in p:
+            if d.get("rope_theta") is not None:
+                p["rope_theta"] = d["rope_theta"]
+            else:
+                p["rope_theta"] = 150000.0
+                assumed.append(f"rope_theta=150000.0 (not in config.json; transformers' GptOssConfig default)")
+        if "rope_type" not in p and "type" not in p:
+            assumed.append(f"rope_type='default' (not in {field_name}; transformers' default: plain RoPE, "
+                           f"no YaRN)")
+        rope_type = p.pop("rope_type", p.pop("type", "default"))
+        if rope_type == "yarn":
+            if p.get("factor") is None:
+                raise ConfigError(f"{source}: {field_name} of type yarn has no factor")
+            yarn_defaults = (("truncate", True), ("original_max_position_embeddings", d.get(
+                "max_position_embeddings") or GptOssConfig.max_position_embeddings), ("beta_fast", 32.0),
+                ("beta_slow", 1.0))
+            for key, value in yarn_defaults:
+                if p.get(key) is None:
+                    p[key] = value
+                    assumed.append(f"{key}={value!r} (not in {field_name}; transformers' default)")
     else:
         # Neither spelling: transformers' GptOssConfig defaults (YaRN, factor 32).
-        p = {"rope_type": "yarn", "rope_theta": d.get("rope_theta", 150000.0)}
-    from gptoss_jax.jsoncheck import field
-    pre = "rope_parameters." if params is not None else "rope_scaling."
-    for key, kind in (("rope_type", "str"), ("type", "str"), ("original_max_position_embeddings", "int"),
-                      ("truncate", "bool")):
-        field(p, key, source, kind, default=None, nullable=True, minimum=1 if kind == "int" else None,
-              error=ConfigError, prefix=pre)
-    rope_type = p.pop("rope_type", None) or p.pop("type", None) or "yarn"
-    p.pop("type", None)
+        p = {"rope_theta": d.get("rope_theta", 150000.0), "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+             "truncate": False, "original_max_position_embeddings": 4096}
+        rope_type = "yarn"
+        assumed.append("rope_type='yarn', factor=32, beta_fast=32, beta_slow=1, truncate=False, "
+                       "original_max_position_embeddings=4096 (no rope_parameters / rope_scaling in config.json; "
+                       "transformers' GptOssConfig defaults)")
     known = {"rope_theta", "factor", "beta_fast", "beta_slow", "original_max_position_embeddings", "truncate",
              "attention_factor"}
     unknown = sorted(k for k in p if k not in known)
@@ -321,7 +351,12 @@ def _rope_from_hf(d: Mapping[str, Any], source: str) -> RopeConfig:
                     kw[numeric]):
                 raise ConfigError(f"{source}: rope field {numeric} must be a finite number, got {kw[numeric]!r}")
             kw[numeric] = float(kw[numeric])
-    return RopeConfig(rope_type=rope_type, **kw)
+    if "truncate" in kw and not isinstance(kw["truncate"], bool):
+        raise ConfigError(f"{source}: rope field truncate must be true or false, got {kw['truncate']!r}")
+    if rope_type == "default":
+        # transformers ignores YaRN keys for plain RoPE (with a warning); so do we
+        kw = {"theta": kw["theta"]}
+    return RopeConfig(rope_type=rope_type, assumed=tuple(assumed), **kw)
 
 
 def preset_dir() -> Path:

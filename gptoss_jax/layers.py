@@ -32,6 +32,9 @@ class Int4Weight(nnx.Module):
         self.scales = nnx.Param(t.scales)
         if t.zeros is not None:
             self.zeros = nnx.Param(t.zeros)
+        if quant.act_order:  # act-order source: input rows were put in group order at conversion (identity here)
+            k = value.shape[-2]
+            self.perm = nnx.Param(jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (*value.shape[:-2], k)))
 
     def tensor(self) -> Int4Tensor:
         zeros = self.zeros[...] if hasattr(self, "zeros") else None
@@ -51,12 +54,20 @@ def operand(w):
     return w.tensor() if isinstance(w, Int4Weight) else w[...]
 
 
+def input_perm(w):
+    """int32 [..., K] input-row order of an act-order int4 weight (x @ W = x[..., perm] @ W_stored), else None."""
+    return w.perm[...] if isinstance(w, Int4Weight) and hasattr(w, "perm") else None
+
+
 def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = False):
     """x [..., K] @ W [K, N] (+ bias), float32 accumulation.
 
     parallel: the mesh plan (gptoss_jax.moe_parallel.MoEParallel) when the model runs on a mesh: int4 weights then
     go through the kernel per device under shard_map (columns split over the head axes when `split_out`)."""
     out_dtype = out_dtype or x.dtype
+    perm = input_perm(w)
+    if perm is not None:  # act-order (GPTQ desc_act): the stored rows are in group order
+        x = jnp.take(x, perm, axis=-1)
     w = operand(w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -79,6 +90,10 @@ def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] 
     [M, N] gate_up activations never round-trip through memory.
     """
     epilogue = {} if swiglu is None else dict(epilogue="swiglu", swiglu_alpha=swiglu[0], swiglu_limit=swiglu[1])
+    perm = input_perm(w)
+    if perm is not None:  # act-order: each expert reads its rows' features in its own stored order
+        expert_of_row = jnp.repeat(jnp.arange(perm.shape[0]), group_sizes, total_repeat_length=x.shape[0])
+        x = jnp.take_along_axis(x, perm[expert_of_row], axis=1)
     return grouped_matmul(x, operand(w), group_sizes, bias=bias, out_dtype=x.dtype, **epilogue)
 
 

@@ -28,7 +28,7 @@ from gptoss_jax import layers, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import LayerCache, update_layer_cache
 from gptoss_jax.moe_parallel import MoEParallel, local_experts_forward, moe_forward
-from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
+from gptoss_jax.params import QuantSpec, layer_period, model_specs, quant_for, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from pallas_kernels.attention import attention as pallas_attention
 
@@ -53,10 +53,11 @@ class Attention(nnx.Module):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.parallel = parallel  # the mesh plan: int4 projections run per device under shard_map (static)
-        self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=quant, rngs=rngs)
-        self.o_proj = layers.Linear(c.q_dim, c.hidden_size, dtype=dtype, quant=quant, rngs=rngs)
+        qf = lambda module: quant_for(quant, module)  # noqa: E731 — mixed precision: int4 or 16-bit per module
+        self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=qf('q_proj'), rngs=rngs)
+        self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('k_proj'), rngs=rngs)
+        self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('v_proj'), rngs=rngs)
+        self.o_proj = layers.Linear(c.q_dim, c.hidden_size, dtype=dtype, quant=qf('o_proj'), rngs=rngs)
         # One learned logit per query head, appended as an extra softmax column that carries no value.
         self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
 
@@ -121,9 +122,9 @@ class Experts(nnx.Module):
     def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.alpha, self.limit = e, config.swiglu_alpha, config.swiglu_limit
-        self.gate_up = layers.weight((e, h, 2 * i), dtype=dtype, quant=quant, rngs=rngs)
+        self.gate_up = layers.weight((e, h, 2 * i), dtype=dtype, quant=quant_for(quant, "gate_up"), rngs=rngs)
         self.gate_up_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, 2 * i), dtype))
-        self.down = layers.weight((e, i, h), dtype=dtype, quant=quant, rngs=rngs)
+        self.down = layers.weight((e, i, h), dtype=dtype, quant=quant_for(quant, "down"), rngs=rngs)
         self.down_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, h), dtype))
 
     def __call__(self, x_sorted, group_sizes):

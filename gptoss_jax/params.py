@@ -66,6 +66,22 @@ class QuantSpec:
     group_size: int | None = 64  # None: per channel (one group spanning the whole input dim)
     symmetric: bool = True
     scale_dtype: str = "bfloat16"
+    # Which of QUANTIZED_MODULES are int4; the others are plain 16/32-bit weights (mixed precision, e.g. a GPTQ /
+    # AutoRound release that quantized the experts only). Metadata written before this field means all of them.
+    modules: tuple[str, ...] = QUANTIZED_MODULES
+    # Modules stored with an input-row permutation "perm" (activation order, GPTQ desc_act / compressed-tensors
+    # actorder group: x @ W = x[..., perm] @ W_stored, applied by layers.linear / grouped_linear). Usually empty.
+    act_order: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "act_order", tuple(m for m in QUANTIZED_MODULES if m in self.act_order))
+        bad = [m for m in self.modules if m not in QUANTIZED_MODULES]
+        if bad:
+            raise ValueError(f"unknown quantized module(s) {bad}; expected some of {QUANTIZED_MODULES}")
+        object.__setattr__(self, "modules", tuple(m for m in QUANTIZED_MODULES if m in self.modules))
+
+    def quantizes(self, module: str) -> bool:
+        return module in self.modules
 
     def group_for(self, in_dim: int) -> int:
         g = in_dim if self.group_size is None else self.group_size
@@ -74,12 +90,25 @@ class QuantSpec:
         return g
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["modules"] = list(self.modules)
+        d["act_order"] = list(self.act_order)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
         return cls(group_size=d.get("group_size"), symmetric=bool(d.get("symmetric", True)),
-                   scale_dtype=str(d.get("scale_dtype", "bfloat16")))
+                   scale_dtype=str(d.get("scale_dtype", "bfloat16")),
+                   modules=tuple(d.get("modules", QUANTIZED_MODULES)), act_order=tuple(d.get("act_order", ())))
+
+
+def quant_for(quant: QuantSpec | None, module: str) -> QuantSpec | None:
+    """The QuantSpec of one of QUANTIZED_MODULES (its act_order narrowed to that module), or None where that module
+    is a plain 16/32-bit weight."""
+    if quant is None or not quant.quantizes(module):
+        return None
+    return quant if quant.act_order == ((module,) if module in quant.act_order else ()) else dataclasses.replace(
+        quant, act_order=(module,) if module in quant.act_order else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +141,8 @@ def _weight_spec(lead: tuple[int, ...], lead_axes: tuple[str, ...], k: int, n: i
     }
     if not quant.symmetric:
         spec["zeros"] = ParamSpec((*lead, k // g, n), jnp.uint8, (*lead_axes, None, n_axis))
+    if quant.act_order:  # set by quant_for for an act-order module only
+        spec["perm"] = ParamSpec((*lead, k), jnp.int32, (*lead_axes, None))
     return spec
 
 
@@ -120,18 +151,18 @@ def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
     c = config
     e, h, i, v = c.num_local_experts, c.hidden_size, c.intermediate_size, c.vocab_size
 
-    def linear(k, n, k_axis, n_axis):
-        return {"weight": _weight_spec((), (), k, n, k_axis, n_axis, dtype, quant),
+    def linear(k, n, k_axis, n_axis, module):
+        return {"weight": _weight_spec((), (), k, n, k_axis, n_axis, dtype, quant_for(quant, module)),  # mixed prec.
                 "bias": ParamSpec((n,), dtype, (n_axis,))}
 
     def layer():
         return {
             "input_norm": {"scale": ParamSpec((h,), dtype, (EMBED,))},
             "attn": {
-                "q_proj": linear(h, c.q_dim, EMBED, Q_HEADS),
-                "k_proj": linear(h, c.kv_dim, EMBED, KV_HEADS),
-                "v_proj": linear(h, c.kv_dim, EMBED, KV_HEADS),
-                "o_proj": linear(c.q_dim, h, Q_HEADS, EMBED),
+                "q_proj": linear(h, c.q_dim, EMBED, Q_HEADS, "q_proj"),
+                "k_proj": linear(h, c.kv_dim, EMBED, KV_HEADS, "k_proj"),
+                "v_proj": linear(h, c.kv_dim, EMBED, KV_HEADS, "v_proj"),
+                "o_proj": linear(c.q_dim, h, Q_HEADS, EMBED, "o_proj"),
                 "sinks": ParamSpec((c.num_attention_heads,), dtype, (HEADS,)),
             },
             "post_attn_norm": {"scale": ParamSpec((h,), dtype, (EMBED,))},
@@ -139,9 +170,11 @@ def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
                 "router": {"weight": ParamSpec((h, e), dtype, (EMBED, None)),
                            "bias": ParamSpec((e,), dtype, (None,))},
                 "experts": {
-                    "gate_up": _weight_spec((e,), (EXPERTS,), h, 2 * i, EXPERT_EMBED, MLP, dtype, quant),
+                    "gate_up": _weight_spec((e,), (EXPERTS,), h, 2 * i, EXPERT_EMBED, MLP, dtype,
+                                            quant_for(quant, "gate_up")),  # mixed precision
                     "gate_up_bias": ParamSpec((e, 2 * i), dtype, (EXPERTS, MLP)),
-                    "down": _weight_spec((e,), (EXPERTS,), i, h, MLP, EXPERT_EMBED, dtype, quant),
+                    "down": _weight_spec((e,), (EXPERTS,), i, h, MLP, EXPERT_EMBED, dtype,
+                                         quant_for(quant, "down")),  # mixed precision
                     "down_bias": ParamSpec((e, h), dtype, (EXPERTS, EXPERT_EMBED)),
                 },
             },

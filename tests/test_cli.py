@@ -67,6 +67,27 @@ def test_info_text(ckpt, capsys):
         assert field in out
 
 
+def test_info_reports_assumed_rope_keys(ckpt, tmp_path, capsys):
+    """Case yarn-partial-rope-dict: `gptoss-jax info` says which rope keys config.json left out and what was used
+    (transformers' defaults); a complete config reports nothing."""
+    import shutil
+    folder = tmp_path / "partial"
+    shutil.copytree(ckpt, folder)
+    d = json.loads((folder / "config.json").read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    rope.pop("truncate")
+    d["rope_scaling"] = rope
+    (folder / "config.json").write_text(json.dumps(d))
+    assert cli.main(["info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["assumed"]) == 1 and info["assumed"][0].startswith("truncate=True (not in rope_scaling")
+    assert cli.main(["info", str(folder)]) == 0
+    assert "assumed:       truncate=True" in capsys.readouterr().out
+    assert cli.main(["info", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["assumed"] == []
+
+
 def test_generate_stream_and_batch_json(ckpt, env, tmp_path, capsys):
     tok = load_tokenizer(ckpt)
     # --stream in-process (same code path as the console script, cheaper than another subprocess)

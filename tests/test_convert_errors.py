@@ -143,7 +143,7 @@ def test_config_shape_mismatch(src, tmp_path):
     (lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=48), "group size 48 does not divide"),
     (lambda q: q.update(format="float-quantized") or q["config_groups"]["group_0"].pop("format", None),
      "format 'float-quantized'"),
-    (lambda q: q.update(quant_method="gptq"), "quant_method 'gptq' is not supported"),
+    (lambda q: q.update(quant_method="quanto"), "quant_method 'quanto' is not supported"),
 ])
 def test_unsupported_scheme(src, tmp_path, edit, needle):
     set_quant_config(src, edit)
@@ -230,7 +230,7 @@ def test_interruption_leaves_nothing_and_rerun_succeeds(src, tmp_path, monkeypat
 def test_inspect_good_source(src, capsys):
     report = inspect(src)
     assert report["format"] == "compressed-tensors"
-    assert report["scheme"] == "int4 group 64, asymmetric, scales bfloat16"
+    assert report["scheme"] == "int4 group 64, asymmetric, scales bfloat16; split experts"
     assert report["problems"] == []
     assert report["tensors"] > 100 and report["files"] > 1
     assert report["parameters"] == sum(int(np.prod(s)) for s in _hf_shapes())
@@ -268,6 +268,14 @@ def test_inspect_mxfp4_and_entry_point(good_sources):
     report = json.loads(result.stdout)
     assert report["format"] == "mxfp4" and report["problems"] == []
     assert report["requantized"] == ["attention projections", "experts"]
+    plan = {r["group"]: r for r in report["modules"]}
+    assert list(plan) == ["embed", "attention", "router", "experts", "norms", "lm_head"]
+    assert plan["experts"]["source"] == "MXFP4 (experts); bf16 biases"
+    assert plan["experts"]["conversion"].startswith("dequantized exactly, then round-to-nearest int4")
+    assert plan["embed"]["conversion"] == "kept as is (lossless)" and report["dtype"] == "bfloat16"
+    text = subprocess.run([*cmd, "inspect", str(good_sources / "mxfp4"), "--dtype", "fp32"], capture_output=True,
+                          text=True, timeout=300).stdout
+    assert "embed" in text and "cast to fp32 (--dtype)" in text and "MXFP4 (experts)" in text
 
 
 def test_cli_usage_errors(src, tmp_path):

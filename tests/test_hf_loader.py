@@ -113,3 +113,26 @@ def test_missing_shard_and_truncated_file(tmp_path, sharded):
     (copy / victim).unlink()
     with pytest.raises(CheckpointError, match=f"missing: \\['{victim}'\\]"):
         load_hf_params(copy, CFG)
+
+
+@pytest.mark.parametrize("drop", ["truncate", "original_max_position_embeddings"])
+def test_partial_yarn_dict_logits_match_transformers(tmp_path, drop, rng):
+    """Case yarn-partial-rope-dict: a hub-style config.json (rope_theta + rope_scaling) whose YaRN dict leaves a key
+    out loads with transformers' default for it, so logits over 300 positions (past the changed ramp) still match
+    transformers.from_pretrained on the same folder."""
+    from transformers import AutoModelForCausalLM
+    cfg = CFG.replace(hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, sliding_window=8)
+    testing.save_random_hf_checkpoint(cfg, tmp_path, seed=5)
+    d = json.loads((tmp_path / "config.json").read_text())
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    rope.pop(drop)
+    d["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_hf_model(tmp_path, dtype=jnp.float32)
+    assert any(a.startswith(drop) for a in model.config.rope.assumed)
+    ids = rng.integers(0, cfg.vocab_size, (1, 300))
+    ours, _ = model(jnp.asarray(ids))
+    assert testing.rel_err(ours, testing.hf_logits(hf, ids)) <= 1e-4
