@@ -15,6 +15,7 @@ from convert import packing, writers
 from convert.converter import convert, inspect
 from convert.sources import ConvertError, act_order_perm
 from gptoss_jax import checkpoint
+from gptoss_jax.params import unstack_layers
 from test_convert_roundtrip import fresh_model, run_round_trip, tiny_config
 
 
@@ -22,6 +23,7 @@ def _attention_is_16bit(dst, dtype):
     meta = checkpoint.read_metadata(dst)
     assert meta["quantization"]["modules"] == ["gate_up", "down"] and meta["requantized"] == []
     _, quant, params = checkpoint.load_params(dst)
+    params = unstack_layers(params)  # storage view: layers.{i}
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         w = params["layers"][0]["attn"][proj]["weight"]
         assert not isinstance(w, dict), proj
@@ -90,6 +92,7 @@ def test_gptq_act_order_everywhere(tmp_path, symmetric, quantize_attention):
     want = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up"] if quantize_attention else ["gate_up"]
     assert meta["quantization"]["act_order"] == want
     _, _, params = checkpoint.load_params(dst)
+    params = unstack_layers(params)  # storage view: layers.{i}
     perm = np.asarray(params["layers"][0]["mlp"]["experts"]["gate_up"]["perm"])
     chex.assert_shape(perm, (tiny_config(256).num_local_experts, 256))
     assert all(sorted(p) == list(range(256)) for p in perm) and not np.array_equal(perm[0], np.arange(256))

@@ -134,6 +134,7 @@ def test_16bit_attention_stays_16bit(tmp_path, fmt, symmetric, dtype):
     assert meta["requantized"] == []
     assert meta["quantization"]["modules"] == ["gate_up", "down"]
     _, quant, params = checkpoint.load_params(dst)
+    params = unstack_layers(params)  # storage view: layers.{i}
     assert quant.modules == ("gate_up", "down")
     q = params["layers"][1]["attn"]["q_proj"]["weight"]
     chex.assert_shape(q, (256, tiny_config(256).q_dim))
@@ -173,6 +174,7 @@ def test_mixed_source_dtypes_are_kept_per_tensor(tmp_path):
                       "layers.0.mlp.experts.down_bias": "float32"}
     assert len(set(stored.values())) == 3 and meta["tensor_dtypes"]
     _, _, params = checkpoint.load_params(dst)  # dtype=None: as stored
+    params = unstack_layers(params)  # storage view: layers.{i}
     chex.assert_type([params["embed"]["embedding"], params["layers"][0]["mlp"]["router"]["bias"],
                       params["norm"]["scale"]], [jnp.float16, jnp.float32, jnp.bfloat16])
     check_logits(model, dst, config, "mixed-dtype source")
@@ -208,6 +210,7 @@ def test_codes_scales_and_zeros_are_bit_exact(tmp_path):
         writers.write_source(config, fresh_model(256), src, fmt, group=32, symmetric=False)
         convert(src, dst)
         _, quant, params = checkpoint.load_params(dst)
+        params = unstack_layers(params)  # storage view: layers.{i}
         assert quant.scale_dtype == ("bfloat16" if fmt == "compressed-tensors" else "float16")
         layer = unstack_layers(params)["layers"][1]
         gate_up = layer["mlp"]["experts"]["gate_up"]
@@ -273,6 +276,7 @@ def test_tokenizer_files_and_metadata(tmp_path):
         data = (src / f["name"]).read_bytes()
         assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     _, _, params = checkpoint.load_params(dst)
+    params = unstack_layers(params)  # storage view: layers.{i}
     assert params["embed"]["embedding"].dtype == jnp.float16
     assert params["layers"]["attn"]["q_proj"]["weight"]["scales"].dtype == jnp.dtype(ml_dtypes.bfloat16)
     assert json.loads((dst / "config.json").read_text())["hidden_size"] == 256

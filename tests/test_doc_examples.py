@@ -35,8 +35,8 @@ RUNNER = textwrap.dedent("""
     import jax.numpy as jnp
     from flax import nnx
     from gptoss_jax.config import GptOssConfig
-    from gptoss_jax.hf_loader import params_of, save_hf_checkpoint
-    from gptoss_jax.model import GptOss
+    from gptoss_jax.hf_loader import save_hf_checkpoint
+    from gptoss_jax.model import GptOss, params_of
     from gptoss_jax.tokenizer import build_tiny_tokenizer
     ckpt = Path(sys.argv[1]) / "ckpt"  # the tiny preset cut to one layer: the examples' cost is compiling
     tok = build_tiny_tokenizer(1024, path=ckpt)

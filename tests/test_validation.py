@@ -23,7 +23,8 @@ from gptoss_jax import harmony
 from gptoss_jax.api import InferenceModel, LoadError
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.generate import GenerationError, SamplingParams
-from gptoss_jax.hf_loader import params_of, save_hf_checkpoint
+from gptoss_jax.hf_loader import save_hf_checkpoint
+from gptoss_jax.model import params_of
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import sample_next_token
 from gptoss_jax.tokenizer import build_tiny_tokenizer
