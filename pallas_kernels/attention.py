@@ -16,7 +16,8 @@ Semantics (the contract every implementation is tested against; the numerical so
 
 Implementations (``implementation=``):
 
-* ``"xla"``: jnp. Small problems (``T · S`` at most ``DIRECT_MAX_SCORES``) materialize the scores
+* ``"xla"``: jnp. Decode (``T == 1``) over more than ``XLA_DECODE_K_CHUNK`` slots loops over only the key chunks
+  that hold a visible slot. Otherwise small problems (``T · S`` at most ``DIRECT_MAX_SCORES``) materialize the scores
   (:func:`attention_reference`); larger ones run :func:`attention_chunked`, a flash-style loop in jnp: query chunks
   (``lax.map``) × key chunks (``lax.while_loop`` over only the key chunks that some query of the chunk can see)
   with an online softmax, so memory is O(T) and a sliding window costs O(T · window).
@@ -56,6 +57,9 @@ IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 DIRECT_MAX_SCORES = 1 << 20
 XLA_Q_CHUNK = 512
 XLA_K_CHUNK = 512
+# Decode (T = 1) over more slots than this reads only the chunks holding visible slots (few, large chunks: each loop
+# step has a fixed cost). Not tuned on a GPU.
+XLA_DECODE_K_CHUNK = 4096
 
 # Which kernels implementation=None may pick. Both kernels pass interpret-mode tests on CPU and the GPU one lowers to
 # Triton IR, but neither has been compiled or timed on its hardware yet (bench/bench_attention.py does that), so
@@ -507,7 +511,12 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     q_pos = q_pos.astype(jnp.int32)
     k_pos = k_pos.astype(jnp.int32)
     if impl == "xla":
-        if q.shape[1] * k.shape[1] <= DIRECT_MAX_SCORES:
+        t, s = q.shape[1], k.shape[1]
+        if t == 1 and s > XLA_DECODE_K_CHUNK:
+            # Decode over a large cache: loop over only the key chunks that hold visible slots (runtime bounds), so
+            # a short request does not read a long max_seq_len cache.
+            return attention_chunked(q, k, v, q_pos, k_pos, sinks, window, q_chunk=1, k_chunk=XLA_DECODE_K_CHUNK)
+        if t * s <= DIRECT_MAX_SCORES:
             return attention_reference(q, k, v, q_pos, k_pos, sinks, window)
         return attention_chunked(q, k, v, q_pos, k_pos, sinks, window)
     if impl == "gpu":
