@@ -45,8 +45,8 @@ def test_requests_that_fit_max_seq_len_are_served(module, rng):
 @pytest.mark.parametrize("chunk", [24])
 def test_chunked_prefill_equals_one_shot(module, chunk, rng):
     """Prompts of 50 / 23 / 37 tokens (bucket 64) prefilled in chunks of 24 (more than the window 16, not
-    dividing 64): last-token logits within 1e-5 of the one-shot forward, and the same cache (positions exactly; keys/values
-    within 1e-5) — the sliding layer's ring buffer included."""
+    dividing 64): last-token logits within 1e-5 of the one-shot forward, and the same cache (positions exactly;
+    keys/values within 1e-5) — the sliding layer's ring buffer included."""
     lengths = np.array([50, 23, 37], np.int32)
     tokens = np.zeros((3, 64), np.int32)
     for i, n in enumerate(lengths):
