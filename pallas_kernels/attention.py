@@ -118,49 +118,50 @@ def attention_chunked(q, k, v, q_pos, k_pos, sinks, window: int | None, *, q_chu
     g = h // kv
     q_chunk, k_chunk = min(q_chunk, t), min(k_chunk, s)
     tp, sp = _common.cdiv(t, q_chunk) * q_chunk, _common.cdiv(s, k_chunk) * k_chunk
-    qpos_p = _pad_edge(q_pos, tp)
-    qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    rc = q_chunk * g  # query rows per chunk: row r = t·G + g, the G heads of one KV head (as in the kernels)
+    # Rows layout [B, KV, R, D]: measured on CPU, "bkrd,bskd->bkrs" ran ~4x faster than "btkgd,bskd->bkgts".
+    qr, pos_r, sink_r = _to_rows(q, q_pos, sinks, kv, tp * g)
     kp = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     kpos_p = jnp.pad(k_pos, ((0, 0), (0, sp - s)), constant_values=-1)
-    nq, nk = tp // q_chunk, sp // k_chunk
+    nq = tp // q_chunk
     # Every row of the batch runs the union of its rows' ranges (one loop for the batch).
-    lo, hi = key_block_ranges(qpos_p, kpos_p, window, q_chunk, k_chunk)  # [B, nq]
+    lo, hi = key_block_ranges(pos_r, kpos_p, window, rc, k_chunk)  # [B, nq]
     lo, hi = jnp.min(lo, axis=0), jnp.max(hi, axis=0)
-    sink = sinks.astype(jnp.float32).reshape(1, kv, g, 1)
     scale = d ** -0.5
     prec = _precision(q.dtype)
 
     def one_q_chunk(i):
-        q_c = jax.lax.dynamic_slice_in_dim(qp, i * q_chunk, q_chunk, axis=1).reshape(b, q_chunk, kv, g, d)
-        qpos_c = jax.lax.dynamic_slice_in_dim(qpos_p, i * q_chunk, q_chunk, axis=1)
+        q_c = jax.lax.dynamic_slice_in_dim(qr, i * rc, rc, axis=2)  # [B, KV, rc, D]
+        pos_c = jax.lax.dynamic_slice_in_dim(pos_r, i * rc, rc, axis=1)  # [B, rc]
 
         def body(j, carry):
             m, l, acc = carry
             k_c = jax.lax.dynamic_slice_in_dim(kp, j * k_chunk, k_chunk, axis=1)
             v_c = jax.lax.dynamic_slice_in_dim(vp, j * k_chunk, k_chunk, axis=1)
             kpos_c = jax.lax.dynamic_slice_in_dim(kpos_p, j * k_chunk, k_chunk, axis=1)
-            sc = jnp.einsum("btkgd,bskd->bkgts", q_c, k_c, preferred_element_type=jnp.float32, precision=prec)
-            vis = visible_mask(qpos_c, kpos_c, window)[:, None, None]
+            sc = jnp.einsum("bkrd,bskd->bkrs", q_c, k_c, preferred_element_type=jnp.float32, precision=prec)
+            vis = visible_mask(pos_c, kpos_c, window)[:, None]  # [B, 1, rc, Kc]
             sc = jnp.where(vis, sc * scale, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.exp(sc - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32,
+            pv = jnp.einsum("bkrs,bskd->bkrd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32,
                             precision=prec)
             return m_new, l, acc * alpha[..., None] + pv
 
-        init = (jnp.full((b, kv, g, q_chunk), _NEG, jnp.float32), jnp.zeros((b, kv, g, q_chunk), jnp.float32),
-                jnp.zeros((b, kv, g, q_chunk, d), jnp.float32))
+        init = (jnp.full((b, kv, rc), _NEG, jnp.float32), jnp.zeros((b, kv, rc), jnp.float32),
+                jnp.zeros((b, kv, rc, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(lo[i], hi[i], body, init)
+        sink = jax.lax.dynamic_slice_in_dim(sink_r, i * rc, rc, axis=1)[None]  # [1, KV, rc]
         top = jnp.maximum(m, sink)
         a = jnp.exp(m - top)
-        out = acc * (a / (l * a + jnp.exp(sink - top)))[..., None]  # [B,KV,G,Tc,D]
-        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_chunk, h, d).astype(q.dtype)
+        return (acc * (a / (l * a + jnp.exp(sink - top)))[..., None]).astype(q.dtype)  # [B, KV, rc, D]
 
-    out = jax.lax.map(one_q_chunk, jnp.arange(nq))  # [nq, B, Tc, H, D]
-    return jnp.transpose(out, (1, 0, 2, 3, 4)).reshape(b, tp, h, d)[:, :t]
+    out = jax.lax.map(one_q_chunk, jnp.arange(nq))  # [nq, B, KV, rc, D]
+    out = jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(b, kv, nq * rc, d)
+    return _from_rows(out, b, t, h, d, kv)
 
 
 # ------------------------------------------------------------------------------------------------ block ranges
