@@ -28,7 +28,8 @@ Implementations (``implementation=``):
   position-based masks such as a KV-cache ring buffer or right-padded rows of different lengths, so we use our own.
 * ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference), except that
   a kernel is only picked when ``AUTO_KERNELS`` allows it: on for the GPU kernel (measured on an H200), off for the
-  TPU kernel (never run on a TPU), so auto is "gpu" on GPUs and "xla" elsewhere.
+  TPU kernel (never run on a TPU), so auto is "gpu" on one GPU and "xla" elsewhere (also with several devices:
+  ``pallas_call`` is not auto-partitioned, and the sharded model splits heads and rows over a mesh).
 
 Sinks in the kernels: a kernel that keeps each row's running max ``m`` and normalizer ``l`` applies the sink
 exactly at the end: ``out = acc / (l + exp(sink - m))`` (the same as ``acc / l · 1 / (1 + exp(sink - L))`` with
@@ -505,7 +506,9 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     _check(q, k, v, q_pos, k_pos, sinks, window)
     window = None if window is None else int(window)
     impl = implementation or default_implementation()
-    if implementation is None and not AUTO_KERNELS.get(impl, True):
+    if implementation is None and (not AUTO_KERNELS.get(impl, True) or jax.device_count() > 1):
+        # pallas_call is not auto-partitioned: on a mesh (heads over "tensor", rows over "data") XLA would have to
+        # gather q / k / v / the cache for it. Until the call is wrapped in shard_map, several devices keep xla.
         impl = "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
