@@ -1,4 +1,4 @@
-"""Correctness + timing of pallas_kernels.attention at gpt-oss-120b attention shapes (run on one GPU from the repo root).
+"""Correctness + timing of pallas_kernels.attention at gpt-oss-120b attention shapes (one GPU, from the repo root).
 
     python3 bench/bench_attention.py          # JSON summary on stdout (last line) and in $OUT/attention.json
 

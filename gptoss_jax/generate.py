@@ -213,9 +213,10 @@ def _sample(logits, key, mode, temperature, top_k, top_p):
 def prefill_chunked(model, tokens, lengths, cache, chunk: int | None):
     """Prefills right-padded prompts tokens [B, T] (lengths [B]) into an empty cache, `chunk` tokens at a time.
 
-    Returns (logits of each row's last real token [B, 1, V] float32, cache). The first chunk attends only to itself;
-    chunk c ≥ 1 (a ``lax.scan``, one compiled body) writes positions c·chunk … into the cache and attends to the cache
-    and itself, exactly as a one-shot forward would (same masks from positions). ``chunk=None`` or T ≤ chunk: one call.
+    Returns (logits of each row's last real token [B, 1, V] float32, cache). The first chunk attends only to
+    itself; chunk c ≥ 1 (a ``lax.scan``, one compiled body) writes positions c·chunk … into the cache and attends to
+    the cache and itself, exactly as a one-shot forward would (same masks from positions). ``chunk=None`` or
+    T ≤ chunk: one call. Memory is bounded by one chunk's activations (attention: pallas_kernels.attention).
     """
     b, t = tokens.shape
     zeros = jnp.zeros_like(lengths)

@@ -16,7 +16,8 @@ Semantics (the contract every implementation is tested against; the numerical so
 
 Implementations (``implementation=``):
 
-* ``"xla"``: jnp. Small problems (``T · S`` at most ``DIRECT_MAX_SCORES``) materialize the scores
+* ``"xla"``: jnp. Decode (``T == 1``) over more than ``XLA_DECODE_K_CHUNK`` slots loops over only the key chunks
+  that hold a visible slot. Otherwise small problems (``T · S`` at most ``DIRECT_MAX_SCORES``) materialize the scores
   (:func:`attention_reference`); larger ones run :func:`attention_chunked`, a flash-style loop in jnp: query chunks
   (``lax.map``) × key chunks (``lax.while_loop`` over only the key chunks that some query of the chunk can see)
   with an online softmax, so memory is O(T) and a sliding window costs O(T · window).
@@ -26,8 +27,9 @@ Implementations (``implementation=``):
   (numpy ``Mask`` objects fixed at trace time, plus segment ids): it cannot express per-row, runtime
   position-based masks such as a KV-cache ring buffer or right-padded rows of different lengths, so we use our own.
 * ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference), except that
-  a kernel is only picked when ``AUTO_KERNELS`` allows it: today both are off (never run on their hardware), so
-  auto means "xla" everywhere.
+  a kernel is only picked when ``AUTO_KERNELS`` allows it: on for the GPU kernel (measured on an H200), off for the
+  TPU kernel (never run on a TPU), so auto is "gpu" on one GPU and "xla" elsewhere (also with several devices:
+  ``pallas_call`` is not auto-partitioned, and the sharded model splits heads and rows over a mesh).
 
 Sinks in the kernels: a kernel that keeps each row's running max ``m`` and normalizer ``l`` applies the sink
 exactly at the end: ``out = acc / (l + exp(sink - m))`` (the same as ``acc / l · 1 / (1 + exp(sink - L))`` with
@@ -56,11 +58,14 @@ IMPLEMENTATIONS = ("xla", "tpu", "gpu")
 DIRECT_MAX_SCORES = 1 << 20
 XLA_Q_CHUNK = 512
 XLA_K_CHUNK = 512
+# Decode (T = 1) over more slots than this reads only the chunks holding visible slots (few, large chunks: each loop
+# step has a fixed cost). Not tuned on a GPU.
+XLA_DECODE_K_CHUNK = 4096
 
-# Which kernels implementation=None may pick. Both kernels pass interpret-mode tests on CPU and the GPU one lowers to
-# Triton IR, but neither has been compiled or timed on its hardware yet (bench/bench_attention.py does that), so
-# auto mode keeps the O(T)-memory xla path until a measured run flips these (the matmul ops follow the same rule).
-AUTO_KERNELS = {"gpu": False, "tpu": False}
+# Which kernels implementation=None may pick. GPU: measured on an H200 (jax 0.11.2, docs/BENCHMARKS.md "Attention"):
+# correct (bf16 and f32) and faster than both xla paths in every row, e.g. 32k causal prefill 35.7 vs 241 ms, decode
+# at 1k of 128k slots 25 vs 129 us. TPU: interpret-tested only, never run on a TPU, so auto keeps xla there.
+AUTO_KERNELS = {"gpu": True, "tpu": False}
 
 _NEG = -1e30  # finite "minus infinity" for running maxima (exp(-inf - -inf) would be nan)
 
@@ -114,49 +119,50 @@ def attention_chunked(q, k, v, q_pos, k_pos, sinks, window: int | None, *, q_chu
     g = h // kv
     q_chunk, k_chunk = min(q_chunk, t), min(k_chunk, s)
     tp, sp = _common.cdiv(t, q_chunk) * q_chunk, _common.cdiv(s, k_chunk) * k_chunk
-    qpos_p = _pad_edge(q_pos, tp)
-    qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    rc = q_chunk * g  # query rows per chunk: row r = t·G + g, the G heads of one KV head (as in the kernels)
+    # Rows layout [B, KV, R, D]: measured on CPU, "bkrd,bskd->bkrs" ran ~4x faster than "btkgd,bskd->bkgts".
+    qr, pos_r, sink_r = _to_rows(q, q_pos, sinks, kv, tp * g)
     kp = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
     kpos_p = jnp.pad(k_pos, ((0, 0), (0, sp - s)), constant_values=-1)
-    nq, nk = tp // q_chunk, sp // k_chunk
+    nq = tp // q_chunk
     # Every row of the batch runs the union of its rows' ranges (one loop for the batch).
-    lo, hi = key_block_ranges(qpos_p, kpos_p, window, q_chunk, k_chunk)  # [B, nq]
+    lo, hi = key_block_ranges(pos_r, kpos_p, window, rc, k_chunk)  # [B, nq]
     lo, hi = jnp.min(lo, axis=0), jnp.max(hi, axis=0)
-    sink = sinks.astype(jnp.float32).reshape(1, kv, g, 1)
     scale = d ** -0.5
     prec = _precision(q.dtype)
 
     def one_q_chunk(i):
-        q_c = jax.lax.dynamic_slice_in_dim(qp, i * q_chunk, q_chunk, axis=1).reshape(b, q_chunk, kv, g, d)
-        qpos_c = jax.lax.dynamic_slice_in_dim(qpos_p, i * q_chunk, q_chunk, axis=1)
+        q_c = jax.lax.dynamic_slice_in_dim(qr, i * rc, rc, axis=2)  # [B, KV, rc, D]
+        pos_c = jax.lax.dynamic_slice_in_dim(pos_r, i * rc, rc, axis=1)  # [B, rc]
 
         def body(j, carry):
             m, l, acc = carry
             k_c = jax.lax.dynamic_slice_in_dim(kp, j * k_chunk, k_chunk, axis=1)
             v_c = jax.lax.dynamic_slice_in_dim(vp, j * k_chunk, k_chunk, axis=1)
             kpos_c = jax.lax.dynamic_slice_in_dim(kpos_p, j * k_chunk, k_chunk, axis=1)
-            sc = jnp.einsum("btkgd,bskd->bkgts", q_c, k_c, preferred_element_type=jnp.float32, precision=prec)
-            vis = visible_mask(qpos_c, kpos_c, window)[:, None, None]
+            sc = jnp.einsum("bkrd,bskd->bkrs", q_c, k_c, preferred_element_type=jnp.float32, precision=prec)
+            vis = visible_mask(pos_c, kpos_c, window)[:, None]  # [B, 1, rc, Kc]
             sc = jnp.where(vis, sc * scale, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.exp(sc - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32,
+            pv = jnp.einsum("bkrs,bskd->bkrd", p.astype(v.dtype), v_c, preferred_element_type=jnp.float32,
                             precision=prec)
             return m_new, l, acc * alpha[..., None] + pv
 
-        init = (jnp.full((b, kv, g, q_chunk), _NEG, jnp.float32), jnp.zeros((b, kv, g, q_chunk), jnp.float32),
-                jnp.zeros((b, kv, g, q_chunk, d), jnp.float32))
+        init = (jnp.full((b, kv, rc), _NEG, jnp.float32), jnp.zeros((b, kv, rc), jnp.float32),
+                jnp.zeros((b, kv, rc, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(lo[i], hi[i], body, init)
+        sink = jax.lax.dynamic_slice_in_dim(sink_r, i * rc, rc, axis=1)[None]  # [1, KV, rc]
         top = jnp.maximum(m, sink)
         a = jnp.exp(m - top)
-        out = acc * (a / (l * a + jnp.exp(sink - top)))[..., None]  # [B,KV,G,Tc,D]
-        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_chunk, h, d).astype(q.dtype)
+        return (acc * (a / (l * a + jnp.exp(sink - top)))[..., None]).astype(q.dtype)  # [B, KV, rc, D]
 
-    out = jax.lax.map(one_q_chunk, jnp.arange(nq))  # [nq, B, Tc, H, D]
-    return jnp.transpose(out, (1, 0, 2, 3, 4)).reshape(b, tp, h, d)[:, :t]
+    out = jax.lax.map(one_q_chunk, jnp.arange(nq))  # [nq, B, KV, rc, D]
+    out = jnp.transpose(out, (1, 2, 0, 3, 4)).reshape(b, kv, nq * rc, d)
+    return _from_rows(out, b, t, h, d, kv)
 
 
 # ------------------------------------------------------------------------------------------------ block ranges
@@ -500,14 +506,21 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     _check(q, k, v, q_pos, k_pos, sinks, window)
     window = None if window is None else int(window)
     impl = implementation or default_implementation()
-    if implementation is None and not AUTO_KERNELS.get(impl, True):
+    if implementation is None and (not AUTO_KERNELS.get(impl, True) or jax.device_count() > 1):
+        # pallas_call is not auto-partitioned: on a mesh (heads over "tensor", rows over "data") XLA would have to
+        # gather q / k / v / the cache for it. Until the call is wrapped in shard_map, several devices keep xla.
         impl = "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     q_pos = q_pos.astype(jnp.int32)
     k_pos = k_pos.astype(jnp.int32)
     if impl == "xla":
-        if q.shape[1] * k.shape[1] <= DIRECT_MAX_SCORES:
+        t, s = q.shape[1], k.shape[1]
+        if t == 1 and s > XLA_DECODE_K_CHUNK:
+            # Decode over a large cache: loop over only the key chunks that hold visible slots (runtime bounds), so
+            # a short request does not read a long max_seq_len cache.
+            return attention_chunked(q, k, v, q_pos, k_pos, sinks, window, q_chunk=1, k_chunk=XLA_DECODE_K_CHUNK)
+        if t * s <= DIRECT_MAX_SCORES:
             return attention_reference(q, k, v, q_pos, k_pos, sinks, window)
         return attention_chunked(q, k, v, q_pos, k_pos, sinks, window)
     if impl == "gpu":

@@ -163,6 +163,21 @@ def test_decode_reads_only_filled_slots(impl, rng):
     _check(y, q, ref, 2 * ref_err + 1e-3)
 
 
+def test_xla_decode_reads_only_filled_chunks(rng):
+    """The xla path over a 16,384-slot cache with 300 / 5000 filled: chunks past the fill hold NaN (so they must not
+    be read); the result equals the float64 reference on the filled part."""
+    b, s, h, kv, d = 2, 16384, 4, 2, 16
+    filled = [300, 5000]
+    q, k, v, sinks = _inputs(rng, b, 1, s, h, kv, d, sink_scale=3.0)
+    kp = jnp.asarray(np.where(np.arange(s)[None] < np.asarray(filled)[:, None], np.arange(s)[None], -1), jnp.int32)
+    qp = jnp.asarray([[f - 1] for f in filled], jnp.int32)
+    ref = attention_f64(q, k, v, qp, kp, sinks, None)
+    poison = jnp.arange(s)[None, :, None, None] >= 2 * A.XLA_DECODE_K_CHUNK  # beyond every row's filled chunks
+    y = A.attention(q, jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v), qp, kp, sinks, None,
+                    implementation="xla")
+    _check(y, q, ref, 1e-5)
+
+
 def test_model_decode_path_matches_reference_over_real_cache(rng):
     """The model's KV cache (gptoss_jax.kv_cache) after a prefill + a decode write: sliding-layer ring buffer that
     wrapped and a full-layer cache, through decode_attention on every implementation."""
