@@ -109,6 +109,8 @@ class SafetensorsFile:
             size = self.path.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: no such file") from None
+        if not self.path.is_file():  # a folder (or device) where a tensor file belongs: bad input, not the OS
+            raise CheckpointError(f"{self.path}: not a regular file")
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:

@@ -277,7 +277,7 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["chat", "{ckpt}", "--max-new-tokens", "64", "--max-seq-len", "64"], "leaves no room for the conversation"),
     (["chat", "{ckpt}", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
-    (["info", "{qc}"], "quantization_config must be a JSON object"),
+    (["info", "{qc}"], "quantization_config must be an object"),
     (["demo", "--prompt", "  "], "--prompt is empty"),
     (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
 ])

@@ -212,7 +212,7 @@ def test_codes_scales_and_zeros_are_bit_exact(tmp_path):
         _, quant, params = checkpoint.load_params(dst)
         params = unstack_layers(params)  # storage view: layers.{i}
         assert quant.scale_dtype == ("bfloat16" if fmt == "compressed-tensors" else "float16")
-        layer = unstack_layers(params)["layers"][1]
+        layer = params["layers"][1]
         gate_up = layer["mlp"]["experts"]["gate_up"]
         down = layer["mlp"]["experts"]["down"]
         q = layer["attn"]["q_proj"]["weight"]
@@ -278,7 +278,7 @@ def test_tokenizer_files_and_metadata(tmp_path):
     _, _, params = checkpoint.load_params(dst)
     params = unstack_layers(params)  # storage view: layers.{i}
     assert params["embed"]["embedding"].dtype == jnp.float16
-    assert params["layers"]["attn"]["q_proj"]["weight"]["scales"].dtype == jnp.dtype(ml_dtypes.bfloat16)
+    assert params["layers"][0]["attn"]["q_proj"]["weight"]["scales"].dtype == jnp.dtype(ml_dtypes.bfloat16)
     assert json.loads((dst / "config.json").read_text())["hidden_size"] == 256
 
 

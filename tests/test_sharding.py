@@ -214,8 +214,11 @@ def test_sharded_restore_reads_only_local_shards(tmp_path, fmt):
         transient = r["rss_increase_bytes"] - r["local_shard_bytes"]  # host memory beyond what its devices hold
         if fmt == "tree":  # stored chunks = shards: a process reads only its shards
             assert transient < r["checkpoint_bytes"] / 4, r
-        else:  # one item (a layer: 1/8 of this checkpoint) at a time, whole stored arrays read and sliced
-            assert transient < r["checkpoint_bytes"] / 3, r
+        else:  # one item (a layer: 1/8 of this checkpoint) at a time, whole stored arrays read and sliced, and
+            # written into the stacked arrays: in place where buffers can be donated (GPU/TPU); XLA:CPU cannot
+            # donate, so here each layer's write copies that stacked leaf's local part once more (≈ 1/4 of the
+            # experts' bytes on this process): a bound of about half the checkpoint, still far below all of it
+            assert transient < r["checkpoint_bytes"] * 0.6, r
 
 
 @pytest.mark.multidevice

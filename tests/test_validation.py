@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import gptoss_jax
+from gptoss_jax.errors import GptOssError
 from gptoss_jax import harmony
 from gptoss_jax.api import InferenceModel, LoadError
 from gptoss_jax.config import GptOssConfig
@@ -293,7 +294,7 @@ def test_quantization_config_not_an_object_is_refused(hf_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["quantization_config"] = "awq"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match="config.json: quantization_config must be a JSON object"):
+    with pytest.raises(GptOssError, match="config.json: quantization_config must be an object"):
         gptoss_jax.load(d)
 
 
