@@ -1,4 +1,4 @@
-"""Correctness + timing of pallas_kernels.attention at gpt-oss-120b attention shapes (one GPU, from the repo root).
+"""Correctness + timing of gptoss_jax.kernels.attention at gpt-oss-120b attention shapes (one GPU, from the repo root).
 
     python3 bench/bench_attention.py          # JSON summary on stdout (last line) and in $OUT/attention.json
 
@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import attention as A  # noqa: E402
-from pallas_kernels.reference import attention_f64, max_rel_err  # noqa: E402
+from gptoss_jax.kernels import attention as A  # noqa: E402
+from gptoss_jax.kernels.reference import attention_f64, max_rel_err  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
 os.makedirs(OUT, exist_ok=True)

@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import GpuTiling, Int4Tensor, clamped_swiglu, dense_matmul, grouped_matmul  # noqa: E402
-from pallas_kernels.reference import grouped_matmul_f64, max_rel_err  # noqa: E402
-from pallas_kernels.int4_layout import dequantize, unpack  # noqa: E402
+from gptoss_jax.kernels import GpuTiling, Int4Tensor, clamped_swiglu, dense_matmul, grouped_matmul  # noqa: E402
+from gptoss_jax.kernels.reference import grouped_matmul_f64, max_rel_err  # noqa: E402
+from gptoss_jax.kernels.int4_layout import dequantize, unpack  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
 os.makedirs(OUT, exist_ok=True)
@@ -343,7 +343,7 @@ def main():
                     err(f"time dense {name} B={tokens} {vname}", e)
 
     # The group metadata alone (the small XLA ops in front of every kernel call), batch 1 and 64.
-    from pallas_kernels import _common
+    from gptoss_jax.kernels import _common
     for tokens in (1, 64):
         try:
             sets = [(jnp.asarray(routing(rng, tokens)),) for _ in range(16)]

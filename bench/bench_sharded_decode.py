@@ -189,7 +189,7 @@ def main():
     RESULTS.update(started=datetime.datetime.utcnow().isoformat() + "Z", backend=jax.default_backend(),
                    devices=[str(d) for d in jax.devices()], jax=jax.__version__, args=vars(args))
     log("devices:", jax.devices())
-    from pallas_kernels import default_implementation
+    from gptoss_jax.kernels import default_implementation
     log("kernel implementation (auto):", default_implementation())
     RESULTS["kernel_implementation"] = default_implementation()
 

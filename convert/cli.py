@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from convert.sources import FORMATS
+from gptoss_jax.convert.sources import FORMATS
 from gptoss_jax import fsutil
 from gptoss_jax.errors import describe_os_error, user_errors
 
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         args = _inspect_parser().parse_args(argv[1:])
-        from convert.converter import inspect
-        from convert.sources import Options
+        from gptoss_jax.convert.converter import inspect
+        from gptoss_jax.convert.sources import Options
         from gptoss_jax.checkpoint import dtype_name
         try:
             report = inspect(args.src, args.format,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR if report.get("problems") else 0
 
     args = _convert_parser().parse_args(argv)
-    from convert.converter import convert
+    from gptoss_jax.convert.converter import convert
     try:
         with fsutil.sigterm_as_interrupt():
             convert(args.src, args.dst, fmt=args.format, group_size=args.group_size, symmetric=args.symmetric,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from convert.sources import FORMATS, ConvertError, Options, Source, detect_format, open_source
-from convert.validate import check_config_against_headers
+from gptoss_jax.convert.sources import FORMATS, ConvertError, Options, Source, detect_format, open_source
+from gptoss_jax.convert.validate import check_config_against_headers
 from gptoss_jax import checkpoint, fsutil
 from gptoss_jax.jsoncheck import read_json_object
 from gptoss_jax.config import ConfigError, GptOssConfig

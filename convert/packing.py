@@ -1,4 +1,4 @@
-"""Bit-level translation of source 4-bit encodings into the project's int4 layout (:mod:`pallas_kernels.int4_layout`).
+"""Bit-level translation of source 4-bit encodings into the project's int4 layout (:mod:`gptoss_jax.kernels.int4_layout`).
 
 Every function here is exact: codes, zero points and scales come out bit for bit as the source stored them (the
 round-trip tests check this on the functions directly). Shapes follow the source conventions:
@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from pallas_kernels import int4_layout
+from gptoss_jax.kernels import int4_layout
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 

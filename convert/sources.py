@@ -31,11 +31,11 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from convert import packing
+from gptoss_jax.convert import packing
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.params import QuantSpec
 from gptoss_jax.safetensors_io import Checkpoint, require_finite
-from pallas_kernels import int4_layout
+from gptoss_jax.kernels import int4_layout
 
 FORMATS = ("compressed-tensors", "awq", "gptq", "auto-round", "hf", "mxfp4")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))

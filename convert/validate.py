@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from convert.sources import ConvertError
+from gptoss_jax.convert.sources import ConvertError
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.safetensors_io import Checkpoint
 

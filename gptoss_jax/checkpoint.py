@@ -12,7 +12,7 @@ Layout (written by ``gptoss-convert`` through :class:`CheckpointWriter`, or by :
                                   "files" records the size and SHA-256 of every other file of the folder
 
 The parameter tree is exactly ``params.param_specs(config, dtype=..., quant=...)``: the attention projections and
-the experts are int4 dicts ``{packed, scales[, zeros]}`` (layout of :mod:`pallas_kernels.int4_layout`), everything
+the experts are int4 dicts ``{packed, scales[, zeros]}`` (layout of :mod:`gptoss_jax.kernels.int4_layout`), everything
 else is 16-bit. Items are saved one at a time, so a writer never holds more than one item in host memory, and
 restored one at a time straight into the requested shardings (each device reads only its part of each array), so a
 reader never builds a host copy of the whole model.
@@ -50,7 +50,7 @@ from gptoss_jax.model import build_model
 from gptoss_jax.params import (ParamSpec, QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
                                unstack_layers)
 from gptoss_jax.safetensors_io import CheckpointError
-from pallas_kernels.int4_layout import LAYOUT_VERSION
+from gptoss_jax.kernels.int4_layout import LAYOUT_VERSION
 
 METADATA_FILE = "gptoss_checkpoint.json"
 PARAMS_DIR = "params"

@@ -724,7 +724,7 @@ def _user_error_types() -> tuple[type, ...]:
     from gptoss_jax.tokenizer import TokenizerError
     types = [CliError, LoadError, TokenizerMissingError, ConfigError, CheckpointError, TokenizerError,
              GenerationError, HarmonyParseError]
-    from pallas_kernels.int4_layout import Int4LayoutError
+    from gptoss_jax.kernels.int4_layout import Int4LayoutError
     types += [GptOssError, Int4LayoutError]  # every user-facing error of the package (gptoss_jax.errors)
     return tuple(types)
 

@@ -11,8 +11,8 @@ converted checkpoints, integrity included), ``ConvertError`` (gptoss-convert), `
 ``GenerationError`` (generation / scoring arguments), ``TokenizerError`` and ``TokenizerMissingError``,
 ``ShardingError``, ``HarmonyParseError``.
 
-Exception: the kernels package :mod:`pallas_kernels` is standalone (it must not import gptoss_jax), so its
-``pallas_kernels.Int4LayoutError`` derives from ``ValueError`` only; :data:`USER_ERRORS` lists it next to
+Exception: the kernels package :mod:`gptoss_jax.kernels` is standalone (it must not import gptoss_jax), so its
+``gptoss_jax.kernels.Int4LayoutError`` derives from ``ValueError`` only; :data:`USER_ERRORS` lists it next to
 ``GptOssError`` and ``OSError`` for the one-line handlers.
 """
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 class GptOssError(Exception):
     """Base class of gptoss-jax's user-facing errors (see the module docstring for the list and the one exception,
-    ``pallas_kernels.Int4LayoutError``). The message names the file, tensor or argument at fault."""
+    ``gptoss_jax.kernels.Int4LayoutError``). The message names the file, tensor or argument at fault."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What the CLIs report as a one-line error: GptOssError, the kernels' Int4LayoutError and OSError (a path that
     cannot be read or written: permissions, read-only or full file system, a parent that is a file)."""
-    from pallas_kernels.int4_layout import Int4LayoutError
+    from gptoss_jax.kernels.int4_layout import Int4LayoutError
     return (GptOssError, Int4LayoutError, OSError)
 
 

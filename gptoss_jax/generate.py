@@ -17,7 +17,7 @@ The cache size is ``bucket(longest real prompt + max_new_tokens)`` capped at ``m
 the padded prompt bucket: any request with prompt + max_new_tokens ≤ max_seq_len fits), so the number of
 compilations is bounded by the buckets used, not by the number of distinct prompt lengths. Prompts longer than
 ``prefill_chunk`` tokens are prefilled chunk by chunk into the cache (:func:`prefill_chunked`), so prefill memory is
-bounded by the chunk (with the O(T)-memory attention of :mod:`pallas_kernels.attention`).
+bounded by the chunk (with the O(T)-memory attention of :mod:`gptoss_jax.kernels.attention`).
 Sampling parameters are passed as per-row arrays (traced), so changing temperature / top-k / top-p / seed never
 recompiles; only the *mode* (greedy, or which of top-k / top-p is active at all) is static.
 """
@@ -216,7 +216,7 @@ def prefill_chunked(model, tokens, lengths, cache, chunk: int | None):
     Returns (logits of each row's last real token [B, 1, V] float32, cache). The first chunk attends only to
     itself; chunk c ≥ 1 (a ``lax.scan``, one compiled body) writes positions c·chunk … into the cache and attends to
     the cache and itself, exactly as a one-shot forward would (same masks from positions). ``chunk=None`` or
-    T ≤ chunk: one call. Memory is bounded by one chunk's activations (attention: pallas_kernels.attention).
+    T ≤ chunk: one call. Memory is bounded by one chunk's activations (attention: gptoss_jax.kernels.attention).
     """
     b, t = tokens.shape
     zeros = jnp.zeros_like(lengths)

@@ -1,8 +1,8 @@
 """Weight containers and the two matmul call sites (dense and grouped) shared by 16-bit and int4 weights.
 
 A weight is either an ``nnx.Param`` holding an array ``[..., K, N]`` or an :class:`Int4Weight` module holding the
-packed int4 layout of :mod:`pallas_kernels.int4_layout`. :func:`linear` and :func:`grouped_linear` accept both and
-route int4 weights to the Pallas kernels (``pallas_kernels.dense_matmul`` / ``grouped_matmul``).
+packed int4 layout of :mod:`gptoss_jax.kernels.int4_layout`. :func:`linear` and :func:`grouped_linear` accept both and
+route int4 weights to the Pallas kernels (``gptoss_jax.kernels.dense_matmul`` / ``grouped_matmul``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.params import QuantSpec
-from pallas_kernels import dense_matmul, grouped_matmul, int4_layout
-from pallas_kernels.int4_layout import Int4Tensor
+from gptoss_jax.kernels import dense_matmul, grouped_matmul, int4_layout
+from gptoss_jax.kernels.int4_layout import Int4Tensor
 
 
 def precision_for(dtype):

@@ -5,7 +5,7 @@
                     └─ RMSNorm ─ lm_head ─ logits
 
 The numerical reference is transformers' ``GptOssForCausalLM``. Weights are either 16/32-bit arrays or 4-bit
-:class:`~pallas_kernels.int4_layout.Int4Tensor` s (attention projections and experts); the matmuls that see them go
+:class:`~gptoss_jax.kernels.int4_layout.Int4Tensor` s (attention projections and experts); the matmuls that see them go
 through :mod:`gptoss_jax.layers`, so this file stays the same for both.
 
 A forward call processes ``T`` new tokens per sequence at positions ``start[b] + t``; the first ``lengths[b]`` of
@@ -30,7 +30,7 @@ from gptoss_jax.kv_cache import LayerCache, update_layer_cache
 from gptoss_jax.moe_parallel import MoEParallel, local_experts_forward, moe_forward
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, quant_for, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
-from pallas_kernels.attention import attention as pallas_attention
+from gptoss_jax.kernels.attention import attention as pallas_attention
 
 
 class RMSNorm(nnx.Module):
@@ -92,7 +92,7 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None):
 
     q [B,T,H,D]; k, v [B,S,KV,D]; q_pos [B,T]; k_pos [B,S] (-1: invisible). Query head h uses KV head h // (H/KV).
     A query at position p sees keys at positions p-window+1 … p (sliding) or 0 … p (full).
-    Implemented in :func:`pallas_kernels.attention.attention` (jnp reference / flash kernels, chosen by backend).
+    Implemented in :func:`gptoss_jax.kernels.attention.attention` (jnp reference / flash kernels, chosen by backend).
     """
     return pallas_attention(q, k, v, q_pos, k_pos, sinks, window)
 
@@ -130,7 +130,7 @@ class Experts(nnx.Module):
     def __call__(self, x_sorted, group_sizes):
         """x_sorted [M, H], rows grouped by expert with group_sizes [E] → [M, H].
 
-        The clamped SwiGLU runs fused into the gate_up matmul's epilogue (pallas_kernels.clamped_swiglu):
+        The clamped SwiGLU runs fused into the gate_up matmul's epilogue (gptoss_jax.kernels.clamped_swiglu):
         gate = even columns, up = odd columns; gate = min(gate, limit); up = clip(up, -limit, limit);
         h = (up + 1) · gate · sigmoid(alpha · gate).
         """

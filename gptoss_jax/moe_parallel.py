@@ -124,8 +124,8 @@ def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool):
     under shard_map like the experts do: rows split like the batch, W's columns split over the head axes when
     `split_out` (q/k/v: whole heads per device, as the sharding rules place them) or replicated (o_proj, whose int4
     rows are not split: see gptoss_jax.params)."""
-    from pallas_kernels import dense_matmul
-    from pallas_kernels.int4_layout import Int4Tensor
+    from gptoss_jax.kernels import dense_matmul
+    from gptoss_jax.kernels.int4_layout import Int4Tensor
 
     n = w.packed.shape[-1]
     n_shards = math.prod(par.mesh.shape[a] for a in par.head_axes)

@@ -13,7 +13,7 @@ Two views of one tree:
 The sharding rules map the logical axes to mesh axes.
 
 Quantized (W4A16) weights — the attention projections and the experts — are a dict
-``{"packed", "scales"[, "zeros"]}`` in the layout of :mod:`pallas_kernels.int4_layout` instead of one array.
+``{"packed", "scales"[, "zeros"]}`` in the layout of :mod:`gptoss_jax.kernels.int4_layout` instead of one array.
 
     embed.embedding                             [vocab, embed]
     layers.{i}.input_norm.scale                 [embed]
@@ -62,7 +62,7 @@ QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """How the 4-bit weights of a checkpoint are stored (see pallas_kernels.int4_layout)."""
+    """How the 4-bit weights of a checkpoint are stored (see gptoss_jax.kernels.int4_layout)."""
     group_size: int | None = 64  # None: per channel (one group spanning the whole input dim)
     symmetric: bool = True
     scale_dtype: str = "bfloat16"

@@ -8,7 +8,7 @@ from .int4_layout import (LAYOUT_VERSION, Int4LayoutError, Int4Tensor, dequantiz
 from .ops import IMPLEMENTATIONS, default_implementation, dense_matmul, grouped_matmul
 from .registry import AUTO_ORDER, REGISTRY, MatmulCall, UnsupportedCallError
 from .swiglu import clamped_swiglu, clamped_swiglu_parts
-from .attention import decode_attention, flash_attention  # noqa: E402  (pallas_kernels.attention stays the module)
+from .attention import decode_attention, flash_attention  # noqa: E402  (gptoss_jax.kernels.attention stays the module)
 
 __all__ = [
     "LAYOUT_VERSION", "Int4LayoutError", "Int4Tensor", "dequantize", "from_unsigned", "pack", "quantize",

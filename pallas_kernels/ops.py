@@ -3,8 +3,8 @@
 ``dense_matmul``   x [M, K] @ W [K, N] (+ bias) — attention projections.
 ``grouped_matmul`` megablox-style ragged matmul over experts, optional fused clamped-SwiGLU epilogue — MoE experts.
 
-``W`` is a float array or an :class:`~pallas_kernels.int4_layout.Int4Tensor`. Implementations live in
-:mod:`pallas_kernels.registry`: ``"xla"`` (the base op, ``_xla.py``), ``"tpu"`` (Pallas Mosaic, ``_tpu.py``),
+``W`` is a float array or an :class:`~gptoss_jax.kernels.int4_layout.Int4Tensor`. Implementations live in
+:mod:`gptoss_jax.kernels.registry`: ``"xla"`` (the base op, ``_xla.py``), ``"tpu"`` (Pallas Mosaic, ``_tpu.py``),
 ``"gpu"`` (Pallas Triton, ``_gpu.py``).
 
 Selection follows the platform being **lowered for** (``jax.lax.platform_dependent``), not
@@ -13,7 +13,7 @@ Selection follows the platform being **lowered for** (``jax.lax.platform_depende
 * ``implementation=None`` (auto): for each of tpu / cuda, the first implementation of ``registry.AUTO_ORDER`` that
   supports the call is compiled (never interpreted); every other platform runs "xla". So ``jax.export(...,
   platforms=["tpu"])`` on a CPU host emits Mosaic kernels while the same function runs "xla" on CPU.
-* ``implementation="tpu"|"gpu"``: that kernel or :class:`~pallas_kernels.registry.UnsupportedCallError` (a
+* ``implementation="tpu"|"gpu"``: that kernel or :class:`~gptoss_jax.kernels.registry.UnsupportedCallError` (a
   ValueError naming the call) up front. With ``interpret=None`` it is compiled when lowering for its platform and
   runs in Pallas' generic interpreter elsewhere (no host callbacks, so the function still exports for the kernel's
   platform); ``interpret=True`` forces interpret mode (for tpu the more faithful TPU interpreter,
@@ -141,7 +141,7 @@ def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
       group_sizes: int [E].
       bias: optional [E, N]; every row gets its group's bias.
       epilogue: None or "swiglu" (output [M, N/2]: clamped SwiGLU of even=gate / odd=up columns, see
-        :mod:`pallas_kernels.swiglu`).
+        :mod:`gptoss_jax.kernels.swiglu`).
       implementation: None (auto, per lowering platform), "xla", "tpu" or "gpu" (see the module docstring).
       tiling: ``TpuTiling`` / ``GpuTiling`` (or a dict of their fields); None = defaults. In auto mode a tiling of
         one backend is ignored by the others.

@@ -22,7 +22,7 @@ def dequantize_f64(t: Int4Tensor) -> np.ndarray:
 
 def swiglu_f64(h, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
     """gpt-oss clamped SwiGLU on interleaved columns (gate = even, up = odd) in float64: the shared epilogue
-    (:mod:`pallas_kernels.swiglu`) evaluated with numpy."""
+    (:mod:`gptoss_jax.kernels.swiglu`) evaluated with numpy."""
     return clamped_swiglu_f64(h, alpha, limit)
 
 
@@ -57,7 +57,7 @@ def max_rel_err(y, ref) -> float:
 
 
 def attention_f64(q, k, v, q_pos, k_pos, sinks, window=None):
-    """GQA attention with sinks in float64 (pallas_kernels.attention's contract): q [B,T,H,D], k, v [B,S,KV,D],
+    """GQA attention with sinks in float64 (gptoss_jax.kernels.attention's contract): q [B,T,H,D], k, v [B,S,KV,D],
     q_pos [B,T], k_pos [B,S] (-1 invisible), sinks [H] → [B,T,H,D] float64. Query head h uses KV head h // (H/KV);
     a query at p sees 0 <= k_pos <= p (and k_pos > p - window); softmax over [q·k/√D, sink] without the sink column.
     """

@@ -138,7 +138,7 @@ def _as_grouped(call, x, w, group_sizes, bias):
 
 
 class TpuMatmul(Implementation):
-    """Pallas Mosaic TPU kernel (``_tpu.py``); tiling :class:`~pallas_kernels._tpu.TpuTiling`."""
+    """Pallas Mosaic TPU kernel (``_tpu.py``); tiling :class:`~gptoss_jax.kernels._tpu.TpuTiling`."""
 
     name = "tpu"
     platforms = ("tpu",)
@@ -162,7 +162,7 @@ class TpuMatmul(Implementation):
 
 
 class GpuMatmul(Implementation):
-    """Pallas GPU kernel, Triton lowering (``_gpu.py``); tiling :class:`~pallas_kernels._gpu.GpuTiling`."""
+    """Pallas GPU kernel, Triton lowering (``_gpu.py``); tiling :class:`~gptoss_jax.kernels._gpu.GpuTiling`."""
 
     name = "gpu"
     platforms = ("cuda",)

@@ -1,4 +1,4 @@
-"""pallas_kernels.attention: every implementation against a float64 numpy reference (and the jnp reference).
+"""gptoss_jax.kernels.attention: every implementation against a float64 numpy reference (and the jnp reference).
 
 fp32: max |y - ref| / max |ref| ≤ 1e-5. bf16: within 2× the jnp reference's own bf16 error (+1e-3). The GPU
 (Triton) and TPU (Mosaic) kernels run in Pallas interpret mode on CPU with small tiles so several key blocks,
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import attention as A
-from pallas_kernels.reference import attention_f64, max_rel_err
+from gptoss_jax.kernels import attention as A
+from gptoss_jax.kernels.reference import attention_f64, max_rel_err
 
 SMALL_GPU = dict(block_rows=16, block_k=16)
 SMALL_TPU = dict(block_rows=16, block_k=128)

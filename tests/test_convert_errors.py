@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert import cli, writers
-from convert.converter import ConvertError, convert, inspect
+from gptoss_jax.convert import cli, writers
+from gptoss_jax.convert.converter import ConvertError, convert, inspect
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types
 from gptoss_jax.safetensors_io import CheckpointError
@@ -261,7 +261,7 @@ def test_inspect_reports_problems(src, capsys):
 def test_inspect_mxfp4_and_entry_point(good_sources):
     """The installed `gptoss-convert` script runs (subprocess) and inspect detects MXFP4."""
     exe = Path(sys.executable).parent / "gptoss-convert"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "convert.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gptoss_jax.convert.cli"]
     result = subprocess.run([*cmd, "inspect", str(good_sources / "mxfp4"), "--json"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -295,7 +295,7 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     config = CONFIG.replace(num_hidden_layers=8, layer_types=default_layer_types(8))
     src, dst = tmp_path / "src", tmp_path / "dst"
     writers.synthetic_source(config, src, group=32, symmetric=False)
-    cmd = [sys.executable, "-m", "convert.cli", str(src), str(dst), "--quiet", "--no-hash"]
+    cmd = [sys.executable, "-m", "gptoss_jax.convert.cli", str(src), str(dst), "--quiet", "--no-hash"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

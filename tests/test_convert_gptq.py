@@ -1,5 +1,5 @@
 """GPTQ (AutoGPTQ / GPTQModel) and AutoRound sources: checkpoints written by the formats' documented packing
-(convert.writers.gptq_quantize_linear: loops over the documented bit positions, v1 / v2 zero points, act-order g_idx)
+(gptoss_jax.convert.writers.gptq_quantize_linear: loops over the documented bit positions, v1 / v2 zero points, act-order g_idx)
 -> gptoss-convert with default options -> fp32 logits vs transformers on the dequantized weights (≤ 1e-4, 100 %
 top-1).
 
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert import packing, writers
-from convert.converter import convert, inspect
-from convert.sources import ConvertError, act_order_perm
+from gptoss_jax.convert import packing, writers
+from gptoss_jax.convert.converter import convert, inspect
+from gptoss_jax.convert.sources import ConvertError, act_order_perm
 from gptoss_jax import checkpoint
 from gptoss_jax.params import unstack_layers
 from test_convert_roundtrip import fresh_model, run_round_trip, tiny_config

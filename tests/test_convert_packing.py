@@ -1,12 +1,12 @@
-"""Bit-exactness of the source-format decoders in convert.packing against the formats' own writers."""
+"""Bit-exactness of the source-format decoders in gptoss_jax.convert.packing against the formats' own writers."""
 
 import numpy as np
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from convert import packing, writers
-from pallas_kernels import int4_layout
+from gptoss_jax.convert import packing, writers
+from gptoss_jax.kernels import int4_layout
 
 
 @pytest.mark.parametrize("out,inp", [(24, 64), (13, 40), (8, 8)])

@@ -3,7 +3,7 @@ with DEFAULT options -> checkpoint.load_model(dtype=fp32) -> logits equal transf
 (fp32, ≤ 1e-4 relative; issue 12 accepts 1e-3) with 100 % top-1 agreement, for bf16, fp16 and fp32 sources: the
 default conversion is lossless (every non-int4 tensor keeps its source dtype).
 
-The int4 model (quant=QuantSpec, matmuls through pallas_kernels) is checked in every case; the plain fp32 model built
+The int4 model (quant=QuantSpec, matmuls through gptoss_jax.kernels) is checked in every case; the plain fp32 model built
 from int4_layout.dequantize of the loaded arrays in one case per format.
 """
 
@@ -16,14 +16,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from convert import packing, writers
-from convert.converter import convert
+from gptoss_jax.convert import packing, writers
+from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types
 from gptoss_jax.model import build_model
 from gptoss_jax.params import unstack_layers
 from gptoss_jax.safetensors_io import Checkpoint
-from pallas_kernels import int4_layout
+from gptoss_jax.kernels import int4_layout
 
 TOL = 1e-4
 _MODELS = {}
@@ -183,8 +183,8 @@ def test_mixed_source_dtypes_are_kept_per_tensor(tmp_path):
 def test_dtype_option_casts_and_is_reported(tmp_path):
     """--dtype is an explicit cast: every non-int4 tensor is stored in it and inspect/metadata say so (lossy from
     fp32)."""
-    from convert.converter import inspect
-    from convert.sources import Options
+    from gptoss_jax.convert.converter import inspect
+    from gptoss_jax.convert.sources import Options
     config = tiny_config(256)
     src, dst = tmp_path / "src", tmp_path / "dst"
     writers.write_source(config, fresh_model(256), src, "awq", group=64, dtype="float32")
@@ -286,7 +286,7 @@ def test_actorder_spellings_without_g_idx_convert(tmp_path):
     """Case ct-actorder-weight-rejected, the whole kind: compressed-tensors' actorder null / "group" / "weight" /
     "static" (alias of "weight") in config.json changes nothing when no weight_g_idx is stored; every spelling is
     accepted and the "weight" conversion is the "null" one bit for bit."""
-    from convert.converter import inspect
+    from gptoss_jax.convert.converter import inspect
     config = tiny_config(256)
     src = tmp_path / "src"
     writers.write_source(config, fresh_model(256), src, "compressed-tensors", group=32, symmetric=True)

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import int4_layout as L
+from gptoss_jax.kernels import int4_layout as L
 
 
 def _codes(rng, shape):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels import Int4Tensor, MatmulCall, dense_matmul, grouped_matmul, registry
+from gptoss_jax.kernels import Int4Tensor, MatmulCall, dense_matmul, grouped_matmul, registry
 
 MOSAIC = "tpu_custom_call"
 TRITON = "__gpu$xla.gpu.triton"
@@ -78,7 +78,7 @@ def test_export_dense(sym):
 def test_cpu_lowering_is_xla_and_runs(rng):
     """Auto mode on the CPU host: no kernel custom call in the lowered module, and the result is the xla one."""
     e, k, n, m = 4, 256, 512, 6
-    from pallas_kernels import quantize
+    from gptoss_jax.kernels import quantize
     w = jax.tree.map(jnp.asarray, quantize(rng.standard_normal((e, k, n)).astype(np.float32), group_size=32,
                                            symmetric=False))
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)

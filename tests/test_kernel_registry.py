@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jax import export
 
-from pallas_kernels import (GpuTiling, MatmulCall, TpuTiling, UnsupportedCallError, clamped_swiglu,
+from gptoss_jax.kernels import (GpuTiling, MatmulCall, TpuTiling, UnsupportedCallError, clamped_swiglu,
                             clamped_swiglu_parts, dense_matmul, grouped_matmul, quantize, registry)
-from pallas_kernels import _gpu, _tpu
-from pallas_kernels.reference import dequantize_f64, grouped_matmul_f64, max_rel_err, swiglu_f64
+from gptoss_jax.kernels import _gpu, _tpu
+from gptoss_jax.kernels.reference import dequantize_f64, grouped_matmul_f64, max_rel_err, swiglu_f64
 
 F32_TOL = 1e-5
 KERNELS = ("tpu", "gpu")

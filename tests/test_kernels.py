@@ -10,9 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import clamped_swiglu, default_implementation, dense_matmul, grouped_matmul
-from pallas_kernels.reference import dequantize_f64, grouped_matmul_f64, max_rel_err, swiglu_f64
-from pallas_kernels import int4_layout as L
+from gptoss_jax.kernels import clamped_swiglu, default_implementation, dense_matmul, grouped_matmul
+from gptoss_jax.kernels.reference import dequantize_f64, grouped_matmul_f64, max_rel_err, swiglu_f64
+from gptoss_jax.kernels import int4_layout as L
 
 KERNELS = ["gpu", "tpu"]
 ALL = ["xla", *KERNELS]
@@ -274,7 +274,7 @@ def test_tiling_override_and_partial_tiles(rng):
 
 
 def test_group_metadata_covers_every_row_once(rng):
-    from pallas_kernels import _common
+    from gptoss_jax.kernels import _common
     for _ in range(5):
         e = int(rng.integers(1, 9))
         m = int(rng.integers(1, 70))
@@ -309,7 +309,7 @@ def test_zero_rows(impl):
 
 
 def test_gpu_supports_guards_shapes():
-    from pallas_kernels import _gpu
+    from gptoss_jax.kernels import _gpu
     assert _gpu.supports((4, 2880), (128, 2880, 5760), 32)
     assert _gpu.supports((4, 2880), (128, 2880, 5760), 2880)
     assert not _gpu.supports((4, 2888), (1, 2888, 64), None)  # 2888 = 8 * 361: no pow2 tile >= 16

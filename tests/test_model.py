@@ -217,7 +217,7 @@ def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, g
     from gptoss_jax.model import build_model
     from gptoss_jax.layers import Int4Weight
     from gptoss_jax.params import QuantSpec
-    from pallas_kernels import int4_layout
+    from gptoss_jax.kernels import int4_layout
 
     cfg = CONFIGS["h320_groups1_top4"]
     quant = QuantSpec(group_size=group_size, symmetric=symmetric, scale_dtype="float32")

@@ -3,7 +3,7 @@ has. A 2-layer int4 gpt-oss at the 120b widths (hidden 2880, 64 query heads × 6
 intermediate 2880; a small vocabulary keeps the abstract arrays cheap) is exported with ``jax.export`` — its prefill
 and its decode step, on one device and on an expert mesh — for ``platforms=["tpu"]`` (every int4 matmul must be a
 Mosaic kernel) and ``["cuda"]`` (the grouped expert matmuls are Triton kernels; dense int4 on CUDA is XLA's
-dequantize + dot by measurement, see pallas_kernels.registry.AUTO_ORDER). Nothing is allocated: the model and the
+dequantize + dot by measurement, see gptoss_jax.kernels.registry.AUTO_ORDER). Nothing is allocated: the model and the
 cache are abstract (``nnx.eval_shape``)."""
 
 import os

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 import gptoss_jax
-from convert import cli as convert_cli
-from convert import writers
-from convert.converter import convert
+from gptoss_jax.convert import cli as convert_cli
+from gptoss_jax.convert import writers
+from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, fsutil, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types
 from gptoss_jax.errors import GptOssError
@@ -106,14 +106,14 @@ def flat(tree) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ 0. errors
 def test_every_user_error_is_a_gptoss_error_and_keeps_its_builtin_base():
-    from convert.sources import ConvertError
+    from gptoss_jax.convert.sources import ConvertError
     from gptoss_jax.api import LoadError, TokenizerMissingError
     from gptoss_jax.config import ConfigError
     from gptoss_jax.generate import GenerationError
     from gptoss_jax.harmony import HarmonyParseError
     from gptoss_jax.sharding import ShardingError
     from gptoss_jax.tokenizer import TokenizerError
-    from pallas_kernels.int4_layout import Int4LayoutError
+    from gptoss_jax.kernels.int4_layout import Int4LayoutError
     for cls, builtin in ((ConfigError, ValueError), (CheckpointError, ValueError), (ConvertError, ValueError),
                          (LoadError, ValueError), (GenerationError, ValueError), (TokenizerError, ValueError),
                          (ShardingError, ValueError), (HarmonyParseError, ValueError),
@@ -631,10 +631,10 @@ def test_signal_during_an_orbax_write_is_held_until_the_item_is_written(ct, tmp_
 
 SLOW_CONVERT = """
 import sys, time
-import convert.sources as s
+import gptoss_jax.convert.sources as s
 real = s.Source.read_item
 s.Source.read_item = lambda self, name: (time.sleep(0.25), real(self, name))[1]  # a big model's pace
-from convert.cli import main
+from gptoss_jax.convert.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

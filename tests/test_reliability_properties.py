@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from convert import cli as convert_cli
-from convert import writers
-from convert.converter import convert
+from gptoss_jax.convert import cli as convert_cli
+from gptoss_jax.convert import writers
+from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import ConfigError, GptOssConfig, default_layer_types
 from gptoss_jax.errors import GptOssError
