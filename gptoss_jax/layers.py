@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.moe_parallel import dense_int4_forward
 from gptoss_jax.params import QuantSpec
 from gptoss_jax.kernels import dense_matmul, grouped_matmul, int4_layout
 from gptoss_jax.kernels.int4_layout import Int4Tensor
@@ -72,7 +73,6 @@ def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, Int4Tensor) and parallel is not None:
-        from gptoss_jax.moe_parallel import dense_int4_forward
         y = dense_int4_forward(x2, w, bias, parallel, split_out=split_out)
     elif isinstance(w, Int4Tensor):
         y = dense_matmul(x2, w, bias, out_dtype=jnp.float32)
