@@ -60,22 +60,31 @@ def input_perm(w):
     return w.perm[...] if isinstance(w, Int4Weight) and hasattr(w, "perm") else None
 
 
-def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = False):
+def _at_layer(a, layer):
+    """Layer `layer` of an array stacked over layers (a dynamic slice), or `a` itself when layer is None."""
+    return a if a is None or layer is None else jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+
+
+def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = False, layer=None):
     """x [..., K] @ W [K, N] (+ bias), float32 accumulation.
 
     parallel: the mesh plan (gptoss_jax.moe_parallel.MoEParallel) when the model runs on a mesh: int4 weights then
-    go through the kernel per device under shard_map (columns split over the head axes when `split_out`)."""
+    go through the kernel per device under shard_map (columns split over the head axes when `split_out`).
+    layer: None, or the index into W / bias stacked over layers ([L, K, N], [L, N]; the scanned model passes them
+    whole): int4 weights are read in place by the kernels (no per-layer copy), 16-bit ones sliced."""
     out_dtype = out_dtype or x.dtype
-    perm = input_perm(w)
+    perm = _at_layer(input_perm(w), layer)
     if perm is not None:  # act-order (GPTQ desc_act): the stored rows are in group order
         x = jnp.take(x, perm, axis=-1)
     w = operand(w)
+    if not isinstance(w, Int4Tensor):
+        w, bias, layer = _at_layer(w, layer), _at_layer(bias, layer), None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, Int4Tensor) and parallel is not None:
-        y = dense_int4_forward(x2, w, bias, parallel, split_out=split_out)
+        y = dense_int4_forward(x2, w, bias, parallel, split_out=split_out, layer=layer)
     elif isinstance(w, Int4Tensor):
-        y = dense_matmul(x2, w, bias, out_dtype=jnp.float32)
+        y = dense_matmul(x2, w, bias, out_dtype=jnp.float32, layer=layer)
     else:
         y = jnp.dot(x2, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision_for(x.dtype))
         if bias is not None:
@@ -83,18 +92,19 @@ def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = 
     return y.astype(out_dtype).reshape(*lead, y.shape[-1])
 
 
-def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] | None = None):
+def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] | None = None, layer=None):
     """Rows of x [M, K] grouped by expert (group_sizes [E]) @ their expert's W [E, K, N] (+ bias [E, N]).
 
     swiglu=(alpha, limit) applies gpt-oss's clamped SwiGLU in the matmul's epilogue (output [M, N/2]), so the
-    [M, N] gate_up activations never round-trip through memory.
+    [M, N] gate_up activations never round-trip through memory. layer: None, or the index into W / bias stacked
+    over layers ([L, E, K, N], [L, E, N]), read in place by every implementation.
     """
     epilogue = {} if swiglu is None else dict(epilogue="swiglu", swiglu_alpha=swiglu[0], swiglu_limit=swiglu[1])
-    perm = input_perm(w)
+    perm = _at_layer(input_perm(w), layer)
     if perm is not None:  # act-order: each expert reads its rows' features in its own stored order
         expert_of_row = jnp.repeat(jnp.arange(perm.shape[0]), group_sizes, total_repeat_length=x.shape[0])
         x = jnp.take_along_axis(x, perm[expert_of_row], axis=1)
-    return grouped_matmul(x, operand(w), group_sizes, bias=bias, out_dtype=x.dtype, **epilogue)
+    return grouped_matmul(x, operand(w), group_sizes, bias=bias, out_dtype=x.dtype, layer=layer, **epilogue)
 
 
 class Linear(nnx.Module):
@@ -104,9 +114,9 @@ class Linear(nnx.Module):
         if bias:
             self.bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (out_features,), dtype))
 
-    def __call__(self, x, *, out_dtype=None, parallel=None, split_out: bool = False):
+    def __call__(self, x, *, out_dtype=None, parallel=None, split_out: bool = False, layer=None):
         bias = self.bias[...] if hasattr(self, "bias") else None
-        return linear(x, self.weight, bias, out_dtype=out_dtype, parallel=parallel, split_out=split_out)
+        return linear(x, self.weight, bias, out_dtype=out_dtype, parallel=parallel, split_out=split_out, layer=layer)
 
 
 class Embed(nnx.Module):

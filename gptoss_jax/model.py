@@ -62,13 +62,14 @@ class Attention(nnx.Module):
         self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
 
     def __call__(self, x, cos, sin, positions, valid, cache: LayerCache | None, attend_to_cache: bool,
-                 window: int | None):
-        """window: the sliding window of this layer (None: full causal attention)."""
+                 window: int | None, layer=None):
+        """window: the sliding window of this layer (None: full causal attention). layer: None, or this layer's
+        index when the projection weights arrive stacked over all layers (the scan, see GptOss)."""
         b, t, _ = x.shape
         par = self.parallel
-        q = self.q_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, parallel=par, split_out=True).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)
@@ -84,7 +85,7 @@ class Attention(nnx.Module):
         else:
             keys, values = k, v
         out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
-        return self.o_proj(out.reshape(b, t, -1), parallel=par), new_cache
+        return self.o_proj(out.reshape(b, t, -1), parallel=par, layer=layer), new_cache
 
 
 def attention(q, k, v, q_pos, k_pos, sinks, window: int | None):
@@ -127,7 +128,7 @@ class Experts(nnx.Module):
         self.down = layers.weight((e, i, h), dtype=dtype, quant=quant_for(quant, "down"), rngs=rngs)
         self.down_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, h), dtype))
 
-    def __call__(self, x_sorted, group_sizes):
+    def __call__(self, x_sorted, group_sizes, layer=None):
         """x_sorted [M, H], rows grouped by expert with group_sizes [E] → [M, H].
 
         The clamped SwiGLU runs fused into the gate_up matmul's epilogue (gptoss_jax.kernels.clamped_swiglu):
@@ -135,8 +136,8 @@ class Experts(nnx.Module):
         h = (up + 1) · gate · sigmoid(alpha · gate).
         """
         h = layers.grouped_linear(x_sorted, self.gate_up, group_sizes, self.gate_up_bias[...],
-                                  swiglu=(self.alpha, self.limit))
-        return layers.grouped_linear(h, self.down, group_sizes, self.down_bias[...])
+                                  swiglu=(self.alpha, self.limit), layer=layer)
+        return layers.grouped_linear(h, self.down, group_sizes, self.down_bias[...], layer=layer)
 
 
 class MoE(nnx.Module):
@@ -152,14 +153,16 @@ class MoE(nnx.Module):
         # Experts split over a mesh (a gptoss_jax.moe_parallel.MoEParallel), or None for one device. Static.
         self.parallel = parallel
 
-    def __call__(self, x):
+    def __call__(self, x, layer=None):
+        """layer: None, or this layer's index when the expert arrays arrive stacked over all layers."""
         b, t, h = x.shape
         experts, weights = self.router(x.reshape(b * t, h))  # [N, k] each
         if self.parallel is not None:  # experts split over a mesh: tokens go to them (gptoss_jax.moe_parallel)
             k = experts.shape[-1]
-            return moe_forward(self.experts, x, experts.reshape(b, t, k), weights.reshape(b, t, k), self.parallel)
+            return moe_forward(self.experts, x, experts.reshape(b, t, k), weights.reshape(b, t, k), self.parallel,
+                               layer=layer)
         # One device: the one-shard case of the sharded code (all experts local).
-        out = local_experts_forward(self.experts, x.reshape(b * t, h), experts, weights)
+        out = local_experts_forward(self.experts, x.reshape(b * t, h), experts, weights, layer=layer)
         return out.astype(x.dtype).reshape(b, t, h)
 
 
@@ -170,10 +173,11 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
 
-    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window):
-        attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window)
+    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window, layer=None):
+        attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window,
+                                    layer)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), layer)
         return x, cache
 
 
@@ -232,26 +236,40 @@ class GptOss(nnx.Module):
         return logits, new_cache
 
     def _decoder_layers(self, x, cos, sin, positions, valid, cache, attend_to_cache):
-        """The L layers as a lax.scan over L/p blocks of p layers (p = layer_period); cache: p stacked caches."""
+        """The L layers as a lax.scan over L/p blocks of p layers (p = layer_period); cache: p stacked caches.
+
+        The matmul weights (attention projections, experts) stay whole, stacked over layers, and each layer's
+        matmuls read their slice in place from its index (the kernels offset their weight ids): slicing them as
+        scan inputs would copy every layer's weights on every step, since a Pallas kernel cannot read a dynamic
+        slice of its operand in place. The small parameters (norms, sinks, router) are sliced per layer."""
         c = self.config
         p = layer_period(c)
         blocks = c.num_hidden_layers // p
         windows = [c.sliding_window if c.is_sliding(j) else None for j in range(p)]
-        graphdef, state = nnx.split(self.layers)
-        state = jax.tree.map(lambda a: a.reshape(blocks, p, *a.shape[1:]), state)  # layer b·p + j → [b, j]
+        graphdef, whole, sliced = nnx.split(self.layers, _read_in_place, ...)
+        sliced = jax.tree.map(lambda a: a.reshape(blocks, p, *a.shape[1:]), sliced)  # layer b·p + j → [b, j]
 
         def block(x, xs):
-            block_state, block_cache = xs
+            block_index, block_state, block_cache = xs
             new = []
             for j in range(p):
-                layer = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], block_state))
+                layer = nnx.merge(graphdef, whole, jax.tree.map(lambda a, j=j: a[j], block_state))
                 x, layer_cache = layer(x, cos, sin, positions, valid, None if block_cache is None else block_cache[j],
-                                       attend_to_cache, windows[j])
+                                       attend_to_cache, windows[j], block_index * p + j)
                 new.append(layer_cache)
             return x, (None if block_cache is None else tuple(new))
 
-        x, new_cache = jax.lax.scan(block, x, (state, None if cache is None else tuple(cache)))
+        xs = (jnp.arange(blocks, dtype=jnp.int32), sliced, None if cache is None else tuple(cache))
+        x, new_cache = jax.lax.scan(block, x, xs)
         return x, new_cache
+
+
+_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")
+
+
+def _read_in_place(path, value) -> bool:
+    """nnx filter: parameters the layers read in place from the stacked arrays (see GptOss._decoder_layers)."""
+    return any(part in _IN_PLACE for part in path)
 
 
 # ------------------------------------------------------------------------------------------------ building

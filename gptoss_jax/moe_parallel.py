@@ -82,42 +82,51 @@ class MoEParallel:
         return "dispatch" if num_tokens >= self.dispatch_min_tokens else "replicated"
 
 
-def moe_forward(experts_mod, x, experts, weights, par: MoEParallel):
+def _num_local_experts(experts_mod) -> int:
+    """Experts this module holds (its arrays may be stacked over layers: [L, E, ...])."""
+    return experts_mod.gate_up_bias[...].shape[-2]
+
+
+def moe_forward(experts_mod, x, experts, weights, par: MoEParallel, layer=None):
     """Routed tokens through experts split over the mesh: x [B, T, H], experts / weights [B, T, k] (the router's
-    top-k ids and weights, computed before, exactly as on one device) → [B, T, H]."""
+    top-k ids and weights, computed before, exactly as on one device) → [B, T, H]. layer: None, or the index into
+    expert arrays stacked over layers ([L, E, ...], split over the mesh on the expert axis, read in place)."""
     b, t, h = x.shape
     graphdef, state = nnx.split(experts_mod)
-    num_experts = jax.tree.leaves(state)[0].shape[0]
+    num_experts = _num_local_experts(experts_mod)
     if num_experts % par.num_shards:
         raise ValueError(f"{num_experts} experts cannot be split over mesh axes {par.expert_axes} "
                          f"({par.num_shards} shards)")
     strategy = par.strategy_for(b * t)
     body = _replicated if strategy == "replicated" else _dispatch
 
-    def local(x, experts, weights, state):
-        return body(nnx.merge(graphdef, state), x, experts, weights, par)
+    stacked = layer is not None
+
+    def local(x, experts, weights, state, layer_):
+        return body(nnx.merge(graphdef, state), x, experts, weights, par, layer_ if stacked else None)
 
     tok = P(par.batch_axes or None)
-    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(tok, tok, tok, P(par.expert_axes or None)), out_specs=tok,
+    experts_spec = P(par.expert_axes or None) if layer is None else P(None, par.expert_axes or None)
+    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(tok, tok, tok, experts_spec, P()), out_specs=tok,
                        check_vma=False)
-    return fn(x, experts, weights, state)
+    return fn(x, experts, weights, state, jnp.int32(0) if layer is None else layer)
 
 
-def local_experts_forward(experts_mod, x, expert_ids, weights, first=0):
+def local_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=None):
     """The MoE on the experts [first, first + count) this device holds (all of them on one device, ``first=0``).
 
     x [N, H]; expert_ids, weights [N, k] → [N, H] float32: each token's weighted sum over its assignments to local
     experts (assignments to other shards' experts contribute 0). The N·k assignments are sorted by expert (stable)
-    so the local experts run as two grouped matmuls over only the rows they received."""
+    so the local experts run as two grouped matmuls over only the rows they received. layer: as in moe_forward."""
     n, h = x.shape
     k = expert_ids.shape[-1]
-    count = jax.tree.leaves(nnx.state(experts_mod))[0].shape[0]
+    count = _num_local_experts(experts_mod)
     order, group_sizes, is_local = _local_groups(expert_ids.reshape(n * k), first, count)
-    y_sorted = experts_mod(x[order // k], group_sizes)
+    y_sorted = experts_mod(x[order // k], group_sizes, layer=layer)
     return _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
 
 
-def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool):
+def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=None):
     """x [M, K] @ int4 W [K, N] (+ bias [N]) → [M, N] float32 with the Pallas kernel run per device under shard_map.
 
     A Mosaic (TPU) kernel cannot be partitioned automatically by XLA, so on a mesh the dense int4 projections run
@@ -131,18 +140,20 @@ def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool):
     n_shards = math.prod(par.mesh.shape[a] for a in par.head_axes)
     out_axes = par.head_axes if split_out and par.head_axes and n % n_shards == 0 else ()
     rows = P(par.batch_axes or None, None)
-    cols = P(None, out_axes or None)
+    lead = () if layer is None else (None,)  # weights stacked over layers: the layer axis is never split
+    cols = P(*lead, None, out_axes or None)
     out = P(par.batch_axes or None, out_axes or None)
     group = w.group_size
 
-    def local(x, packed, scales, zeros, bias):
-        return dense_matmul(x, Int4Tensor(packed, scales, zeros, group), bias, out_dtype=jnp.float32)
+    def local(x, packed, scales, zeros, bias, layer_):
+        return dense_matmul(x, Int4Tensor(packed, scales, zeros, group), bias, out_dtype=jnp.float32,
+                            layer=None if layer is None else layer_)
 
     zeros_spec = None if w.zeros is None else cols
-    bias_spec = None if bias is None else P(out_axes or None)
-    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(rows, cols, cols, zeros_spec, bias_spec), out_specs=out,
+    bias_spec = None if bias is None else P(*lead, out_axes or None)
+    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(rows, cols, cols, zeros_spec, bias_spec, P()), out_specs=out,
                        check_vma=False)
-    return fn(x, w.packed, w.scales, w.zeros, bias)
+    return fn(x, w.packed, w.scales, w.zeros, bias, jnp.int32(0) if layer is None else layer)
 
 
 def _local_groups(expert_ids, first, count):
@@ -164,7 +175,7 @@ def _combine(y_rows, order, keep, weights, n, k, h):
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights.astype(jnp.float32))
 
 
-def _replicated(experts_mod, x, expert_ids, weights, par: MoEParallel):
+def _replicated(experts_mod, x, expert_ids, weights, par: MoEParallel, layer=None):
     gather_axes = tuple(a for a in par.expert_axes if a in par.batch_axes)
     if gather_axes:  # tokens split over an expert axis: every shard needs them all
         x, expert_ids, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True)
@@ -172,10 +183,10 @@ def _replicated(experts_mod, x, expert_ids, weights, par: MoEParallel):
     b, t, h = x.shape
     k = expert_ids.shape[-1]
     n = b * t
-    local_count = jax.tree.leaves(nnx.state(experts_mod))[0].shape[0]
+    local_count = _num_local_experts(experts_mod)
     shard = jax.lax.axis_index(par.expert_axes) if par.expert_axes else 0
     out = local_experts_forward(experts_mod, x.reshape(n, h), expert_ids.reshape(n, k), weights.reshape(n, k),
-                                shard * local_count)
+                                shard * local_count, layer=layer)
     if gather_axes:
         out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
         b = b // math.prod(par.mesh.shape[a] for a in gather_axes)
@@ -185,15 +196,15 @@ def _replicated(experts_mod, x, expert_ids, weights, par: MoEParallel):
     return out.astype(x.dtype).reshape(b, t, h)
 
 
-def _dispatch(experts_mod, x, expert_ids, weights, par: MoEParallel):
+def _dispatch(experts_mod, x, expert_ids, weights, par: MoEParallel, layer=None):
     axes = par.expert_axes
     if not axes:
-        return _replicated(experts_mod, x, expert_ids, weights, par)
+        return _replicated(experts_mod, x, expert_ids, weights, par, layer)
     b, t, h = x.shape
     k = expert_ids.shape[-1]
     n = b * t
     n_shards = par.num_shards
-    local_count = jax.tree.leaves(nnx.state(experts_mod))[0].shape[0]
+    local_count = _num_local_experts(experts_mod)
     me = jax.lax.axis_index(axes)
 
     # 1. Each shard takes its slice of the tokens it shares with the other shards (padding to a multiple).
@@ -236,7 +247,7 @@ def _dispatch(experts_mod, x, expert_ids, weights, par: MoEParallel):
     arrived = jnp.arange(capacity) < total
     local_ids = jnp.where(arrived, recv_ids, -1)
     order2, group_sizes, is_local = _local_groups(local_ids, me * local_count, local_count)
-    y2 = experts_mod(recv_x[order2], group_sizes)
+    y2 = experts_mod(recv_x[order2], group_sizes, layer=layer)
     y_recv = jnp.where(is_local[:, None], jnp.zeros_like(y2).at[order2].set(y2), 0)
 
     # 5. Back to the senders, into the slots the rows came from.

@@ -161,8 +161,11 @@ def supports(x_shape, w_shape, group_size, tiling=None) -> bool:
 
 
 def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, *, epilogue, alpha, limit,
-                       out_dtype, tiling=None, interpret=False):
-    """x [M, K]; packed int32 [E, K/8, N] (int4) or float weights [E, K, N] when scales is None."""
+                       out_dtype, tiling=None, interpret=False, id_offset=None):
+    """x [M, K]; packed int32 [E, K/8, N] (int4) or float weights [E, K, N] when scales is None.
+
+    id_offset: None, or an int32 scalar added to every weight / bias id — group g reads packed[id_offset + g], so
+    operands stacked over layers (flattened [L·E, ...]) are read in place for layer id_offset / E."""
     m, k = x.shape
     e = group_sizes.shape[0]
     quant = scales is not None
@@ -179,7 +182,8 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
     n_out = n // 2 if swiglu else n
     w_items = _common.num_work_items(m, bm, e)
     meta = _common.make_group_meta(group_sizes, m, bm)
-    meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids,
+    weight_ids = meta.weight_ids if id_offset is None else meta.weight_ids + id_offset
+    meta_arr = jnp.stack([meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, weight_ids,
                           meta.is_real])
     tiles_n = _common.cdiv(n, bn)
     tiles_k = k // bk
@@ -325,7 +329,8 @@ def grouped_matmul_gpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         y = jnp.sum(out, axis=0)[:m, :n]
         rg = _common.row_group_ids(group_sizes, m)
         if has_bias:
-            y = y + jnp.take(bias, jnp.minimum(rg, e - 1), axis=0).astype(jnp.float32)
+            off = 0 if id_offset is None else id_offset
+            y = y + jnp.take(bias, jnp.minimum(rg, e - 1) + off, axis=0).astype(jnp.float32)
         if swiglu:
             y = clamped_swiglu_parts(*split_interleaved(y), alpha, limit)
         return jnp.where((rg < e)[:, None], y, 0.0).astype(out_dtype)

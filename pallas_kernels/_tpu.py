@@ -114,7 +114,9 @@ def _permute_k(x, tk):
 
 
 def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, *, epilogue, alpha, limit,
-                       out_dtype, tiling=None, interpret=False):
+                       out_dtype, tiling=None, interpret=False, id_offset=None):
+    """x [M, K]; packed int32 [E, K/8, N] (or float [E, K, N]); id_offset as in _gpu.grouped_matmul_gpu (weights and
+    bias of group g are read at index id_offset + g: operands stacked over layers are read in place)."""
     m, k = x.shape
     e, _, n = packed.shape
     quant = scales is not None
@@ -255,7 +257,8 @@ def grouped_matmul_tpu(x, packed, scales, zeros, group_size, group_sizes, bias, 
         interpret=_interpret_arg(interpret),
         name="int4_gmm_tpu" if quant else "gmm_tpu",
     )
-    out = call(meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, meta.weight_ids, meta.is_real, *args)
+    weight_ids = meta.weight_ids if id_offset is None else meta.weight_ids + id_offset
+    out = call(meta.group_ids, meta.m_tiles, meta.row_starts, meta.row_ends, weight_ids, meta.is_real, *args)
     return out[:m] if m_pad != m else out
 
 

@@ -90,9 +90,24 @@ def _check_grouped_args(x, w, group_sizes, bias, epilogue):
         raise ValueError(f"grouped_matmul: the swiglu epilogue needs an even N, got {n}")
 
 
+def _layer_view(a):
+    """The abstract per-layer view of a stacked operand (leading layer axis dropped), for argument checks."""
+    if a is None:
+        return None
+    if isinstance(a, Int4Tensor):
+        return Int4Tensor(*(None if t is None else jax.ShapeDtypeStruct(t.shape[1:], t.dtype)
+                            for t in (a.packed, a.scales, a.zeros)), a.group_size)
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+
+
 def _dispatch(call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, implementation,
-              tiling, interpret):
+              tiling, interpret, layer=None):
     kw = dict(epilogue=epilogue, alpha=alpha, limit=limit, out_dtype=out_dtype)
+    if layer is not None:
+        # Stacked operands (leading layer axis) and the layer index: every implementation reads layer `layer` in
+        # place — the kernels by offsetting their weight ids, XLA by a dynamic slice fused into its consumers — so
+        # a scan over layers never copies a layer's weights out of the stacked arrays.
+        kw["layer"] = jnp.asarray(layer, jnp.int32)
     name = implementation if implementation is not None else _env_override()
     if name is not None:
         impl = registry.get(name)
@@ -132,7 +147,7 @@ def _bind(impl, call, tiling, kw):
 def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
                    swiglu_alpha: float = SWIGLU_ALPHA, swiglu_limit: float = SWIGLU_LIMIT,
                    implementation: str | None = None, tiling: Any = None, out_dtype=None,
-                   interpret: Any = None):
+                   interpret: Any = None, layer=None):
     """Ragged (megablox) matmul: rows [off_e, off_e + group_sizes[e]) of x times w[e]; rows >= sum -> 0.
 
     Args:
@@ -147,6 +162,8 @@ def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
         one backend is ignored by the others.
       out_dtype: default x.dtype.
       interpret: for "tpu"/"gpu": None = compiled on their platform, interpreted elsewhere; True / False forces.
+      layer: None, or an int32 scalar (traced) when ``w`` and ``bias`` are stacked over layers ([L, E, K, N],
+        [L, E, N]): layer ``layer`` is used, read in place (a scan over layers copies no weights).
 
     Returns:
       [M, N] (or [M, N/2] with swiglu) in out_dtype.
@@ -155,26 +172,31 @@ def grouped_matmul(x, w, group_sizes, *, bias=None, epilogue: str | None = None,
       ValueError: bad shapes / dtypes / epilogue / implementation name;
       UnsupportedCallError (a ValueError): an explicit implementation does not support the call.
     """
-    _check_grouped_args(x, w, group_sizes, bias, epilogue)
+    wv, bv = (w, bias) if layer is None else (_layer_view(w), _layer_view(bias))
+    _check_grouped_args(x, wv, group_sizes, bv, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if implementation is not None:
         registry.get(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
     if x.shape[0] == 0:
-        n_out = w.shape[2] // 2 if epilogue == "swiglu" else w.shape[2]
+        n_out = wv.shape[2] // 2 if epilogue == "swiglu" else wv.shape[2]
         return jnp.zeros((0, n_out), out_dtype)
-    call = MatmulCall.of("grouped", x, w, bias, epilogue)
+    call = MatmulCall.of("grouped", x, wv, bv, epilogue)
     return _dispatch(call, x, w, group_sizes, bias, epilogue=epilogue, alpha=swiglu_alpha, limit=swiglu_limit,
-                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret)
+                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret,
+                     layer=layer)
 
 
 def dense_matmul(x, w, bias=None, *, implementation: str | None = None, tiling: Any = None, out_dtype=None,
-                 interpret: Any = None):
+                 interpret: Any = None, layer=None):
     """x [M, K] @ w [K, N] (+ bias [N]) -> [M, N] in out_dtype (default x.dtype); w a float array or Int4Tensor.
 
-    ``implementation``, ``tiling`` and ``interpret`` as in :func:`grouped_matmul` (kernels run the call as one
-    group). Raises ValueError on mismatched shapes, UnsupportedCallError for an explicit implementation that does
-    not support the call."""
+    ``implementation``, ``tiling``, ``interpret`` and ``layer`` (w [L, K, N], bias [L, N] stacked over layers) as
+    in :func:`grouped_matmul` (kernels run the call as one group). Raises ValueError on mismatched shapes,
+    UnsupportedCallError for an explicit implementation that does not support the call."""
+    stacked_w, stacked_b = w, bias
+    if layer is not None:
+        w, bias = _layer_view(w), _layer_view(bias)
     if x.ndim != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"dense_matmul: x {x.shape} and w {tuple(w.shape)} do not match")
     if isinstance(w, Int4Tensor):
@@ -188,5 +210,6 @@ def dense_matmul(x, w, bias=None, *, implementation: str | None = None, tiling: 
         return jnp.zeros((0, w.shape[1]), out_dtype)
     call = MatmulCall.of("dense", x, w, bias)
     gs = jnp.full((1,), x.shape[0], jnp.int32)
-    return _dispatch(call, x, w, gs, bias, epilogue=None, alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT,
-                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret)
+    return _dispatch(call, x, stacked_w, gs, stacked_b, epilogue=None, alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT,
+                     out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret,
+                     layer=layer)

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from . import _gpu, _tpu, _xla
@@ -107,7 +108,8 @@ class Implementation:
         return None
 
     def run(self, call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling,
-            interpret):
+            interpret, layer=None):
+        """layer: None, or the index into w / bias stacked over layers (ops.grouped_matmul's `layer`)."""
         raise NotImplementedError
 
 
@@ -117,14 +119,33 @@ class XlaMatmul(Implementation):
     name = "xla"
     platforms = ("*",)
 
-    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret):
+    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret,
+            layer=None):
+        if layer is not None:  # a dynamic slice XLA fuses into the dequantize / gather that reads it
+            w, bias = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), (w, bias))
         if call.op == "dense":
             return _xla.dense_xla(x, w, bias, out_dtype)
         return _xla.grouped_xla(x, w, group_sizes, bias, epilogue, alpha, limit, out_dtype)
 
 
-def _as_grouped(call, x, w, group_sizes, bias):
-    """Kernel operands: dense calls become one group of all M rows; int4 weights split into their arrays."""
+def _as_grouped(call, x, w, group_sizes, bias, layer=None):
+    """Kernel operands: dense calls become one group of all M rows; int4 weights split into their arrays.
+
+    With `layer` (operands stacked over layers) the layer axis is merged into the group axis — a free reshape — and
+    the returned id offset (layer · groups) selects the layer's weights inside the kernel: nothing is copied."""
+    if layer is not None:
+        groups = 1 if call.op == "dense" else group_sizes.shape[0]
+        flat = lambda a: None if a is None else a.reshape(-1, *a.shape[(1 if call.op == "dense" else 2):])  # noqa: E731
+        if isinstance(w, Int4Tensor):
+            w = Int4Tensor(flat(w.packed), flat(w.scales), flat(w.zeros), w.group_size)
+        else:
+            w = flat(w)
+        bias = flat(bias)
+        cdt = jnp.dtype(call.dtype)
+        offset = (layer * groups).astype(jnp.int32)
+        if isinstance(w, Int4Tensor):
+            return x.astype(cdt), w.packed, w.scales, w.zeros, w.group_size, bias, offset
+        return x.astype(cdt), w.astype(cdt), None, None, None, bias, offset
     if call.op == "dense":
         if isinstance(w, Int4Tensor):
             w = Int4Tensor(w.packed[None], w.scales[None], None if w.zeros is None else w.zeros[None], w.group_size)
@@ -133,8 +154,8 @@ def _as_grouped(call, x, w, group_sizes, bias):
         bias = None if bias is None else bias[None]
     cdt = jnp.dtype(call.dtype)
     if isinstance(w, Int4Tensor):
-        return x.astype(cdt), w.packed, w.scales, w.zeros, w.group_size, bias
-    return x.astype(cdt), w.astype(cdt), None, None, None, bias
+        return x.astype(cdt), w.packed, w.scales, w.zeros, w.group_size, bias, None
+    return x.astype(cdt), w.astype(cdt), None, None, None, bias, None
 
 
 class TpuMatmul(Implementation):
@@ -154,11 +175,12 @@ class TpuMatmul(Implementation):
             return str(err)
         return None
 
-    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret):
-        xk, packed, scales, zeros, gsz, bias = _as_grouped(call, x, w, group_sizes, bias)
+    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret,
+            layer=None):
+        xk, packed, scales, zeros, gsz, bias, off = _as_grouped(call, x, w, group_sizes, bias, layer)
         return _tpu.grouped_matmul_tpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
                                        alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
-                                       interpret=interpret)
+                                       interpret=interpret, id_offset=off)
 
 
 class GpuMatmul(Implementation):
@@ -184,11 +206,12 @@ class GpuMatmul(Implementation):
         # a GPU: auto keeps XLA's ragged_dot (on the compacted experts) for 16-bit weights.
         return call.group_size is not None
 
-    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret):
-        xk, packed, scales, zeros, gsz, bias = _as_grouped(call, x, w, group_sizes, bias)
+    def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret,
+            layer=None):
+        xk, packed, scales, zeros, gsz, bias, off = _as_grouped(call, x, w, group_sizes, bias, layer)
         return _gpu.grouped_matmul_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
                                        alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
-                                       interpret=interpret is not False and interpret is not None)
+                                       interpret=interpret is not False and interpret is not None, id_offset=off)
 
 
 REGISTRY: dict[str, Implementation] = {impl.name: impl for impl in (XlaMatmul(), TpuMatmul(), GpuMatmul())}
