@@ -424,29 +424,39 @@ class TextStreamer:
 
     Each new token costs two decodes of a few-token window instead of decoding the row's whole text per chunk
     (the approach of vLLM's incremental detokenizer): with ``prefix`` … ``read`` the tokens already turned into
-    text, ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text, confirmed only once it does
-    not end in U+FFFD (an incomplete UTF-8 sequence of a byte-level tokenizer). Stop strings are searched only in the
-    newly confirmed tail. Text that could still be the start of a stop string is held back from :meth:`take`.
+    text, ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text. Stop strings are searched only
+    in the newly confirmed tail. Text that could still be the start of a stop string is held back from :meth:`take`.
+
+    Byte-level tokenizers can emit incomplete or invalid UTF-8 (decoded as U+FFFD), where a window's decode need not
+    agree with the whole text's. Once a row's text shows U+FFFD the row switches to exact mode for good: the whole
+    text is decoded on each call and the shortest token prefix holding a stop string is found by decoding prefixes
+    (the slow path, only for such rows), so results never depend on the windowing.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ()):
         self._decode, self._stops = decode, tuple(stop_strings)
         self._ids: list[int] = []
         self._prefix = self._read = 0
-        self._text = ""  # confirmed text
-        self._ends: list[int] = []  # len(confirmed text) after each token
+        self._text = ""  # confirmed text (exact mode: the whole text)
+        self._ends: list[int] = []  # len(confirmed text) after each token (incremental mode)
         self._searched = 0  # stop strings cannot start before this index of _text
         self._emitted = 0
         self._final: str | None = None
+        self._exact = False
 
     def add(self, ids: Sequence[int]) -> int | None:
         """Adds tokens. Returns None, or — when a stop string appeared — how many of all tokens added so far to keep
         (the shortest prefix whose text contains it); the text then ends where the stop string starts."""
         for t in ids:
             self._ids.append(int(t))
+            if self._exact:
+                continue
             before = self._decode(self._ids[self._prefix:self._read])
             after = self._decode(self._ids[self._prefix:])
-            if len(after) > len(before) and not after.endswith("\ufffd"):
+            if "\ufffd" in after:
+                self._exact = True
+                continue
+            if len(after) > len(before):
                 self._text += after[len(before):]
                 self._prefix, self._read = self._read, len(self._ids)
             self._ends.append(len(self._text))
@@ -458,6 +468,15 @@ class TextStreamer:
                     self._final = self._text[:cut]
                     return keep
                 self._searched = max(0, len(self._text) - max(len(s) for s in self._stops) + 1)
+        if self._exact:
+            self._text = self._decode(self._ids)
+            hits = [(i, s) for s in self._stops if (i := self._text.find(s)) >= 0]
+            if hits:
+                cut = min(hits)[0]
+                keep = next(n for n in range(1, len(self._ids) + 1)
+                            if any(s in self._decode(self._ids[:n]) for s in self._stops))
+                self._final = self._text[:cut]
+                return keep
         return None
 
     def final_text(self) -> str:
@@ -467,7 +486,8 @@ class TextStreamer:
         return self._final
 
     def take(self) -> str:
-        """The text not yet returned that is safe to show (not possibly the start of a stop string)."""
+        """The text not yet returned that is safe to show (not possibly the start of a stop string, nor an
+        incomplete UTF-8 sequence)."""
         if self._final is not None:
             safe, text = len(self._final), self._final
         else:

@@ -283,3 +283,40 @@ def test_logits_shapes(fp32_model, rng):
     assert [x.shape[0] for x in ragged] == [3, 20]
     # batching with a longer row (more padding, another bucket) does not change a row's logits
     np.testing.assert_allclose(ragged[0], fp32_model.logits(short), rtol=1e-5, atol=1e-5)
+
+
+def test_text_streamer_matches_whole_text_decoding(tokenizer):
+    """The incremental TextStreamer gives exactly what decoding each row's whole text gives: the same final text,
+    the same streamed text, and the shortest token prefix holding a stop string — for random token streams fed in
+    random chunk sizes, including byte sequences that are incomplete or invalid UTF-8 (U+FFFD)."""
+    import random
+
+    from gptoss_jax.generate import TextStreamer
+    decode = tokenizer.decode
+    rnd = random.Random(int(np.random.SeedSequence().entropy % 2**32))
+    checked = 0
+    for _ in range(150):
+        ids = [rnd.randrange(9, tokenizer.vocab_size) for _ in range(30)]
+        full = decode(ids)
+        if len(full) < 6:
+            continue
+        a = rnd.randrange(0, len(full) - 3)
+        stop = full[a:a + rnd.randrange(1, 4)]
+        for stops in ((), (stop,)):
+            st, streamed, keep, pos = TextStreamer(decode, stops), "", None, 0
+            while pos < len(ids) and keep is None:
+                n = rnd.randrange(1, 6)
+                keep = st.add(ids[pos:pos + n])
+                pos += n
+                streamed += st.take()
+            final = st.final_text()
+            streamed += st.take()
+            if stops:
+                assert keep is not None, (stop, full)
+                assert stop in decode(ids[:keep]) and stop not in decode(ids[:keep - 1])
+                assert final == full[:full.index(stop)]
+            else:
+                assert keep is None and final == full
+            assert streamed == final
+            checked += 1
+    assert checked > 100
