@@ -212,18 +212,7 @@ def render_ids(tokenizer, messages, *, reasoning="medium", current_date=None, in
             dev = dev.with_function_tools([oh.ToolDescription.new(t["name"], t.get("description", ""),
                                                                   parameters=t.get("parameters")) for t in specs])
         convo.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
-    for m in msgs:
-        if m.role == "tool":
-            om = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, m.name), m.content)
-        else:
-            om = oh.Message.from_role_and_content(oh.Role(m.role), m.content)
-        if m.channel:
-            om = om.with_channel(m.channel)
-        if m.recipient:
-            om = om.with_recipient(m.recipient)
-        if m.content_type:
-            om = om.with_content_type(m.content_type)
-        convo.append(om)
+    convo += [to_harmony_message(oh, m) for m in msgs]
     return list(enc.render_conversation_for_completion(oh.Conversation.from_messages(convo), oh.Role.ASSISTANT))
 
 
@@ -249,3 +238,18 @@ def parse_ids(tokenizer, ids) -> list | None:
         return out
     except Exception:  # noqa: BLE001 — malformed or cut output: the lenient parser handles it
         return None
+
+
+def to_harmony_message(oh, m):
+    """Our harmony.Message as an openai_harmony.Message (`oh`: the imported openai_harmony module)."""
+    if m.role == "tool":
+        om = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, m.name), m.content)
+    else:
+        om = oh.Message.from_role_and_content(oh.Role(m.role), m.content)
+    if m.channel:
+        om = om.with_channel(m.channel)
+    if m.recipient:
+        om = om.with_recipient(m.recipient)
+    if m.content_type:
+        om = om.with_content_type(m.content_type)
+    return om

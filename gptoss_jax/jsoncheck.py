@@ -82,18 +82,24 @@ def field(d: Mapping, key: str, where: str, kind: str, *, default: Any = _MISSIN
     return value
 
 
+def refuse_duplicate_keys(make_error):
+    """A json ``object_pairs_hook`` that raises ``make_error(key)`` on a repeated key (two readers of such a file
+    could see different values) and otherwise builds the dict."""
+    def hook(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise make_error(k)
+            seen[k] = v
+        return seen
+    return hook
+
+
 def read_json_object(path: str | os.PathLike, *, error=GptOssError, what: str = "") -> dict:
     """The JSON object in `path`; `error` naming the file if it is missing, unreadable, not UTF-8 / JSON, not an
     object, or has duplicate keys (ambiguous: two readers could see different values)."""
     path = Path(path)
-
-    def no_duplicates(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise error(f"{path}: duplicate key {k!r}")
-            seen[k] = v
-        return seen
+    no_duplicates = refuse_duplicate_keys(lambda k: error(f"{path}: duplicate key {k!r}"))
 
     try:
         text = path.read_bytes().decode("utf-8")

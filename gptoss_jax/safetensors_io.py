@@ -7,6 +7,7 @@ the caller converts it. bfloat16 is read through ml_dtypes. Every error names th
 from __future__ import annotations
 
 from gptoss_jax.errors import GptOssError
+from gptoss_jax.jsoncheck import refuse_duplicate_keys
 
 import json
 import math
@@ -38,13 +39,8 @@ def _parse_header(path: Path, raw: bytes, data_size: int):
     format (https://github.com/huggingface/safetensors, "Format"): a UTF-8 JSON object; "__metadata__" a string to
     string map; each tensor {"dtype": known name, "shape": non-negative ints, "data_offsets": [begin, end]} with
     end - begin = its byte size; the tensors tile the data buffer exactly (no overlap, no hole, nothing after)."""
-    def dup_check(pairs):
-        d = {}
-        for k, v in pairs:
-            if k in d:
-                raise CheckpointError(f"{path}: corrupted safetensors header (duplicate key {k!r})")
-            d[k] = v
-        return d
+    dup_check = refuse_duplicate_keys(
+        lambda k: CheckpointError(f"{path}: corrupted safetensors header (duplicate key {k!r})"))
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=dup_check)

@@ -627,18 +627,8 @@ def test_reference_vocab_is_unpacked_verified_and_repaired(tmp_path, monkeypatch
 
 
 def _to_oh(openai_harmony, m: Message):
-    if m.role == "tool":
-        author = openai_harmony.Author.new(openai_harmony.Role.TOOL, m.name)
-        om = openai_harmony.Message.from_author_and_content(author, m.content)
-    else:
-        om = openai_harmony.Message.from_role_and_content(openai_harmony.Role(m.role), m.content)
-    if m.channel:
-        om = om.with_channel(m.channel)
-    if m.recipient:
-        om = om.with_recipient(m.recipient)
-    if m.content_type:
-        om = om.with_content_type(m.content_type)
-    return om
+    from gptoss_jax.harmony_reference import to_harmony_message
+    return to_harmony_message(openai_harmony, m)
 
 
 class _OHTokenizer:
