@@ -502,15 +502,17 @@ class TextStreamer:
 
 def _holdback(text: str, stop_strings: Sequence[str]) -> int:
     """How many trailing characters of `text` could still be the start of a stop string (or an incomplete
-    UTF-8 sequence, which byte-level tokenizers decode as U+FFFD)."""
+    UTF-8 sequence, which byte-level tokenizers decode as U+FFFD). The pending U+FFFD are held first; the text
+    before them may itself be the start of a stop string whose next character is still incomplete."""
+    stripped = text.rstrip("\ufffd")
+    trailing_bad = len(text) - len(stripped)
     keep = 0
     for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s) - 1, len(stripped)), 0, -1):
+            if stripped.endswith(s[:k]):
                 keep = max(keep, k)
                 break
-    trailing_bad = len(text) - len(text.rstrip("\ufffd"))
-    return max(keep, trailing_bad)
+    return trailing_bad + keep
 
 
 class GenerationStream:

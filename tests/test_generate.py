@@ -139,7 +139,11 @@ def test_temperature_1_samples_follow_softmax(peaked_model, rng):
     p_value = _chi_square_pvalue(counts, probs)
     assert p_value > 1e-4, f"samples do not follow softmax(logits): chi-square p = {p_value:.2e}"
     tv = 0.5 * np.abs(counts / counts.sum() - probs).sum()
-    assert tv < 0.12, tv
+    # total variation of an exact sampler is itself noisy with n draws over a wide vocabulary: E|p̂ - p| per token
+    # ≈ sqrt(2 p (1 - p) / (π n)); a fixed 0.12 failed by chance (0.126 with p = 0.3 by chi-square)
+    expected_tv = 0.5 * np.sum(np.sqrt(2 * probs * (1 - probs) / (np.pi * counts.sum())))
+    print(f"tv {tv:.3f}, expected {expected_tv:.3f}")
+    assert tv < 2 * expected_tv, (tv, expected_tv)
     # the same test rejects a wrong distribution (temperature 2): it has power
     wrong = np.exp((logits - logits.max()) / 2)
     wrong /= wrong.sum()
