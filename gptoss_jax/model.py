@@ -27,7 +27,7 @@ from flax import nnx
 from gptoss_jax import layers, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import LayerCache, update_layer_cache
-from gptoss_jax.moe_parallel import MoEParallel, local_experts_forward, moe_forward
+from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_experts_forward, moe_forward
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, quant_for, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from gptoss_jax.kernels.attention import attention as pallas_attention
@@ -84,7 +84,10 @@ class Attention(nnx.Module):
             key_pos = jnp.concatenate([cache.pos, key_pos], axis=1)
         else:
             keys, values = k, v
-        out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
+        if par is None:
+            out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
+        else:  # on a mesh: per device under shard_map (a Pallas kernel is not auto-partitioned)
+            out = attention_forward(q, keys, values, positions, key_pos, self.sinks[...], window, par)
         return self.o_proj(out.reshape(b, t, -1), parallel=par, layer=layer), new_cache
 
 

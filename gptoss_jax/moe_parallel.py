@@ -156,6 +156,32 @@ def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=N
     return fn(x, w.packed, w.scales, w.zeros, bias, jnp.int32(0) if layer is None else layer)
 
 
+def attention_forward(q, k, v, q_pos, k_pos, sinks, window, par: MoEParallel):
+    """Attention (gptoss_jax.kernels.attention.attention semantics and shapes) run per device under shard_map.
+
+    A Pallas attention kernel is not partitioned by XLA, so on a mesh each device runs it on its part: rows split
+    like the batch (when the batch divides), query and KV heads split over the head axes (whole GQA groups: with
+    contiguous splits, query head h and its KV head h // G land on the same device; used when both head counts
+    divide), sinks with their heads. Everything not split is replicated, e.g. on an expert-only mesh every device
+    computes all heads of its rows. No communication inside: heads and rows are independent."""
+    from gptoss_jax.kernels.attention import attention, per_device_implementation
+
+    size = lambda axes: math.prod(par.mesh.shape[a] for a in axes)  # noqa: E731
+    b, h, kv = q.shape[0], q.shape[2], k.shape[2]
+    rows = par.batch_axes if par.batch_axes and b % size(par.batch_axes) == 0 else ()
+    heads = par.head_axes if par.head_axes and h % size(par.head_axes) == 0 and kv % size(par.head_axes) == 0 else ()
+    qkv = P(rows or None, None, heads or None, None)
+    pos = P(rows or None, None)
+    impl = per_device_implementation()
+
+    def local(q, k, v, q_pos, k_pos, sinks):
+        return attention(q, k, v, q_pos, k_pos, sinks, window, implementation=impl)
+
+    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(qkv, qkv, qkv, pos, pos, P(heads or None)), out_specs=qkv,
+                       check_vma=False)
+    return fn(q, k, v, q_pos, k_pos, sinks)
+
+
 def _local_groups(expert_ids, first, count):
     """Assignments sorted so local experts [first, first+count) come first, grouped by expert.
 

@@ -28,8 +28,10 @@ Implementations (``implementation=``):
   position-based masks such as a KV-cache ring buffer or right-padded rows of different lengths, so we use our own.
 * ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference), except that
   a kernel is only picked when ``AUTO_KERNELS`` allows it: on for the GPU kernel (measured on an H200), off for the
-  TPU kernel (never run on a TPU), so auto is "gpu" on one GPU and "xla" elsewhere (also with several devices:
-  ``pallas_call`` is not auto-partitioned, and the sharded model splits heads and rows over a mesh).
+  TPU kernel (never run on a TPU), so auto is "gpu" on GPUs and "xla" elsewhere. ``pallas_call`` is not
+  auto-partitioned, so a bare call with several devices keeps "xla"; the model on a mesh calls attention per device
+  under ``shard_map`` (:func:`gptoss_jax.moe_parallel.attention_forward`: rows like the batch, heads over the head
+  axes) with :func:`per_device_implementation`, so the kernel runs there too.
 
 Sinks in the kernels: a kernel that keeps each row's running max ``m`` and normalizer ``l`` applies the sink
 exactly at the end: ``out = acc / (l + exp(sink - m))`` (the same as ``acc / l · 1 / (1 + exp(sink - L))`` with
@@ -487,6 +489,15 @@ def _check(q, k, v, q_pos, k_pos, sinks, window):
         raise ValueError(f"attention: window must be None or a positive int, got {window!r}")
 
 
+def per_device_implementation() -> str:
+    """The implementation auto mode picks for a call that runs on one device (a single-device model, or one
+    device's part under shard_map): the backend's kernel where :data:`AUTO_KERNELS` allows it, else "xla"."""
+    from .ops import default_implementation
+
+    impl = default_implementation()
+    return impl if AUTO_KERNELS.get(impl, True) else "xla"
+
+
 def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implementation: str | None = None,
               tiling: dict | None = None, interpret: Any = None):
     """GQA attention with sinks and causal / sliding-window masks from positions (module docstring).
@@ -501,14 +512,13 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     Returns: [B, T, H, D] in q.dtype.
     Raises: ValueError naming the argument for inconsistent shapes or an unknown implementation.
     """
-    from .ops import default_implementation
-
     _check(q, k, v, q_pos, k_pos, sinks, window)
     window = None if window is None else int(window)
-    impl = implementation or default_implementation()
-    if implementation is None and (not AUTO_KERNELS.get(impl, True) or jax.device_count() > 1):
-        # pallas_call is not auto-partitioned: on a mesh (heads over "tensor", rows over "data") XLA would have to
-        # gather q / k / v / the cache for it. Until the call is wrapped in shard_map, several devices keep xla.
+    impl = implementation or per_device_implementation()
+    if implementation is None and jax.device_count() > 1:
+        # pallas_call is not auto-partitioned: on a mesh XLA would have to gather q / k / v / the cache for it. The
+        # model calls attention per device under shard_map (gptoss_jax.moe_parallel.attention_forward) with
+        # implementation=per_device_implementation(); a bare call with several devices keeps xla.
         impl = "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
