@@ -81,3 +81,23 @@ def update_layer_cache(cache: LayerCache, k, v, positions, valid) -> LayerCache:
     return LayerCache(jnp.where(take[:, :, None, None], new_k, cache.k),
                       jnp.where(take[:, :, None, None], new_v, cache.v),
                       jnp.where(take, newest, cache.pos))
+
+
+def update_stacked_cache(cache: LayerCache, block, k, v, positions, valid) -> LayerCache:
+    """:func:`update_layer_cache` for block `block` (int32 scalar, may be traced) of a cache stacked over blocks
+    (k, v [L/p, B, S, KV, D], pos [L/p, B, S]), returning the whole stacked cache.
+
+    Decode (T = 1) scatters each row's new entry at (block, row, slot): written in place when the cache is a loop
+    carry or donated, so a step costs O(B) writes, not a copy of the cache. Several tokens (prefill chunks) rebuild
+    the block's slice (O(S) per layer, like the one-shot prefill) and write it back."""
+    b, t = positions.shape
+    if t == 1:
+        slots = cache.slots
+        slot = jnp.where(valid[:, 0], positions[:, 0] % slots, slots)  # invalid rows write out of bounds: dropped
+        rows = jnp.arange(b)
+        return LayerCache(cache.k.at[block, rows, slot].set(k[:, 0].astype(cache.k.dtype), mode="drop"),
+                          cache.v.at[block, rows, slot].set(v[:, 0].astype(cache.v.dtype), mode="drop"),
+                          cache.pos.at[block, rows, slot].set(positions[:, 0], mode="drop"))
+    one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, block, 0, keepdims=False), cache)
+    new = update_layer_cache(one, k, v, positions, valid)
+    return jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, block, 0), cache, new)

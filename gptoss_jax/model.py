@@ -26,7 +26,7 @@ from flax import nnx
 
 from gptoss_jax import layers, sharding
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kv_cache import LayerCache, update_layer_cache
+from gptoss_jax.kv_cache import LayerCache, update_stacked_cache
 from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_experts_forward, moe_forward
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, quant_for, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
@@ -62,9 +62,11 @@ class Attention(nnx.Module):
         self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
 
     def __call__(self, x, cos, sin, positions, valid, cache: LayerCache | None, attend_to_cache: bool,
-                 window: int | None, layer=None):
+                 window: int | None, layer=None, block=None):
         """window: the sliding window of this layer (None: full causal attention). layer: None, or this layer's
-        index when the projection weights arrive stacked over all layers (the scan, see GptOss)."""
+        index when the projection weights arrive stacked over all layers (the scan, see GptOss). cache: this block
+        position's KV cache stacked over blocks (k, v [L/p, B, S, KV, D]) with `block` the index of this layer in
+        it; the updated stacked cache comes back (a decode step writes one slot per row in place)."""
         b, t, _ = x.shape
         par = self.parallel
         q = self.q_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_heads, self.head_dim)
@@ -73,32 +75,41 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)
-        new_cache = None if cache is None else update_layer_cache(cache, k, v, positions, valid)
-        if cache is not None and attend_to_cache and t == 1:
-            # Decode: the new key is already in the cache. The slot it overwrote held position p - S, which the query
-            # at p never sees (S = window on sliding layers), so attending over the updated cache alone is exact.
-            keys, values, key_pos = new_cache.k.astype(k.dtype), new_cache.v.astype(v.dtype), new_cache.pos
+        new_cache = None if cache is None else update_stacked_cache(cache, block, k, v, positions, valid)
+        at = None  # attend to the (stacked) cache at index `at` instead of to explicit keys
+        if cache is not None and attend_to_cache and (t == 1 or window is None):
+            # The new keys are already in the cache. Decode: the slot the new key overwrote held position p - S,
+            # which the query at p never sees (S = window on sliding layers). Full-attention layers hold every
+            # position in its own slot (slot = position), so a prefill chunk may attend over the updated cache too.
+            # The cache is read in place (the kernels take the block index), never copied per layer.
+            keys, values, key_pos, at = new_cache.k, new_cache.v, new_cache.pos, block
         elif cache is not None and attend_to_cache:
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
-            key_pos = jnp.concatenate([cache.pos, key_pos], axis=1)
+            # A prefill chunk on a sliding layer: its ring buffer may overwrite keys the chunk's first queries need,
+            # so attend over the old cache (small: window slots) and the new keys.
+            old = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, block, 0, keepdims=False), cache)
+            keys = jnp.concatenate([old.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([old.v.astype(v.dtype), v], axis=1)
+            key_pos = jnp.concatenate([old.pos, key_pos], axis=1)
         else:
             keys, values = k, v
+        if at is None and keys.dtype != q.dtype:  # a cache in another dtype (the kernels convert tiles as they read)
+            keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         if par is None:
-            out = attention(q, keys, values, positions, key_pos, self.sinks[...], window)
+            out = attention(q, keys, values, positions, key_pos, self.sinks[...], window, layer=at)
         else:  # on a mesh: per device under shard_map (a Pallas kernel is not auto-partitioned)
-            out = attention_forward(q, keys, values, positions, key_pos, self.sinks[...], window, par)
+            out = attention_forward(q, keys, values, positions, key_pos, self.sinks[...], window, par, layer=at)
         return self.o_proj(out.reshape(b, t, -1), parallel=par, layer=layer), new_cache
 
 
-def attention(q, k, v, q_pos, k_pos, sinks, window: int | None):
+def attention(q, k, v, q_pos, k_pos, sinks, window: int | None, layer=None):
     """softmax([q·kᵀ/√d + mask, sink]) minus the sink column, times v.
 
     q [B,T,H,D]; k, v [B,S,KV,D]; q_pos [B,T]; k_pos [B,S] (-1: invisible). Query head h uses KV head h // (H/KV).
     A query at position p sees keys at positions p-window+1 … p (sliding) or 0 … p (full).
+    layer: None, or the index into k, v, k_pos stacked over cache blocks ([L/p, B, S, KV, D], [L/p, B, S]).
     Implemented in :func:`gptoss_jax.kernels.attention.attention` (jnp reference / flash kernels, chosen by backend).
     """
-    return pallas_attention(q, k, v, q_pos, k_pos, sinks, window)
+    return pallas_attention(q, k, v, q_pos, k_pos, sinks, window, layer=layer)
 
 
 class Router(nnx.Module):
@@ -176,9 +187,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
 
-    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window, layer=None):
+    def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window, layer=None, block=None):
         attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window,
-                                    layer)
+                                    layer, block)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), layer)
         return x, cache
@@ -252,18 +263,22 @@ class GptOss(nnx.Module):
         graphdef, whole, sliced = nnx.split(self.layers, _read_in_place, ...)
         sliced = jax.tree.map(lambda a: a.reshape(blocks, p, *a.shape[1:]), sliced)  # layer b·p + j → [b, j]
 
-        def block(x, xs):
-            block_index, block_state, block_cache = xs
+        def block(carry, xs):
+            x, cache = carry
+            block_index, block_state = xs
             new = []
             for j in range(p):
                 layer = nnx.merge(graphdef, whole, jax.tree.map(lambda a, j=j: a[j], block_state))
-                x, layer_cache = layer(x, cos, sin, positions, valid, None if block_cache is None else block_cache[j],
-                                       attend_to_cache, windows[j], block_index * p + j)
+                x, layer_cache = layer(x, cos, sin, positions, valid, None if cache is None else cache[j],
+                                       attend_to_cache, windows[j], block_index * p + j, block_index)
                 new.append(layer_cache)
-            return x, (None if block_cache is None else tuple(new))
+            return (x, None if cache is None else tuple(new)), None
 
-        xs = (jnp.arange(blocks, dtype=jnp.int32), sliced, None if cache is None else tuple(cache))
-        x, new_cache = jax.lax.scan(block, x, xs)
+        # The KV cache is a loop carry, not a scanned input/output: each layer writes its new entries into the
+        # stacked cache in place and attention reads it there (scanned outputs would copy every layer's cache on
+        # every step).
+        xs = (jnp.arange(blocks, dtype=jnp.int32), sliced)
+        (x, new_cache), _ = jax.lax.scan(block, (x, None if cache is None else tuple(cache)), xs)
         return x, new_cache
 
 

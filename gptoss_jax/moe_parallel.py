@@ -156,14 +156,15 @@ def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=N
     return fn(x, w.packed, w.scales, w.zeros, bias, jnp.int32(0) if layer is None else layer)
 
 
-def attention_forward(q, k, v, q_pos, k_pos, sinks, window, par: MoEParallel):
+def attention_forward(q, k, v, q_pos, k_pos, sinks, window, par: MoEParallel, layer=None):
     """Attention (gptoss_jax.kernels.attention.attention semantics and shapes) run per device under shard_map.
 
     A Pallas attention kernel is not partitioned by XLA, so on a mesh each device runs it on its part: rows split
     like the batch (when the batch divides), query and KV heads split over the head axes (whole GQA groups: with
     contiguous splits, query head h and its KV head h // G land on the same device; used when both head counts
     divide), sinks with their heads. Everything not split is replicated, e.g. on an expert-only mesh every device
-    computes all heads of its rows. No communication inside: heads and rows are independent."""
+    computes all heads of its rows. No communication inside: heads and rows are independent. layer: None, or the
+    index into k, v [L, B, S, KV, D] / k_pos [L, B, S] stacked over cache blocks (the layer axis is not split)."""
     from gptoss_jax.kernels.attention import attention, per_device_implementation
 
     size = lambda axes: math.prod(par.mesh.shape[a] for a in axes)  # noqa: E731
@@ -172,14 +173,17 @@ def attention_forward(q, k, v, q_pos, k_pos, sinks, window, par: MoEParallel):
     heads = par.head_axes if par.head_axes and h % size(par.head_axes) == 0 and kv % size(par.head_axes) == 0 else ()
     qkv = P(rows or None, None, heads or None, None)
     pos = P(rows or None, None)
+    lead = () if layer is None else (None,)
+    kv_spec, kpos_spec = P(*lead, *qkv), P(*lead, *pos)
     impl = per_device_implementation()
 
-    def local(q, k, v, q_pos, k_pos, sinks):
-        return attention(q, k, v, q_pos, k_pos, sinks, window, implementation=impl)
+    def local(q, k, v, q_pos, k_pos, sinks, layer_):
+        return attention(q, k, v, q_pos, k_pos, sinks, window, implementation=impl,
+                         layer=None if layer is None else layer_)
 
-    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(qkv, qkv, qkv, pos, pos, P(heads or None)), out_specs=qkv,
-                       check_vma=False)
-    return fn(q, k, v, q_pos, k_pos, sinks)
+    fn = jax.shard_map(local, mesh=par.mesh, in_specs=(qkv, kv_spec, kv_spec, pos, kpos_spec, P(heads or None), P()),
+                       out_specs=qkv, check_vma=False)
+    return fn(q, k, v, q_pos, k_pos, sinks, jnp.int32(0) if layer is None else layer)
 
 
 def _local_groups(expert_ids, first, count):

@@ -243,7 +243,7 @@ INTERPRET_DECODE_TARGET_PROGRAMS = 4
 
 
 def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, tiling: dict | None = None,
-                        interpret: bool = False):
+                        interpret: bool = False, layer=None):
     """Flash attention (online softmax) in Pallas with the Triton lowering.
 
     Layout: queries as rows r = t·G + g of one KV head ([B, KV, R, D], a cheap transpose of q), so one program
@@ -254,9 +254,15 @@ def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, til
     from positions. Prefill uses splits = 1 and normalizes (with the sink) in the kernel. Decode (T = 1: few row
     blocks) splits the key range over many programs (flash-decoding); each writes float32 partials (acc, m, l) and
     one XLA expression merges them with the sink.
+
+    layer: None, or an int32 scalar: k, v [L, B, S, KV, D] and k_pos [L, B, S] are a KV cache stacked over layers
+    and the kernel reads layer `layer` in place (the model's scan passes the whole cache: slicing it would copy it).
     """
+    if layer is None:
+        k, v, k_pos = k[None], v[None], k_pos[None]
+        layer = 0
     b, t, h, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    s, kv = k.shape[2], k.shape[3]
     g = h // kv
     decode = t == 1
     tl = dict(GPU_DECODE_TILING if decode else GPU_PREFILL_TILING)
@@ -265,16 +271,20 @@ def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, til
     rows = t * g
     bm = min(tl["block_rows"], _pow2_at_least(rows, 16))
     bn = min(tl["block_k"], _pow2_at_least(s, 16))
+    if s % bn and (s & -s) >= 16:  # a smaller key tile that divides S beats padding (a copy of the whole cache)
+        bn = s & -s
     r_pad = _common.cdiv(rows, bm) * bm
     s_pad = _common.cdiv(s, bn) * bn
     nr, nk = r_pad // bm, s_pad // bn
-    if s_pad != s:  # padded slots are invisible (-1); only when S is not a multiple of the key tile
-        k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
-        k_pos = jnp.pad(k_pos, ((0, 0), (0, s_pad - s)), constant_values=-1)
+    if s_pad != s:  # padded slots are invisible (-1); only when S is not a multiple of the key tile (a copy)
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+        k_pos = jnp.pad(k_pos, ((0, 0), (0, 0), (0, s_pad - s)), constant_values=-1)
     k_pos = k_pos.astype(jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     qr, pos_r, sink_r = _to_rows(q, q_pos, sinks, kv, r_pad)
-    lo, hi = key_block_ranges(pos_r, k_pos, window, bm, bn)  # [B, nr]
+    lo, hi = key_block_ranges(pos_r, jax.lax.dynamic_index_in_dim(k_pos, layer[0], 0, keepdims=False), window,
+                              bm, bn)  # [B, nr]
     lohi = jnp.stack([lo, hi], axis=-1)  # [B, nr, 2]
     if decode:
         target = tl.get("target_programs", 1024)
@@ -287,8 +297,9 @@ def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, til
     prec = _precision(q.dtype)
     scale = d ** -0.5
 
-    def kernel(lohi_ref, pos_ref, sink_ref, q_ref, k_ref, v_ref, kpos_ref, *out_refs):
+    def kernel(layer_ref, lohi_ref, pos_ref, sink_ref, q_ref, k_ref, v_ref, kpos_ref, *out_refs):
         bi, hh, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+        li = layer_ref[0]
         lo_ = lohi_ref[bi, i, 0]
         hi_ = lohi_ref[bi, i, 1]
         per = (hi_ - lo_ + splits - 1) // splits  # key blocks per split, from the *filled* range (runtime)
@@ -299,9 +310,9 @@ def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, til
 
         def body(j, carry):
             m, l, acc = carry
-            kt = k_ref[bi, pl.ds(j * bn, bn), hh, :]
-            vt = v_ref[bi, pl.ds(j * bn, bn), hh, :]
-            kp = kpos_ref[bi, pl.ds(j * bn, bn)]
+            kt = k_ref[li, bi, pl.ds(j * bn, bn), hh, :].astype(qt.dtype)
+            vt = v_ref[li, bi, pl.ds(j * bn, bn), hh, :].astype(qt.dtype)
+            kp = kpos_ref[li, bi, pl.ds(j * bn, bn)]
             sc = jax.lax.dot_general(qt, kt, (((1,), (1,)), ((), ())), precision=prec,
                                      preferred_element_type=jnp.float32) * scale
             vis = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
@@ -342,7 +353,7 @@ def flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window: int | None, *, til
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=tl["num_warps"], num_stages=tl["num_stages"])
     res = pl.pallas_call(kernel, out_shape=out_shape, grid=(b, kv, nr, splits), interpret=interpret,
                          name="flash_decode_attention" if partial else "flash_attention", **kwargs)(
-        lohi, pos_r, sink_r, qr, k, v, k_pos)
+        layer, lohi, pos_r, sink_r, qr, k, v, k_pos)
     if partial:
         acc, m, l = res
         out_r = _merge_splits(acc, m, l, sink_r[None, :, None, :])
@@ -499,7 +510,7 @@ def per_device_implementation() -> str:
 
 
 def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implementation: str | None = None,
-              tiling: dict | None = None, interpret: Any = None):
+              tiling: dict | None = None, interpret: Any = None, layer=None):
     """GQA attention with sinks and causal / sliding-window masks from positions (module docstring).
 
     Args:
@@ -509,10 +520,19 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
       implementation: None (by backend), "xla", "gpu" or "tpu".
       tiling: kernel tiles (gpu: block_rows, block_k, num_warps, num_stages, splits; tpu: block_rows, block_k).
       interpret: for "gpu"/"tpu" off their hardware; None = interpret when the backend does not match.
+      layer: None, or an int32 scalar (may be traced): k, v are then [L, B, S, KV, D] and k_pos [L, B, S], a KV
+        cache stacked over layers, and layer `layer` of them is attended to — read in place by the GPU kernel (the
+        model's scan passes its whole cache), sliced by the other implementations.
     Returns: [B, T, H, D] in q.dtype.
     Raises: ValueError naming the argument for inconsistent shapes or an unknown implementation.
     """
-    _check(q, k, v, q_pos, k_pos, sinks, window)
+    if layer is not None:
+        if k.ndim != 5 or k_pos.ndim != 3:
+            raise ValueError(f"attention: with layer=, k, v must be [L,B,S,KV,D] and k_pos [L,B,S]; got k {k.shape}, "
+                             f"k_pos {k_pos.shape}")
+        _check(q, k[0], v[0], q_pos, k_pos[0], sinks, window)
+    else:
+        _check(q, k, v, q_pos, k_pos, sinks, window)
     window = None if window is None else int(window)
     impl = implementation or per_device_implementation()
     if implementation is None and jax.device_count() > 1:
@@ -524,6 +544,10 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
         raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
     q_pos = q_pos.astype(jnp.int32)
     k_pos = k_pos.astype(jnp.int32)
+    if layer is not None and impl != "gpu":  # a slice (XLA fuses it into its consumers where it can)
+        k, v, k_pos = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k, v, k_pos))
+    if impl != "gpu" and k.dtype != q.dtype:  # a KV cache kept in another dtype; the GPU kernel converts its tiles
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl == "xla":
         t, s = q.shape[1], k.shape[1]
         if t == 1 and s > XLA_DECODE_K_CHUNK:
@@ -538,7 +562,8 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
             raise ValueError("attention: the Pallas Triton backend is not available in this jax")
         if interpret is None:
             interpret = jax.default_backend() not in ("gpu", "cuda")
-        return flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window, tiling=tiling, interpret=bool(interpret))
+        return flash_attention_gpu(q, k, v, q_pos, k_pos, sinks, window, tiling=tiling, interpret=bool(interpret),
+                                   layer=layer)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     return flash_attention_tpu(q, k, v, q_pos, k_pos, sinks, window, tiling=tiling, interpret=interpret)

@@ -276,3 +276,27 @@ def test_gpu_kernel_compiled(rng):
     ref = attention_f64(q, k, v, qp, kp, sinks, 128)
     ref_err = max_rel_err(A.attention_reference(q, k, v, qp, kp, sinks, 128), ref)
     _check(A.attention(q, k, v, qp, kp, sinks, 128, implementation="gpu"), q, ref, 2 * ref_err + 1e-3)
+
+
+@pytest.mark.parametrize("impl", ["xla", "gpu", "tpu"])
+@pytest.mark.parametrize("t", [1, 5])
+def test_layer_stacked_cache_equals_its_slice(impl, t):
+    """attention(..., layer=i) over a cache stacked over layers [L,B,S,KV,D] equals attention over layer i alone
+    (the GPU kernel reads it in place); other layers hold different values, so reading the wrong one fails."""
+    rng = np.random.default_rng(11)
+    L, b, s, h, kv, d = 3, 2, 48, 4, 2, 16
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((L, b, s, kv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((L, b, s, kv, d)), jnp.float32)
+    sinks = jnp.asarray(rng.standard_normal(h), jnp.float32)
+    qp = jnp.asarray(np.array([[30 + i for i in range(t)], [40 + i for i in range(t)]], np.int32))
+    kp = np.tile(np.arange(s, dtype=np.int32), (L, b, 1))
+    kp[:, 0, 35:] = -1  # row 0: a shorter fill
+    kp = jnp.asarray(kp)
+    kw = {} if impl == "xla" else dict(interpret=True, tiling=SMALL_GPU if impl == "gpu" else SMALL_TPU)
+    for layer in (0, 2):
+        want = attention_f64(q, k[layer], v[layer], qp, kp[layer], sinks, 8 if t == 1 else None)
+        y = jax.jit(lambda q, k, v, kp, li: A.attention(q, k, v, qp, kp, sinks, 8 if t == 1 else None,
+                                                        implementation=impl, layer=li, **kw))(
+            q, k, v, kp, jnp.int32(layer))
+        _check(y, q, want, 1e-5)
