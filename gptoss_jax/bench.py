@@ -342,13 +342,17 @@ def memory_stats(devices) -> dict[str, int] | None:
     return out or None
 
 
-def parse_trace(trace_dir: str, *, module_hint: str = "decode") -> dict[str, Any] | None:
-    """Device kernel events of a ``jax.profiler.trace(create_perfetto_trace=True)`` folder.
+def parse_trace(trace_dir: str, *, module_hint: str = "decode", host_marker: str = "_decode_impl"
+                ) -> dict[str, Any] | None:
+    """Device kernel events of a ``jax.profiler.trace(create_perfetto_trace=True)`` folder, and those of one program.
 
-    Events counted: on a GPU/TPU trace those of the device processes (``/device:...``), on CPU the XLA thunks (events
-    with an ``hlo_op`` argument); memcpy / memset events are left out. Returns the count and busy microseconds of all
-    of them and of those whose ``hlo_module`` contains `module_hint`, plus that module's top kernels; None when the
-    trace holds no such events."""
+    Kernels: on a GPU/TPU trace the events of the device processes (``/device:...``), on CPU the XLA thunks (events
+    with an ``hlo_op`` argument); memcpy / memset events and CPU "end:" markers are left out. The program's kernels
+    are those whose ``hlo_module`` argument contains `module_hint`; where kernels carry no module name, those that
+    start at or after the first host event named with `host_marker` (jax's ``PjitFunction(...)`` dispatch of the
+    decode: generate blocks on the prefill's first token before it, so everything later is decode). Returns counts,
+    busy microseconds (summed over events: overlapping events, e.g. CPU threads, can exceed wall time), the
+    attribution used and the program's top kernels; None when the trace holds no kernel events."""
     import collections
     import glob
     import gzip
@@ -361,7 +365,7 @@ def parse_trace(trace_dir: str, *, module_hint: str = "decode") -> dict[str, Any
     events = data["traceEvents"] if isinstance(data, dict) else data
     names = {e.get("pid"): (e.get("args") or {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {p for p, n in names.items() if n.startswith("/device:")}
+    device_pids = {p for p, n in names.items() if str(n).startswith("/device:")}
 
     def is_kernel(e) -> bool:
         if e.get("ph") != "X":
@@ -376,16 +380,22 @@ def parse_trace(trace_dir: str, *, module_hint: str = "decode") -> dict[str, Any
     kernels = [e for e in events if is_kernel(e)]
     if not kernels:
         return None
-    in_module = [e for e in kernels if module_hint in str((e.get("args") or {}).get("hlo_module", ""))]
+    if any("hlo_module" in (e.get("args") or {}) for e in kernels):
+        attribution = "hlo_module"
+        chosen = [e for e in kernels if module_hint in str((e.get("args") or {}).get("hlo_module", ""))]
+    else:
+        starts = [float(e["ts"]) for e in events if e.get("ph") == "X" and e.get("pid") not in device_pids
+                  and host_marker in str(e.get("name", "")) and "ts" in e]
+        attribution = "after the first host dispatch of " + host_marker
+        chosen = [e for e in kernels if starts and float(e.get("ts", -1)) >= min(starts)]
     top = collections.defaultdict(lambda: [0, 0.0])
-    for e in in_module:
+    for e in chosen:
         t = top[str(e.get("name"))[:120]]
         t[0] += 1
         t[1] += float(e.get("dur", 0.0))
     return {"kernels": len(kernels), "busy_us": sum(float(e.get("dur", 0.0)) for e in kernels),
-            "module_kernels": len(in_module), "module_busy_us": sum(float(e.get("dur", 0.0)) for e in in_module),
-            "has_module_names": any("hlo_module" in (e.get("args") or {}) for e in kernels),
-            "source": "device" if device_pids else "host (XLA:CPU thunks)",
+            "module_kernels": len(chosen), "module_busy_us": sum(float(e.get("dur", 0.0)) for e in chosen),
+            "attribution": attribution, "source": "device" if device_pids else "host (XLA:CPU thunks)",
             "top": sorted(([n, c, us] for n, (c, us) in top.items()), key=lambda x: -x[2])[:15]}
 
 
@@ -407,6 +417,9 @@ def _random_leaf(key, name: str, shape, dtype):
     if leaf == "scale":  # RMSNorm
         return jnp.ones(shape, dtype)
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+_RANDOM_FNS: dict = {}
 
 
 def random_model_params(config, *, dtype, quant, sharding_of, seed: int = 0) -> dict:
@@ -436,33 +449,42 @@ def random_model_params(config, *, dtype, quant, sharding_of, seed: int = 0) -> 
             return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
         return None
 
+    stacked_sh = {n: shard[n] for n, _ in stacked}
+    cache_key = (tuple((n, s.shape, jnp.dtype(s.dtype).name) for n, _, s in flat), tuple(shard.items()))
+    fns = _RANDOM_FNS.get(cache_key)
+    if fns is None:
+        def fill(tree, base, i):
+            key = jax.random.fold_in(jax.random.fold_in(base, 1), i)
+            out = {}
+            for j, (n, s) in enumerate(stacked):
+                v = _random_leaf(jax.random.fold_in(key, j), n, s.shape[1:], s.dtype)
+                sl = layer_slice(shard[n])
+                if sl is not None:
+                    v = jax.lax.with_sharding_constraint(v, sl)
+                out[n] = jax.lax.dynamic_update_index_in_dim(tree[n], v, i, 0)
+            return out
+
+        def rest(base):
+            return {n: _random_leaf(jax.random.fold_in(jax.random.fold_in(base, 2), j), n, s.shape, s.dtype)
+                    for j, (n, s) in enumerate(other)}
+
+        fns = (jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in stacked}, out_shardings=stacked_sh),
+               jax.jit(fill, donate_argnums=0, out_shardings=stacked_sh),
+               jax.jit(rest, out_shardings={n: shard[n] for n, _ in other}))
+        _RANDOM_FNS.clear()  # one model's functions at a time: they hold its shardings
+        _RANDOM_FNS[cache_key] = fns
+    zeros, fill, rest = fns
     base = jax.random.key(seed)
-    zeros = jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in stacked},
-                    out_shardings={n: shard[n] for n, _ in stacked})
-
-    def fill(tree, i):
-        key = jax.random.fold_in(jax.random.fold_in(base, 1), i)
-        out = {}
-        for j, (n, s) in enumerate(stacked):
-            v = _random_leaf(jax.random.fold_in(key, j), n, s.shape[1:], s.dtype)
-            sl = layer_slice(shard[n])
-            if sl is not None:
-                v = jax.lax.with_sharding_constraint(v, sl)
-            out[n] = jax.lax.dynamic_update_index_in_dim(tree[n], v, i, 0)
-        return out
-
-    fill = jax.jit(fill, donate_argnums=0, out_shardings={n: shard[n] for n, _ in stacked})
     tree = zeros()
     for i in range(config.num_hidden_layers):
-        tree = fill(tree, np.int32(i))
-    rest = jax.jit(lambda: {n: _random_leaf(jax.random.fold_in(jax.random.fold_in(base, 2), j), n, s.shape, s.dtype)
-                            for j, (n, s) in enumerate(other)}, out_shardings={n: shard[n] for n, _ in other})()
+        tree = fill(tree, base, np.int32(i))
+    rest_values = rest(base)
     out: dict = {}
     for name, path, _ in flat:
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = tree[name] if path[0] == "layers" else rest[name]
+        node[path[-1]] = tree[name] if path[0] == "layers" else rest_values[name]
     return out
 
 
@@ -556,14 +578,14 @@ def measure(model, run: Run, *, repeats: int, chunk_size, profile: bool, seed: i
                 _, st = _call(model, prompts, run.gen_len, chunk_size)
             trace = parse_trace(d, module_hint="decode")
         n = st.decode_tokens / run.batch
-        if trace is None or not trace["has_module_names"] or n <= 0:
-            out["profile"] = {"error": "no device kernel events with module names in the trace"
-                              if n > 0 else "no decode step (gen_len 1)", "trace": trace and {
-                                  k: trace[k] for k in ("kernels", "busy_us", "source")}}
+        if trace is None or not trace["module_kernels"] or n <= 0:
+            out["profile"] = {"error": "no decode step (gen_len 1)" if n <= 0 else
+                              "no device kernel events of the decode in the trace",
+                              "trace": trace and {k: trace[k] for k in ("kernels", "busy_us", "source")}}
         else:
             out["profile"] = {"kernels_per_step": trace["module_kernels"] / n,
                               "busy_ms_per_step": trace["module_busy_us"] / n / 1e3,
-                              "decode_steps": n, "source": trace["source"],
+                              "decode_steps": n, "source": trace["source"], "attribution": trace["attribution"],
                               "all_kernels": trace["kernels"], "all_busy_ms": trace["busy_us"] / 1e3,
                               "top_kernels": [{"name": name, "per_step": c / n, "us_per_step": us / n}
                                               for name, c, us in trace["top"]]}
