@@ -101,6 +101,10 @@ def _runs_list(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def _profile_arg(text: str):
+    return "all" if text == "all" else set(_size_list(text))
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """Registers ``bench`` on the gptoss-jax subcommand parser (argparse only: nothing heavy is imported)."""
     int_type = _cli()._int_type
@@ -134,8 +138,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int_type(1), default=1, help="steady calls per run; medians reported")
     b.add_argument("--bf16-baseline", action="store_true",
                    help="also run every shape with random 16-bit (--dtype) weights: int4 gain as a ratio")
-    b.add_argument("--profile", action="store_true",
-                   help="one more call per run under jax.profiler: kernels and busy time per decode step")
+    b.add_argument("--profile", nargs="?", const="all", default=None, type=_profile_arg, metavar="BATCHES",
+                   help="one more call per run under jax.profiler: kernels and busy time per decode step (all runs, "
+                        "or only those of the given batch sizes, e.g. --profile 1)")
     b.add_argument("--copy-mib", type=int_type(1), default=None,
                    help="array size of the copy-bandwidth measurement (default 2048 on accelerators, 64 on CPU)")
     b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -573,10 +578,14 @@ def measure(model, run: Run, *, repeats: int, chunk_size, profile: bool, seed: i
                "run_peak_bytes": mem_after.get("peak_bytes_in_use") if rose else None}
     out["memory"] = mem
     if profile:
-        with tempfile.TemporaryDirectory(prefix="gptoss-bench-trace-") as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                _, st = _call(model, prompts, run.gen_len, chunk_size)
-            trace = parse_trace(d, module_hint="decode")
+        try:
+            with tempfile.TemporaryDirectory(prefix="gptoss-bench-trace-") as d:
+                with jax.profiler.trace(d, create_perfetto_trace=True):
+                    _, st = _call(model, prompts, run.gen_len, chunk_size)
+                trace = parse_trace(d, module_hint="decode")
+        except Exception as e:  # noqa: BLE001 — a profiler that cannot start (no CUPTI ...) costs only the profile
+            out["profile"] = {"error": f"profiler failed: {type(e).__name__}: {str(e)[:300]}"}
+            return out
         n = st.decode_tokens / run.batch
         if trace is None or not trace["module_kernels"] or n <= 0:
             out["profile"] = {"error": "no decode step (gen_len 1)" if n <= 0 else
@@ -636,6 +645,8 @@ def table(report: dict) -> str:
                      f"(16-bit / int4)")
     for s in report.get("skipped", []):
         lines.append(f"skipped: {s}")
+    for e in report.get("errors", []):
+        lines.append(f"failed: {e['run']}: {e['error']}")
     return "\n".join(lines)
 
 
@@ -677,7 +688,7 @@ def cmd_bench(args) -> int:
                    "platform_version": getattr(dev0.client, "platform_version", None)},
         "jax": jax.__version__, "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
         "kernel_implementation": default_implementation(), "max_seq_len": max_seq_len,
-        "runs": [], "skipped": [], "complete": False,
+        "runs": [], "skipped": [], "errors": [], "complete": False,
     }
     log(f"{report['device']['kind']} × {n_devices} ({report['device']['backend']}), jax {jax.__version__}")
 
@@ -708,8 +719,18 @@ def cmd_bench(args) -> int:
                 save()
                 continue
             log(f"run {what}")
-            r = measure(model, run, repeats=args.repeats, chunk_size=args.chunk_size, profile=args.profile,
-                        seed=args.seed, log=log)
+            profile = args.profile == "all" or (args.profile is not None and run.batch in args.profile)
+            try:
+                r = measure(model, run, repeats=args.repeats, chunk_size=args.chunk_size, profile=profile,
+                            seed=args.seed, log=log)
+            except Exception as e:  # noqa: BLE001 — e.g. out of memory at one shape: record it, go on
+                import traceback
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                log(f"  FAILED: {type(e).__name__}: {msg}")
+                report["errors"].append({"run": what, "error": f"{type(e).__name__}: {msg}",
+                                         "traceback": traceback.format_exc()[-4000:]})
+                save()
+                continue
             r["weights"] = label
             r["roofline"] = run_roofline(model.config, dtype=model.dtype, quant=model.quant, run=run,
                                          cache_dtype=model.generator.cache_dtype,
@@ -762,6 +783,9 @@ def cmd_bench(args) -> int:
     save()
     print(table(report), flush=True)
     del jnp
+    if report["errors"]:
+        cli._err(f"gptoss-jax bench: error: {len(report['errors'])} run(s) failed: {report['errors'][0]['error']}")
+        return cli.EXIT_ENVIRONMENT
     return 0
 
 

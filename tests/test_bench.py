@@ -317,3 +317,34 @@ class _FakeModel:
     def info(self):
         return {"source": "fake", "format": "random weights", "config": {}, "dtype": "bfloat16",
                 "quantization": None, "bytes": 0, "mesh": None}
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    """One run failing (e.g. out of memory at a shape) is recorded with its error; the next runs still happen; exit
+    status 1 (environment), the JSON complete."""
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(bench, "random_model", lambda *a, **k: _FakeModel())
+    calls = []
+
+    def measure(model, run, **kw):
+        calls.append(run.batch)
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99 GiB\nmore detail")
+
+    monkeypatch.setattr(bench, "measure", measure)
+    argv = ["bench", "--preset", "tiny", "--random-weights", "--batch", "1,2", "--prompt-len", "8", "--gen-len", "2",
+            "--copy-mib", "1", "--json", str(out)]
+    assert cli.main(argv) == 1
+    r = json.loads(out.read_text())
+    assert calls == [1, 2] and r["complete"] and r["runs"] == []
+    assert [e["run"] for e in r["errors"]] == ["int4 g32 asym batch 1 prompt 8 gen 2",
+                                              "int4 g32 asym batch 2 prompt 8 gen 2"]
+    assert r["errors"][0]["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99 GiB"
+    captured = capsys.readouterr()
+    assert "failed: int4 g32 asym batch 1" in captured.out and "2 run(s) failed" in captured.err
+
+
+def test_profile_selects_batches():
+    parse = cli.build_parser().parse_args
+    base = ["bench", "--preset", "tiny", "--random-weights"]
+    assert parse(base).profile is None and parse(base + ["--profile"]).profile == "all"
+    assert parse(base + ["--profile", "1,64"]).profile == {1, 64}
