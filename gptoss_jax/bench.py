@@ -622,8 +622,10 @@ def table(report: dict) -> str:
     """The results as a Markdown table with a header naming the device, jax version and date."""
     dev = report["device"]
     bw = report.get("copy_bandwidth") or {}
-    lines = [f"gptoss-jax bench — {report['model']['source']} — {dev['kind']} × {dev['count']} ({dev['backend']}), "
-             f"jax {report['jax']}, {report['date']}",
+    source = (report.get("model") or {}).get("source", "?")
+    lines = [f"gptoss-jax bench — {source} — {dev['kind']} × {dev['count']} ({dev['backend']}), "
+             f"jax {report['jax']}, {report['date']}"
+             + ("" if report.get("complete") else " — INCOMPLETE (interrupted)"),
              f"copy bandwidth {_fmt(bw.get('gb_per_s'), '.1f')} GB/s; kernels: {report.get('kernel_implementation')}; "
              f"max_seq_len {report['max_seq_len']}", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
@@ -811,3 +813,25 @@ def compare(quantized: Sequence[dict], baseline: Sequence[dict]) -> list[dict]:
                     "ttft_ratio": b["ttft_s"] / r["ttft_s"],
                     "tpot_ms": [r["tpot_ms"], b["tpot_ms"]]})
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gptoss_jax.bench FILE.json ...``: the table of saved results (e.g. of an interrupted run)."""
+    import json
+    files = list(sys.argv[1:] if argv is None else argv)
+    if not files:
+        print("usage: python -m gptoss_jax.bench RESULTS.json ...", file=sys.stderr)
+        return 2
+    for i, f in enumerate(files):
+        try:
+            with open(f, encoding="utf-8") as fh:
+                report = json.load(fh)
+            print(("\n" if i else "") + table(report))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"{f}: not a gptoss-jax bench result ({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
