@@ -674,7 +674,6 @@ def cmd_bench(args) -> int:
         cli._err(f"[bench {time.perf_counter() - t_start:7.1f}s] {msg}")
 
     import jax
-    import jax.numpy as jnp
 
     from gptoss_jax import __version__, api
     from gptoss_jax.kernels import default_implementation
@@ -684,10 +683,11 @@ def cmd_bench(args) -> int:
     n_devices = int(mesh.devices.size) if mesh is not None else 1
     dev0 = jax.devices()[0]
     report: dict[str, Any] = {
-        "schema": SCHEMA, "tool": "gptoss-jax bench", "version": __version__, "argv": sys.argv[1:],
+        "schema": SCHEMA, "tool": "gptoss-jax bench", "version": __version__,
+        "args": {k: v for k, v in vars(args).items() if k != "command"},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": {"backend": jax.default_backend(), "kind": dev0.device_kind, "count": n_devices,
-                   "platform_version": getattr(dev0.client, "platform_version", None)},
+                   "platform_version": getattr(getattr(dev0, "client", None), "platform_version", None)},
         "jax": jax.__version__, "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
         "kernel_implementation": default_implementation(), "max_seq_len": max_seq_len,
         "runs": [], "skipped": [], "errors": [], "complete": False,
@@ -702,6 +702,21 @@ def cmd_bench(args) -> int:
     copy_mib = args.copy_mib or (64 if jax.default_backend() == "cpu" else 2048)
     report["copy_bandwidth"] = copy_bandwidth(copy_mib * 2**20, device=_devices_for(mesh)[0])
     log(f"copy bandwidth {report['copy_bandwidth']['gb_per_s']:.1f} GB/s ({copy_mib} MiB array)")
+    save()
+
+    def build(what: str, make):
+        """Builds a model; a failure (e.g. out of memory) is recorded in the JSON before it ends the command."""
+        t = time.perf_counter()
+        try:
+            model = make()
+            jax.block_until_ready(model.generator.state_leaves)
+        except Exception as e:  # noqa: BLE001 — recorded, then handled by the CLI (one line, exit status)
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            report["errors"].append({"run": what, "error": f"{type(e).__name__}: {msg}"})
+            save()
+            raise
+        log(f"{what} in {time.perf_counter() - t:.1f}s")
+        return model, time.perf_counter() - t
 
     def model_info(model, quant):
         info = model.info()
@@ -749,42 +764,39 @@ def cmd_bench(args) -> int:
     if args.preset is not None:
         quant = QuantSpec(group_size=args.group_size, symmetric=args.symmetric)
         label = f"random {args.preset}" + (f" ({config.num_hidden_layers} layers)" if args.layers else "")
-        t = time.perf_counter()
-        model = random_model(config, dtype=dtype, quant=quant, mesh=mesh, max_seq_len=max_seq_len,
-                             chunk_size=args.chunk_size, seed=args.seed, label=label)
-        jax.block_until_ready(model.generator.state_leaves)
-        log(f"random {_weights_label(quant, dtype)} weights generated in {time.perf_counter() - t:.1f}s")
+        model, load_s = build(f"random {_weights_label(quant, dtype)} weights generated", lambda: random_model(
+            config, dtype=dtype, quant=quant, mesh=mesh, max_seq_len=max_seq_len, chunk_size=args.chunk_size,
+            seed=args.seed, label=label))
     else:
-        t = time.perf_counter()
-        model = api.load(args.checkpoint, mesh=mesh, dtype=dtype, max_seq_len=max_seq_len, tokenizer=False,
-                         verify=not args.no_verify)
+        model, load_s = build(f"loaded {args.checkpoint}", lambda: api.load(
+            args.checkpoint, mesh=mesh, dtype=dtype, max_seq_len=max_seq_len, tokenizer=False,
+            verify=not args.no_verify))
         quant = model.quant
-        log(f"loaded {args.checkpoint} in {time.perf_counter() - t:.1f}s")
-    report["model"] = model_info(model, quant)
-    report["model"]["load_s"] = time.perf_counter() - t
+    report["model"] = {**model_info(model, quant), "load_s": load_s}
     main_label = _weights_label(quant, dtype)
     main_runs = run_all(model, quant, main_label)
 
     if args.bf16_baseline:
-        del model
+        del model  # the quantized weights leave the device before the 16-bit ones arrive
         import gc
         gc.collect()
         base_label = _weights_label(None, dtype)
-        t = time.perf_counter()
-        base = random_model(config, dtype=dtype, quant=None, mesh=mesh, max_seq_len=max_seq_len,
-                            chunk_size=args.chunk_size, seed=args.seed, label=f"random {args.preset or 'checkpoint'} "
-                                                                             f"shape, 16-bit")
-        jax.block_until_ready(base.generator.state_leaves)
-        log(f"random {base_label} weights generated in {time.perf_counter() - t:.1f}s")
-        report["baseline_model"] = model_info(base, None)
-        base_runs = run_all(base, None, base_label)
-        report["comparison"] = compare(main_runs, base_runs)
-        del base
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget is not None and elapsed > args.time_budget:
+            log(f"skip the {base_label} baseline: past --time-budget")
+            report["skipped"].append(f"{base_label} baseline (every run)")
+        else:
+            base, load_s = build(f"random {base_label} weights generated", lambda: random_model(
+                config, dtype=dtype, quant=None, mesh=mesh, max_seq_len=max_seq_len, chunk_size=args.chunk_size,
+                seed=args.seed, label=f"random {args.preset or 'checkpoint'} shape, 16-bit"))
+            report["baseline_model"] = {**model_info(base, None), "load_s": load_s}
+            base_runs = run_all(base, None, base_label)
+            report["comparison"] = compare(main_runs, base_runs)
+            del base
     report["complete"] = True
     report["total_s"] = time.perf_counter() - t_start
     save()
     print(table(report), flush=True)
-    del jnp
     if report["errors"]:
         cli._err(f"gptoss-jax bench: error: {len(report['errors'])} run(s) failed: {report['errors'][0]['error']}")
         return cli.EXIT_ENVIRONMENT

@@ -348,3 +348,19 @@ def test_profile_selects_batches():
     base = ["bench", "--preset", "tiny", "--random-weights"]
     assert parse(base).profile is None and parse(base + ["--profile"]).profile == "all"
     assert parse(base + ["--profile", "1,64"]).profile == {1, 64}
+
+
+def test_a_model_that_does_not_fit_is_recorded_then_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b.json"
+
+    def oom(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 38 GiB")
+
+    monkeypatch.setattr(bench, "random_model", oom)
+    argv = ["bench", "--preset", "tiny", "--random-weights", "--copy-mib", "1", "--json", str(out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gptoss-jax bench: error: out of memory") and "Traceback" not in "".join(err)
+    r = json.loads(out.read_text())
+    assert not r["complete"] and r["errors"][0]["error"].startswith("RuntimeError: RESOURCE_EXHAUSTED")
+    assert "copy_bandwidth" in r
