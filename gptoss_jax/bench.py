@@ -34,7 +34,8 @@ Per run (batch B, prompt length P, generated tokens G):
   slots, averaged over the G - 1 decode steps) divided by the same-run copy bandwidth (``copy_bandwidth``: a jitted
   ``x + 1`` over a large array, bytes read + written / median time): ``floor_ms`` and ``pct_of_roofline`` =
   floor / tpot. On a mesh the floor assumes the bytes spread evenly over its devices (optimistic).
-* ``profile`` (``--profile``): one more steady call under ``jax.profiler.trace(create_perfetto_trace=True)``; device
+* ``profile`` (``--profile`` for every run, ``--profile 1,64`` for those batch sizes; put it after a checkpoint
+  path): one more steady call under ``jax.profiler.trace(create_perfetto_trace=True)``; device
   kernel events of the decode program (``hlo_module`` of the jitted decode) per decode step, their busy time per
   step and the top kernels. On CPU the "kernels" are XLA:CPU thunks (the same accounting, no GPU).
 
@@ -668,6 +669,9 @@ def cmd_bench(args) -> int:
     cli._check_output(args.json, args.force)
     if not args.compilation_cache:
         os.environ.setdefault("GPTOSS_JAX_COMPILATION_CACHE", "0")  # compile_s must measure compiling
+    else:
+        from gptoss_jax.compilation import enable_compilation_cache
+        enable_compilation_cache()
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:

@@ -364,3 +364,19 @@ def test_a_model_that_does_not_fit_is_recorded_then_one_line(tmp_path, capsys, m
     r = json.loads(out.read_text())
     assert not r["complete"] and r["errors"][0]["error"].startswith("RuntimeError: RESOURCE_EXHAUSTED")
     assert "copy_bandwidth" in r
+
+
+@pytest.mark.parametrize("stage", ["A", "B", "C", "D"])
+def test_the_h200_wrapper_stages_are_valid_bench_arguments(stage):
+    """bench/run_h200.sh's stage arguments parse and pass the argument checks (presets read, no device)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "run_h200.sh")
+    words = subprocess.run(["bash", "-c", f'source <(sed -n "/^args_of()/,/^}}/p" {script}); args_of {stage}'],
+                           capture_output=True, text=True, check=True).stdout.split()
+    args = cli.build_parser().parse_args(["bench", *words, "--time-budget", "100"])
+    config, runs, max_seq_len = bench.check_args(args)
+    assert args.random_weights and args.dtype == "bfloat16" and runs
+    if stage == "B":
+        assert max_seq_len == 131072 and max(r.prompt_len for r in runs) == 131072 - 64
+    if stage == "D":
+        assert args.preset == "gpt-oss-20b" and args.bf16_baseline
