@@ -33,7 +33,8 @@ Per run (batch B, prompt length P, generated tokens G):
   (attention int4 projections, biases, sinks, norms, router), the lm_head, the embedding rows and the filled KV cache
   slots, averaged over the G - 1 decode steps) divided by the same-run copy bandwidth (``copy_bandwidth``: a jitted
   ``x + 1`` over a large array, bytes read + written / median time): ``floor_ms`` and ``pct_of_roofline`` =
-  floor / tpot. On a mesh the floor assumes the bytes spread evenly over its devices (optimistic).
+  floor / tpot. On a mesh each data replica reads the weights once for its rows, spread evenly over its
+  expert × tensor devices (optimistic).
 * ``profile`` (``--profile`` for every run, ``--profile 1,64`` for those batch sizes; put it after a checkpoint
   path): one more steady call under ``jax.profiler.trace(create_perfetto_trace=True)``; device
   kernel events of the decode program (``hlo_module`` of the jitted decode) per decode step, their busy time per
@@ -288,20 +289,32 @@ def decode_step_bytes(config, *, dtype, quant, batch: int, context: int, cache_d
     return out
 
 
-def run_roofline(config, *, dtype, quant, run: Run, cache_dtype, bandwidth: float | None, n_devices: int,
-                 tpot_s: float | None) -> dict[str, Any] | None:
+def run_roofline(config, *, dtype, quant, run: Run, cache_dtype, bandwidth: float | None, n_devices: int = 1,
+                 data_parallel: int = 1, tpot_s: float | None) -> dict[str, Any] | None:
     """The decode floor of a run: :func:`decode_step_bytes` averaged over its G − 1 decode steps (step j reads
-    P + j slots), / (bandwidth × devices); None for G = 1 (no decode step)."""
+    P + j slots), / bandwidth; None for G = 1 (no decode step).
+
+    On a mesh of `n_devices` with `data_parallel` replicas, each replica decodes ceil(B / data) rows with the weights
+    split evenly over its n_devices / data devices (an optimistic split): floor = bytes(ceil(B / data) rows) /
+    (bandwidth × n_devices / data). ``bytes_per_step`` is the whole batch's (B rows on one device)."""
     steps = run.gen_len - 1
     if steps < 1:
         return None
-    per_step = [decode_step_bytes(config, dtype=dtype, quant=quant, batch=run.batch, context=run.prompt_len + j,
-                                  cache_dtype=cache_dtype) for j in range(1, steps + 1)]
-    mean = {k: sum(d[k] for d in per_step) / steps for k in per_step[0]}
+
+    def mean_bytes(batch):
+        per_step = [decode_step_bytes(config, dtype=dtype, quant=quant, batch=batch, context=run.prompt_len + j,
+                                      cache_dtype=cache_dtype) for j in range(1, steps + 1)]
+        return {k: sum(d[k] for d in per_step) / steps for k in per_step[0]}
+
+    mean = mean_bytes(run.batch)
+    model_parallel = max(n_devices // max(data_parallel, 1), 1)
+    replica_rows = -(-run.batch // max(data_parallel, 1))
+    replica = mean if replica_rows == run.batch else mean_bytes(replica_rows)
     out: dict[str, Any] = {"bytes_per_step": mean, "mean_context": run.prompt_len + (steps + 1) / 2,
-                           "devices": n_devices}
+                           "devices": n_devices, "data_parallel": data_parallel, "model_parallel": model_parallel,
+                           "replica_bytes_per_step": replica["total"]}
     if bandwidth:
-        floor = mean["total"] / (bandwidth * n_devices)
+        floor = replica["total"] / (bandwidth * model_parallel)
         out["floor_ms"] = 1e3 * floor
         out["floor_tokens_per_s"] = run.batch / floor
         out["pct_of_roofline"] = None if not tpot_s else 100.0 * floor / tpot_s
@@ -756,6 +769,7 @@ def cmd_bench(args) -> int:
             r["roofline"] = run_roofline(model.config, dtype=model.dtype, quant=model.quant, run=run,
                                          cache_dtype=model.generator.cache_dtype,
                                          bandwidth=report["copy_bandwidth"]["bytes_per_s"], n_devices=n_devices,
+                                         data_parallel=int(dict(mesh.shape).get("data", 1)) if mesh is not None else 1,
                                          tpot_s=None if r["tpot_ms"] is None else r["tpot_ms"] / 1e3)
             log(f"  TTFT {r['ttft_s'] * 1e3:.1f} ms, TPOT {_fmt(r['tpot_ms'], '.3f')} ms, "
                 f"{_fmt(r['decode_tokens_per_s'], '.1f')} tok/s, "

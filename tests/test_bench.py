@@ -92,6 +92,13 @@ def test_run_roofline_averages_the_decode_steps():
     assert r["floor_ms"] == pytest.approx(1e3 * np.mean(steps) / (1e9 * 2))
     assert r["pct_of_roofline"] == pytest.approx(100 * r["floor_ms"] / 10.0)
     assert r["floor_tokens_per_s"] == pytest.approx(2 / (r["floor_ms"] / 1e3))
+    # a mesh (data 2) × (expert 2): each replica decodes 1 of the 2 rows with the weights split over 2 devices
+    m = bench.run_roofline(TINY, dtype=jnp.bfloat16, quant=None, run=run, cache_dtype=jnp.bfloat16, bandwidth=1e9,
+                           n_devices=4, data_parallel=2, tpot_s=0.01)
+    one_row = [bench.decode_step_bytes(TINY, dtype=jnp.bfloat16, quant=None, batch=1, context=10 + j)["total"]
+               for j in range(1, 5)]
+    assert m["bytes_per_step"] == r["bytes_per_step"] and m["model_parallel"] == 2
+    assert m["floor_ms"] == pytest.approx(1e3 * np.mean(one_row) / (1e9 * 2))
     assert bench.run_roofline(TINY, dtype=jnp.bfloat16, quant=None, run=bench.Run(1, 10, 1), cache_dtype=None,
                               bandwidth=1e9, n_devices=1, tpot_s=None) is None
 
