@@ -172,10 +172,11 @@ def test_random_weights_fill_the_stacked_tree_with_valid_int4():
                                   np.asarray(params["layers"]["attn"]["q_proj"]["weight"]["packed"]))
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
-def test_random_weights_on_a_mesh_equal_one_device():
+def test_random_weights_on_a_mesh_equal_one_device(tmp_path):
     """Generated straight into the mesh shardings (4 virtual CPU devices, own process): every leaf has its rule's
-    sharding and the values of a one-device generation."""
+    sharding and the values of a one-device generation; then the command runs on that mesh."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from gptoss_jax import bench, sharding
@@ -192,10 +193,22 @@ def test_random_weights_on_a_mesh_equal_one_device():
         assert len({s.device for s in w.addressable_shards}) == 4 and w.addressable_shards[0].data.shape[1] == 2
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        # the command on a (data 2, expert 2) mesh: a batch of 1 padded to the data axis, profiled
+        import json, sys
+        from gptoss_jax import cli
+        out = sys.argv[1] + "/mesh.json"
+        assert cli.main(["bench", "--preset", "tiny", "--random-weights", "--layers", "2", "--mesh", "2,2,1",
+                         "--prompt-len", "8", "--gen-len", "4", "--profile", "--copy-mib", "8", "--json", out]) == 0
+        r = json.load(open(out))
+        [x] = r["runs"]
+        assert r["device"]["count"] == 4 and r["model"]["mesh"] == {"data": 2, "expert": 2, "tensor": 1}
+        assert x["decode_steps"] == 3 and x["roofline"]["model_parallel"] == 2 and x["tpot_ms"] > 0
+        assert x["profile"]["kernels_per_step"] > 0
         print("OK")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
