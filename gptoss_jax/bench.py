@@ -120,9 +120,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--random-weights", action="store_true",
                    help="random weights generated on the device (needed with --preset)")
     b.add_argument("--layers", type=int_type(1), default=None, help="use only this many layers of the preset")
-    b.add_argument("--group-size", type=int_type(8), default=32, help="int4 group size of the random weights")
+    b.add_argument("--group-size", type=int_type(8), default=None,
+                   help="int4 group size of the random weights (default 32)")
     sym = b.add_mutually_exclusive_group()
-    b.set_defaults(symmetric=False)
+    b.set_defaults(symmetric=None)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
                      help="random int4 weights with zero points (default)")
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", help="random int4 weights without zeros")
@@ -182,8 +183,14 @@ def check_args(args):
         raise _error(f"--preset {args.preset} has no weights: add --random-weights")
     if args.checkpoint is not None and args.random_weights:
         raise _error("--random-weights goes with --preset, not with a checkpoint")
-    if args.checkpoint is not None and args.layers is not None:
-        raise _error("--layers goes with --preset")
+    if args.checkpoint is not None:
+        given = [o for o, v in (("--layers", args.layers), ("--group-size", args.group_size),
+                                ("--symmetric/--asymmetric", args.symmetric)) if v is not None]
+        if given:
+            raise _error(f"{given[0]} goes with --preset --random-weights (a checkpoint has its own weights)")
+    else:
+        args.group_size = 32 if args.group_size is None else args.group_size
+        args.symmetric = bool(args.symmetric)
     if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
         raise _error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     from gptoss_jax.api import parse_dtype
