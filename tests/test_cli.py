@@ -163,6 +163,19 @@ def test_bad_inputs_exit_2_in_a_subprocess(ckpt, env, tmp_path):
     assert p.returncode == 2 and "usage" in p.stderr
 
 
+def test_bench_a_checkpoint(ckpt, tmp_path, capsys):
+    """`gptoss-jax bench CKPT`: loads through gptoss_jax.load and measures through generate; JSON and table."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", str(ckpt), "--prompt-len", "8", "--gen-len", "4", "--repeats", "2", "--copy-mib", "4",
+                     "--dtype", "float32", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["complete"] and r["model"]["format"] == "huggingface" and r["model"]["weights"] == "float32"
+    [run] = r["runs"]
+    assert (run["batch"], run["prompt_len"], run["gen_len"], run["repeats"], run["decode_steps"]) == (1, 8, 4, 2, 3)
+    assert run["tpot_ms"] > 0 and run["roofline"]["pct_of_roofline"] > 0 and "profile" not in run
+    assert "| float32 | 1 | 8 | 4 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["generate", "{ckpt}", "hi", "--top-p", "0"], "--top-p"),
     (["generate", "{ckpt}", "hi", "--top-p", "1.5"], "--top-p"),
@@ -253,6 +266,8 @@ def test_chat_printer_streams_final_and_optionally_analysis():
     (["score", "{ckpt}", "f.txt", "--batch-size", "0"], "--batch-size"),
     (["chat", "{ckpt}", "--seed", "x"], "--seed"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["bench", "{ckpt}", "--gen-len", "0"], "--gen-len"),
+    (["bench", "{ckpt}", "--batch", "0"], "--batch"),
 ])
 def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys):
     assert cli.main([a.format(ckpt=ckpt) for a in argv]) == 2
@@ -280,6 +295,9 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["info", "{qc}"], "quantization_config must be an object"),
     (["demo", "--prompt", "  "], "--prompt is empty"),
     (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
+    (["bench", "--preset", "tiny"], "--preset tiny has no weights: add --random-weights"),
+    (["bench", "{ckpt}", "--prompt-len", "100", "--max-seq-len", "64"], "exceeds --max-seq-len 64"),
+    (["bench", "{ckpt}", "--json", "{two}"], "exists; pass --force"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil
