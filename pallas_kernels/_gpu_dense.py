@@ -39,9 +39,11 @@ from jax.experimental import pallas as pl
 from . import _common
 from ._gpu import AVAILABLE, GpuTiling, pltriton
 
-# Auto mode uses this kernel for dense int4 calls with at most this many rows (decode); above it XLA's GEMM with the
-# dequantization fused into its operand reads amortize the copy (prefill).
-AUTO_MAX_M = 64
+# Auto mode uses this kernel for dense int4 calls with at most this many rows (decode). Measured on H200 (jax 0.11.2,
+# docs/BENCHMARKS.md "Decode kernels"): q+k+v at M = 1: 30 us fused vs 81 us XLA, o 18 vs 39 us; M = 8: q+k+v
+# 47 vs 45 us, o 21 vs 34 us; M = 64: q+k+v 70 vs 58 us (the split-K partials cap leaves too few programs), so XLA
+# keeps M > 16.
+AUTO_MAX_M = 16
 DEFAULT_BK = 256  # K rows per step: 32 word rows x bn int32 = 16 KB per load at bn = 128
 MIN_BK = 128  # bk / 8 >= 16: Triton's smallest dot K
 TARGET_PROGRAMS = 1024  # enough CTAs in flight for 132 SMs (several per SM hide the load latency)
@@ -142,6 +144,71 @@ def _store(ref, val, mask=None):
     return pltriton.store(ref, val, mask=mask)
 
 
+class Plan(NamedTuple):
+    """Static shape of the K loop shared by the dense and grouped nibble-plane kernels."""
+
+    bm: int  # rows per program
+    bn: int  # columns per program
+    bkw: int  # word rows (K / 8) per K step
+    kw_total: int  # word rows of the weight (K / 8)
+    kw_x: int  # columns per nibble plane of the permuted x ([M, 8 · kw_x])
+    k: int
+    cdt: object  # compute dtype of the dots
+    prec: object  # dot precision (HIGHEST for f32)
+
+
+def accumulate(x_ref, p_ref, s_ref, z_ref, wid, row0, rmask, n0, cmask, k_lo, k_hi, plan: Plan, *, group_size,
+               has_zeros, mode):
+    """f32 [bm, bn] = sum over K steps [k_lo, k_hi) of x rows [row0, row0 + bm) (masked by rmask) times the
+    dequantized weight ``wid`` columns [n0, n0 + bn) (masked by cmask), one dot per nibble plane (module docstring).
+
+    x_ref: [M, 8 · kw_x] permuted x; p_ref / s_ref / z_ref: [W, K/8, N] / [W, K/g, N] (z_ref None: symmetric)."""
+    bm, bn, bkw, kw_total, kw_x, k, cdt, prec = plan
+    g, has_z = group_size, has_zeros
+    gw = g // 8
+
+    def body(kt, acc):
+        kw0 = kt * bkw
+        kws = kw0 + jax.lax.broadcasted_iota(jnp.int32, (bkw,), 0)
+        kmask = kws < kw_total
+        words = _load(p_ref.at[wid, pl.ds(kw0, bkw), pl.ds(n0, bn)],
+                      mask=jnp.logical_and(kmask[:, None], cmask[None, :]), other=0)
+        xmask = jnp.logical_and(rmask[:, None], kmask[None, :])
+        if mode == "step":  # one scale row per K step: scale the f32 partial product once
+            srow = 0 if g == k else kw0 // gw
+            s = _load(s_ref.at[wid, pl.ds(srow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
+                      other=0).astype(jnp.float32)
+            if has_z:
+                z = _load(z_ref.at[wid, pl.ds(srow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
+                          other=0).astype(jnp.int32)
+            else:
+                z = jnp.full((1, bn), 8, jnp.int32)
+            part = jnp.zeros((bm, bn), jnp.float32)
+            for j in range(8):
+                xj = _load(x_ref.at[pl.ds(row0, bm), pl.ds(j * kw_x + kw0, bkw)], mask=xmask, other=0)
+                qj = ((words >> (4 * j)) & 0xF) - z  # exact small integers in [-15, 15]
+                part = part + jnp.dot(xj, qj.astype(cdt), precision=prec, preferred_element_type=jnp.float32)
+            return acc + part * s
+        # "expand": bk / g scale (and zero) rows broadcast to [bk/8, bn], applied per element as q·s − z·s
+        ng = bkw // gw
+        gmask = (kw0 // gw + jax.lax.broadcasted_iota(jnp.int32, (ng,), 0)) < kw_total // gw
+        smask = jnp.logical_and(gmask[:, None], cmask[None, :])
+        s = _load(s_ref.at[wid, pl.ds(kw0 // gw, ng), pl.ds(n0, bn)], mask=smask, other=0).astype(jnp.float32)
+        s = jnp.broadcast_to(s[:, None, :], (ng, gw, bn)).reshape(bkw, bn)
+        if has_z:
+            z = _load(z_ref.at[wid, pl.ds(kw0 // gw, ng), pl.ds(n0, bn)], mask=smask, other=0).astype(jnp.float32)
+            zs = jnp.broadcast_to(z[:, None, :], (ng, gw, bn)).reshape(bkw, bn) * s
+        else:
+            zs = 8.0 * s
+        for j in range(8):
+            xj = _load(x_ref.at[pl.ds(row0, bm), pl.ds(j * kw_x + kw0, bkw)], mask=xmask, other=0)
+            qj = ((words >> (4 * j)) & 0xF).astype(jnp.float32)
+            acc = acc + jnp.dot(xj, (qj * s - zs).astype(cdt), precision=prec, preferred_element_type=jnp.float32)
+        return acc
+
+    return jax.lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
+
+
 def dense_int4_gpu(x, weights, biases, *, out_dtype, tiling=None, interpret=False, layer=None):
     """x [M, K] @ each int4 weight ([K, N_i], or [L, K, N_i] with ``layer``) + bias_i -> tuple of [M, N_i].
 
@@ -167,6 +234,7 @@ def dense_int4_gpu(x, weights, biases, *, out_dtype, tiling=None, interpret=Fals
     kps = _common.cdiv(tiles_k, splits)
     n_alloc = tiles_n * bn
     kw_x = tiles_k * bkw if interpret else kw_total  # columns per nibble plane of the permuted x
+    plan = Plan(bm, bn, bkw, kw_total, kw_x, k, cdt, prec)
     specs = []  # per weight: (n, group_size, has_zeros, mode)
     for w, n in zip(weights, ns):
         specs.append((n, w.group_size, w.zeros is not None, scale_mode(k, w.group_size, bkw)))
@@ -189,55 +257,11 @@ def dense_int4_gpu(x, weights, biases, *, out_dtype, tiling=None, interpret=Fals
         def compute(i, local_nt):
             n, g, has_z, mode = specs[i]
             p_ref, s_ref, z_ref = wrefs[i]
-            gw = g // 8
             n0 = local_nt * bn
             cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
             cmask = cols < n
-
-            def body(kt, acc):
-                kw0 = kt * bkw
-                kws = kw0 + jax.lax.broadcasted_iota(jnp.int32, (bkw,), 0)
-                kmask = kws < kw_total
-                words = _load(p_ref.at[lid, pl.ds(kw0, bkw), pl.ds(n0, bn)],
-                              mask=jnp.logical_and(kmask[:, None], cmask[None, :]), other=0)
-                xmask = jnp.logical_and(rmask[:, None], kmask[None, :])
-                if mode == "step":
-                    srow = 0 if g == k else kw0 // gw
-                    s = _load(s_ref.at[lid, pl.ds(srow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
-                              other=0).astype(jnp.float32)
-                    if has_z:
-                        z = _load(z_ref.at[lid, pl.ds(srow, 1), pl.ds(n0, bn)], mask=cmask[None, :],
-                                  other=0).astype(jnp.int32)
-                    else:
-                        z = jnp.full((1, bn), 8, jnp.int32)
-                    part = jnp.zeros((bm, bn), jnp.float32)
-                    for j in range(8):
-                        xj = _load(x_ref.at[pl.ds(row0, bm), pl.ds(j * kw_x + kw0, bkw)], mask=xmask, other=0)
-                        qj = ((words >> (4 * j)) & 0xF) - z  # exact small integers in [-15, 15]
-                        part = part + jnp.dot(xj, qj.astype(cdt), precision=prec,
-                                              preferred_element_type=jnp.float32)
-                    return acc + part * s
-                ng = bkw // gw
-                gmask = (kw0 // gw + jax.lax.broadcasted_iota(jnp.int32, (ng,), 0)) < kw_total // gw
-                smask = jnp.logical_and(gmask[:, None], cmask[None, :])
-                s = _load(s_ref.at[lid, pl.ds(kw0 // gw, ng), pl.ds(n0, bn)], mask=smask,
-                          other=0).astype(jnp.float32)
-                s = jnp.broadcast_to(s[:, None, :], (ng, gw, bn)).reshape(bkw, bn)
-                if has_z:
-                    z = _load(z_ref.at[lid, pl.ds(kw0 // gw, ng), pl.ds(n0, bn)], mask=smask,
-                              other=0).astype(jnp.float32)
-                    zs = jnp.broadcast_to(z[:, None, :], (ng, gw, bn)).reshape(bkw, bn) * s
-                else:
-                    zs = 8.0 * s
-                acc_step = acc
-                for j in range(8):
-                    xj = _load(x_ref.at[pl.ds(row0, bm), pl.ds(j * kw_x + kw0, bkw)], mask=xmask, other=0)
-                    qj = ((words >> (4 * j)) & 0xF).astype(jnp.float32)
-                    wj = (qj * s - zs).astype(cdt)
-                    acc_step = acc_step + jnp.dot(xj, wj, precision=prec, preferred_element_type=jnp.float32)
-                return acc_step
-
-            acc = jax.lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
+            acc = accumulate(x_ref, p_ref, s_ref, z_ref, lid, row0, rmask, n0, cmask, k_lo, k_hi, plan,
+                             group_size=g, has_zeros=has_z, mode=mode)
             omask = jnp.logical_and(rmask[:, None], cmask[None, :])
             _store(o_ref.at[sp, pl.ds(row0, bm), pl.ds((starts[i] + local_nt) * bn, bn)], acc, mask=omask)
 

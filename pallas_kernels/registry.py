@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from . import _gpu, _gpu_dense, _tpu, _xla
+from . import _gpu, _gpu_dense, _gpu_grouped, _tpu, _xla
 from .int4_layout import Int4Tensor
 
 
@@ -186,9 +186,10 @@ class TpuMatmul(Implementation):
 class GpuMatmul(Implementation):
     """Pallas GPU kernels, Triton lowering; tiling :class:`~gptoss_jax.kernels._gpu.GpuTiling`.
 
-    Grouped calls and float weights run ``_gpu.py``; dense int4 calls run ``_gpu_dense.py`` (small-M GEMV over
-    nibble planes, masked K tail, several weights per launch) when it accepts the call and tiling, else the grouped
-    kernel as one group."""
+    int4 weights run the nibble-plane kernels when they accept the call and tiling: dense calls ``_gpu_dense.py``
+    (small-M GEMV, masked K tail, several weights per launch), grouped calls ``_gpu_grouped.py``; everything else
+    (float weights, tilings with bk < 128, group sizes that are not multiples of 8) runs ``_gpu.py`` (dense calls
+    as one group)."""
 
     name = "gpu"
     platforms = ("cuda",)
@@ -201,10 +202,16 @@ class GpuMatmul(Implementation):
         spec = _gpu_dense.WeightSpec((call.k, call.n), call.group_size)
         return _gpu_dense.why_not(call.m, call.k, [spec], tiling) is None
 
+    @staticmethod
+    def _planes_kernel(call, tiling=None) -> bool:
+        if call.op != "grouped" or call.group_size is None:
+            return False
+        return _gpu_grouped.why_not(call.m, call.k, call.n, call.group_size, call.num_groups, tiling) is None
+
     def why_not(self, call, tiling=None):
         if not _gpu.AVAILABLE:
             return "jax.experimental.pallas.triton is not available"
-        if self._dense_kernel(call, tiling):
+        if self._dense_kernel(call, tiling) or self._planes_kernel(call, tiling):
             return None
         try:
             t = _gpu.resolve_tiling(tiling, call.m, call.k, call.n, call.group_size, call.num_groups)
@@ -231,6 +238,10 @@ class GpuMatmul(Implementation):
             return _gpu_dense.dense_int4_gpu(x.astype(call.dtype), [w], [bias], out_dtype=out_dtype, tiling=tiling,
                                              interpret=compiled_interp, layer=layer)[0]
         xk, packed, scales, zeros, gsz, bias, off = _as_grouped(call, x, w, group_sizes, bias, layer)
+        if self._planes_kernel(call, tiling):
+            return _gpu_grouped.grouped_int4_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
+                                                 alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
+                                                 interpret=compiled_interp, id_offset=off)
         return _gpu.grouped_matmul_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
                                        alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
                                        interpret=compiled_interp, id_offset=off)

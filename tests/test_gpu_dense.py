@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from gptoss_jax.kernels import (Int4Tensor, MatmulCall, UnsupportedCallError, dense_matmul, dense_matmul_fused,
-                                registry)
+from gptoss_jax.kernels import (GpuTiling, Int4Tensor, MatmulCall, UnsupportedCallError, dense_matmul,
+                                dense_matmul_fused, registry)
 from gptoss_jax.kernels import _gpu_dense
 from gptoss_jax.kernels import int4_layout as L
 from gptoss_jax.kernels.reference import dequantize_f64, max_rel_err
@@ -100,7 +100,7 @@ def test_tiling_resolution():
 
 
 def test_registry_auto_on_cuda_picks_dense_kernel_at_decode_sizes():
-    for m, want in ((1, "gpu"), (64, "gpu"), (65, "xla"), (2048, "xla")):
+    for m, want in ((1, "gpu"), (_gpu_dense.AUTO_MAX_M, "gpu"), (_gpu_dense.AUTO_MAX_M + 1, "xla"), (2048, "xla")):
         assert registry.select(MatmulCall("dense", m, 2880, 4096, 1, 32, False, "bfloat16"), "cuda").name == want
     # float weights and unsupported groups keep XLA
     assert registry.select(MatmulCall("dense", 4, 2880, 4096, 1, None, False, "bfloat16"), "cuda").name == "xla"
@@ -158,3 +158,14 @@ def test_export_fused_qkv_120b_widths_stacked():
     o = _spec((nl,), 4096, h, 32, False)
     fo = lambda x_, w_, l_: dense_matmul(x_, w_, layer=l_)  # noqa: E731
     assert _count(_export(fo, "cuda", jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), o, lay), TRITON) == 1
+
+
+def test_grouped_int4_default_runs_the_nibble_plane_kernel():
+    """int4 grouped calls with default tilings take _gpu_grouped (so tests/test_kernels.py's gpu cases check it);
+    bk < 128 tilings and group sizes that are not multiples of 8 keep _gpu.py."""
+    gpu = registry.REGISTRY["gpu"]
+    call = MatmulCall("grouped", 12, 2880, 5760, 128, 32, False, "bfloat16", "swiglu", True)
+    assert gpu._planes_kernel(call) and gpu.supports(call)
+    assert not gpu._planes_kernel(call, GpuTiling(bk=64)) and gpu.supports(call, GpuTiling(bk=64))
+    odd = MatmulCall("grouped", 12, 144, 40, 2, 1, False, "float32")  # group 1: only _gpu.py
+    assert not gpu._planes_kernel(odd) and gpu.supports(odd)
