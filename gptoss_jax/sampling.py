@@ -106,7 +106,8 @@ def sample_next_token(
 
     See the module docstring for the semantics. Python scalars decide at trace time which stages
     exist (``temperature=0`` or ``top_k=1`` is just an argmax; ``top_k=0, top_p=1`` skips the
-    sort); their values are passed as data, so changing e.g. the temperature does not recompile.
+    sort; a python-int ``top_k`` takes ``lax.top_k`` of that many logits instead of sorting the vocabulary, with the
+    same draw); their values are passed as data, so changing e.g. the temperature does not recompile.
     Array parameters are always traced, so one compiled function serves any per-row mix,
     including greedy rows. Does not validate values: call :func:`validate_sampling_args` first.
     """
