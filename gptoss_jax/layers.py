@@ -13,7 +13,7 @@ from flax import nnx
 
 from gptoss_jax.moe_parallel import dense_int4_forward
 from gptoss_jax.params import QuantSpec
-from gptoss_jax.kernels import dense_matmul, grouped_matmul, int4_layout
+from gptoss_jax.kernels import dense_matmul, dense_matmul_fused, grouped_matmul, int4_layout
 from gptoss_jax.kernels.int4_layout import Int4Tensor
 
 
@@ -90,6 +90,19 @@ def linear(x, w, bias=None, *, out_dtype=None, parallel=None, split_out: bool = 
         if bias is not None:
             y = y + bias.astype(jnp.float32)
     return y.astype(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def linears(x, modules, *, layer=None):
+    """``[m(x, layer=layer) for m in modules]`` for Linear modules sharing the input (q, k, v projections), as one
+    kernel launch when every weight is int4 without act-order (``gptoss_jax.kernels.dense_matmul_fused``; on cuda
+    at decode sizes). Weights stay separate parameters. Single device only (no mesh plan)."""
+    ws = [m.weight for m in modules]
+    if not all(isinstance(w, Int4Weight) and input_perm(w) is None for w in ws):
+        return [m(x, layer=layer) for m in modules]
+    biases = [m.bias[...] if hasattr(m, "bias") else None for m in modules]
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = dense_matmul_fused(x2, [operand(w) for w in ws], biases, out_dtype=jnp.float32, layer=layer)
+    return [y.astype(x.dtype).reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] | None = None, layer=None):

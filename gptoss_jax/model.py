@@ -69,9 +69,12 @@ class Attention(nnx.Module):
         it; the updated stacked cache comes back (a decode step writes one slot per row in place)."""
         b, t, _ = x.shape
         par = self.parallel
-        q = self.q_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, parallel=par, split_out=True, layer=layer).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if par is None:  # q, k, v in one launch where the kernels allow it (int4 on cuda at decode sizes)
+            q, k, v = layers.linears(x, (self.q_proj, self.k_proj, self.v_proj), layer=layer)
+        else:
+            q, k, v = (p(x, parallel=par, split_out=True, layer=layer) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k, v = (a.reshape(b, t, self.num_kv_heads, self.head_dim) for a in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)

@@ -106,7 +106,8 @@ def sample_next_token(
 
     See the module docstring for the semantics. Python scalars decide at trace time which stages
     exist (``temperature=0`` or ``top_k=1`` is just an argmax; ``top_k=0, top_p=1`` skips the
-    sort); their values are passed as data, so changing e.g. the temperature does not recompile.
+    sort; a python-int ``top_k`` takes ``lax.top_k`` of that many logits instead of sorting the vocabulary, with the
+    same draw); their values are passed as data, so changing e.g. the temperature does not recompile.
     Array parameters are always traced, so one compiled function serves any per-row mix,
     including greedy rows. Does not validate values: call :func:`validate_sampling_args` first.
     """
@@ -135,11 +136,24 @@ def sample_next_token(
         p,
         use_k=not (static_k and int(top_k) == 0),
         use_p=not (static_p and float(top_p) >= 1.0),
+        bound_k=int(top_k) if static_k and int(top_k) > 0 else None,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("use_k", "use_p"))
-def _sample(logits, key, t, k, p, *, use_k: bool, use_p: bool):
+def _top_p_mask(sorted_logits, p):
+    """Descending-sorted logits [B, n] with the tokens outside each row's top-p nucleus set to -inf."""
+    rank = jnp.arange(sorted_logits.shape[-1], dtype=jnp.int32)[None, :]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no finite logit
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+    # Keep a token while the mass of the better tokens is still short of top_p: the kept set
+    # is the smallest prefix reaching top_p; rank 0 is always kept.
+    keep_p = (mass_before < p[:, None]) | (p[:, None] >= 1.0) | (rank == 0)
+    return jnp.where(keep_p, sorted_logits, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("use_k", "use_p", "bound_k"))
+def _sample(logits, key, t, k, p, *, use_k: bool, use_p: bool, bound_k: int | None = None):
     batch, vocab = logits.shape
     logits = logits.astype(jnp.float32)
     greedy_ids = greedy(logits)
@@ -154,6 +168,19 @@ def _sample(logits, key, t, k, p, *, use_k: bool, use_p: bool):
 
     if not use_k and not use_p:
         sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    elif bound_k is not None:
+        # A static top_k: only the top_k best logits can survive either truncation, so take them with lax.top_k
+        # (ties: the lower index first, as the stable sort below) instead of sorting the whole vocabulary (201k at
+        # gpt-oss size), then apply top-p within them (top-p acts on what top-k left).
+        top_vals, top_ids = jax.lax.top_k(scaled, bound_k)
+        masked = top_vals
+        if use_p:
+            masked = _top_p_mask(masked, p)
+        # jax.random.categorical is argmax(logits + gumbel(key, logits.shape)); the sort path below draws over the
+        # sorted row, where ranks >= top_k are -inf, so ranks < top_k with the same noise give the same draw.
+        noise = jax.random.gumbel(key, (batch, vocab), jnp.float32)[:, :bound_k]
+        choice = jnp.argmax(masked + noise, axis=-1)
+        sampled = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     else:
         # Sort each row once (descending); ranks in sorted order drive both truncations.
         order = jnp.argsort(-scaled, axis=-1, stable=True)
@@ -164,13 +191,7 @@ def _sample(logits, key, t, k, p, *, use_k: bool, use_p: bool):
             kk = jnp.where(k > 0, jnp.minimum(k, vocab), vocab)
             masked = jnp.where(rank < kk[:, None], masked, -jnp.inf)
         if use_p:
-            probs = jax.nn.softmax(masked, axis=-1)
-            probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # rows with no finite logit
-            mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
-            # Keep a token while the mass of the better tokens is still short of top_p: the kept set
-            # is the smallest prefix reaching top_p; rank 0 is always kept.
-            keep_p = (mass_before < p[:, None]) | (p[:, None] >= 1.0) | (rank == 0)
-            masked = jnp.where(keep_p, masked, -jnp.inf)
+            masked = _top_p_mask(masked, p)
         choice = jax.random.categorical(key, masked, axis=-1)
         sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 

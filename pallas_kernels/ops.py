@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import registry
+from . import _gpu_dense, registry
 from .int4_layout import Int4Tensor, validate
 from .registry import MatmulCall, UnsupportedCallError
 from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
@@ -42,7 +42,7 @@ IMPLEMENTATIONS = tuple(registry.REGISTRY)
 ENV_VAR = "GPTOSS_KERNELS"
 
 __all__ = ["IMPLEMENTATIONS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "UnsupportedCallError", "clamped_swiglu",
-           "default_implementation", "dense_matmul", "grouped_matmul"]
+           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul"]
 
 
 def _env_override() -> str | None:
@@ -213,3 +213,70 @@ def dense_matmul(x, w, bias=None, *, implementation: str | None = None, tiling: 
     return _dispatch(call, x, stacked_w, gs, stacked_b, epilogue=None, alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT,
                      out_dtype=out_dtype, implementation=implementation, tiling=tiling, interpret=interpret,
                      layer=layer)
+
+
+def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None, tiling: Any = None,
+                       out_dtype=None, interpret: Any = None, layer=None) -> tuple:
+    """``tuple(dense_matmul(x, w_i, b_i) for each weight)``, as ONE kernel launch where possible (q, k, v).
+
+    x [M, K]; ws: a sequence of weights [K, N_i] (float or Int4Tensor; [L, K, N_i] with ``layer``); biases: None or
+    a sequence of None / [N_i] ([L, N_i]). Returns a tuple of [M, N_i] in out_dtype (default x.dtype), each equal to
+    the separate ``dense_matmul`` call (float32 accumulation, bias in float32, one cast).
+
+    On cuda, auto mode runs every weight in one launch of the small-M int4 kernel (``_gpu_dense``) when all weights
+    are int4 with the same K and M <= ``_gpu_dense.AUTO_MAX_M``; the weights stay separate arrays (nothing is
+    concatenated or copied). Everywhere else, and for any call that kernel refuses, it is the separate calls.
+    ``implementation="gpu"`` forces the fused kernel (UnsupportedCallError if it cannot run the call; interpreted
+    off cuda, as in :func:`grouped_matmul`); ``"xla"`` / ``"tpu"`` make the separate calls with that implementation.
+
+    Raises ValueError for mismatched shapes (naming the weight's index) and UnsupportedCallError as above.
+    """
+    ws = list(ws)
+    if not ws:
+        raise ValueError("dense_matmul_fused: ws is empty")
+    biases = [None] * len(ws) if biases is None else list(biases)
+    if len(biases) != len(ws):
+        raise ValueError(f"dense_matmul_fused: {len(biases)} biases for {len(ws)} weights")
+    views = ws if layer is None else [_layer_view(w) for w in ws]
+    for i, (w, b) in enumerate(zip(views, biases if layer is None else [_layer_view(b) for b in biases])):
+        if x.ndim != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[0]:
+            raise ValueError(f"dense_matmul_fused: x {x.shape} and ws[{i}] {tuple(w.shape)} do not match")
+        if b is not None and tuple(b.shape) != (w.shape[1],):
+            raise ValueError(f"dense_matmul_fused: biases[{i}] must be [{w.shape[1]}], got {tuple(b.shape)}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        registry.get(name)
+
+    def separate(impl, interp=interpret):
+        return tuple(dense_matmul(x, w, b, implementation=impl, tiling=tiling, out_dtype=out_dtype, interpret=interp,
+                                  layer=layer) for w, b in zip(ws, biases))
+
+    int4 = all(isinstance(w, Int4Tensor) for w in ws)
+    t = registry.REGISTRY["gpu"].tiling_for(tiling, strict=name == "gpu")
+    reason = _gpu_dense.why_not(x.shape[0], x.shape[1], views, t) if int4 else "the fused kernel takes int4 weights"
+    if name is not None and name != "gpu":
+        return separate(name)
+    if x.shape[0] == 0:
+        return tuple(jnp.zeros((0, w.shape[1]), out_dtype) for w in views)
+    lay = None if layer is None else jnp.asarray(layer, jnp.int32)
+
+    def fused(interp):
+        def fn(x_):
+            for w in ws:
+                validate(w, name="dense_matmul_fused weight")
+            return _gpu_dense.dense_int4_gpu(x_.astype(x.dtype), ws, biases, out_dtype=out_dtype, tiling=t,
+                                             interpret=interp, layer=lay)
+        return fn
+
+    if name == "gpu":
+        if reason is not None:
+            shapes = ", ".join(f"[{w.shape[0]}, {w.shape[1]}]" for w in views)
+            raise UnsupportedCallError(f"implementation='gpu' does not support dense_matmul_fused x "
+                                       f"[{x.shape[0]}, {x.shape[1]}] {x.dtype}, ws {shapes}: {reason}")
+        if interpret is not None:
+            return fused(bool(interpret))(x)
+        return jax.lax.platform_dependent(x, default=fused(True), cuda=fused(False))
+    if reason is not None or x.shape[0] > _gpu_dense.AUTO_MAX_M:
+        return separate(None)
+    return jax.lax.platform_dependent(x, default=lambda x_: separate(None), cuda=fused(False))

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from . import _gpu, _tpu, _xla
+from . import _gpu, _gpu_dense, _gpu_grouped, _tpu, _xla
 from .int4_layout import Int4Tensor
 
 
@@ -184,15 +184,35 @@ class TpuMatmul(Implementation):
 
 
 class GpuMatmul(Implementation):
-    """Pallas GPU kernel, Triton lowering (``_gpu.py``); tiling :class:`~gptoss_jax.kernels._gpu.GpuTiling`."""
+    """Pallas GPU kernels, Triton lowering; tiling :class:`~gptoss_jax.kernels._gpu.GpuTiling`.
+
+    int4 weights run the nibble-plane kernels when they accept the call and tiling: dense calls ``_gpu_dense.py``
+    (small-M GEMV, masked K tail, several weights per launch), grouped calls ``_gpu_grouped.py``; everything else
+    (float weights, tilings with bk < 128, group sizes that are not multiples of 8) runs ``_gpu.py`` (dense calls
+    as one group)."""
 
     name = "gpu"
     platforms = ("cuda",)
     tiling_cls = _gpu.GpuTiling
 
+    @staticmethod
+    def _dense_kernel(call, tiling=None) -> bool:
+        if call.op != "dense" or call.group_size is None:
+            return False
+        spec = _gpu_dense.WeightSpec((call.k, call.n), call.group_size)
+        return _gpu_dense.why_not(call.m, call.k, [spec], tiling) is None
+
+    @staticmethod
+    def _planes_kernel(call, tiling=None) -> bool:
+        if call.op != "grouped" or call.group_size is None:
+            return False
+        return _gpu_grouped.why_not(call.m, call.k, call.n, call.group_size, call.num_groups, tiling) is None
+
     def why_not(self, call, tiling=None):
         if not _gpu.AVAILABLE:
             return "jax.experimental.pallas.triton is not available"
+        if self._dense_kernel(call, tiling) or self._planes_kernel(call, tiling):
+            return None
         try:
             t = _gpu.resolve_tiling(tiling, call.m, call.k, call.n, call.group_size, call.num_groups)
         except ValueError as err:
@@ -202,27 +222,40 @@ class GpuMatmul(Implementation):
         return None
 
     def auto_eligible(self, call):
-        # The float-weight variant passes interpret tests and lowers to Triton, but was never compiled and timed on
-        # a GPU: auto keeps XLA's ragged_dot (on the compacted experts) for 16-bit weights.
-        return call.group_size is not None
+        # Float weights: the kernel's float variant passes interpret tests and lowers to Triton, but was never
+        # compiled and timed on a GPU, so auto keeps XLA for 16-bit weights. Dense int4: the small-M kernel only
+        # (decode, M <= _gpu_dense.AUTO_MAX_M); at prefill sizes XLA's GEMM with the dequantization fused wins.
+        if call.group_size is None:
+            return False
+        if call.op == "dense":
+            return call.m <= _gpu_dense.AUTO_MAX_M and self._dense_kernel(call)
+        return True
 
     def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret,
             layer=None):
+        compiled_interp = interpret is not False and interpret is not None
+        if self._dense_kernel(call, tiling):
+            return _gpu_dense.dense_int4_gpu(x.astype(call.dtype), [w], [bias], out_dtype=out_dtype, tiling=tiling,
+                                             interpret=compiled_interp, layer=layer)[0]
         xk, packed, scales, zeros, gsz, bias, off = _as_grouped(call, x, w, group_sizes, bias, layer)
+        if self._planes_kernel(call, tiling):
+            return _gpu_grouped.grouped_int4_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
+                                                 alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
+                                                 interpret=compiled_interp, id_offset=off)
         return _gpu.grouped_matmul_gpu(xk, packed, scales, zeros, gsz, group_sizes, bias, epilogue=epilogue,
                                        alpha=alpha, limit=limit, out_dtype=out_dtype, tiling=tiling,
-                                       interpret=interpret is not False and interpret is not None, id_offset=off)
+                                       interpret=compiled_interp, id_offset=off)
 
 
 REGISTRY: dict[str, Implementation] = {impl.name: impl for impl in (XlaMatmul(), TpuMatmul(), GpuMatmul())}
 
 # Ordered fallback per op and lowering platform; any platform not listed gets ("xla",).
-# dense on cuda: measured on H200 (docs/BENCHMARKS.md), XLA's dequantize + dot (the dequantization fuses into its
-# GEMM) is as fast or faster than the Pallas kernel at batch 1 and clearly faster at batch 8..256 (q 2880->4096 at
-# 64 tokens: 12.7 vs 22.2 us), so the GPU kernel is explicit-only for dense.
+# dense on cuda: the small-M int4 kernel (_gpu_dense) first — inside a decode step XLA's int4 dense path writes a
+# dequantized 16-bit copy of the weight to HBM before its GEMM (../shared/perf-notes.md); GpuMatmul.auto_eligible
+# limits it to int4 weights and M <= _gpu_dense.AUTO_MAX_M, so prefill keeps XLA.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "grouped": {"tpu": ("tpu", "xla"), "cuda": ("gpu", "xla")},
-    "dense": {"tpu": ("tpu", "xla"), "cuda": ("xla",)},
+    "dense": {"tpu": ("tpu", "xla"), "cuda": ("gpu", "xla")},
 }
 KERNEL_PLATFORMS = ("tpu", "cuda")  # lowering platforms where auto mode may pick a kernel
 

@@ -67,8 +67,10 @@ def test_export_dense(sym):
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), int4_spec(None, k, n, 64, sym),
             jax.ShapeDtypeStruct((n,), jnp.bfloat16))
     assert count(exported_text(dense_fn(), "tpu", *args), MOSAIC) == 1
-    # dense on cuda: auto keeps XLA (measured faster, registry.AUTO_ORDER); the kernel is there when asked for.
-    assert count(exported_text(dense_fn(), "cuda", *args), TRITON) == 0
+    # dense int4 on cuda at decode sizes: auto picks the small-M kernel (registry.AUTO_ORDER); prefill sizes: XLA.
+    assert count(exported_text(dense_fn(), "cuda", *args), TRITON) == 1
+    big = (jax.ShapeDtypeStruct((256, k), jnp.bfloat16), *args[1:])
+    assert count(exported_text(dense_fn(), "cuda", *big), TRITON) == 0
     assert count(exported_text(dense_fn(implementation="gpu"), "cuda", *args), TRITON) == 1
     # an explicit kernel with interpret=None is compiled for its own platform (no interpreter callbacks)
     text = exported_text(dense_fn(implementation="tpu"), "tpu", *args)

@@ -95,9 +95,11 @@ def test_registry_order_and_platforms():
     assert all(registry.REGISTRY["xla"].supported_on(p) for p in ("cpu", "cuda", "rocm", "tpu"))
     call = _call()
     assert [registry.select(call, p).name for p in ("cpu", "tpu", "cuda", "rocm")] == ["xla", "tpu", "gpu", "xla"]
-    # float weights: the GPU kernel is explicit-only (never compiled and timed on a GPU); dense on cuda: XLA
+    # float weights: the GPU kernel is explicit-only (never compiled and timed on a GPU); dense int4 on cuda: the
+    # small-M kernel (tests/test_gpu_dense.py covers its M bound)
     assert registry.select(_call(group=None), "cuda").name == "xla"
-    assert registry.select(_call(op="dense", e=1), "cuda").name == "xla"
+    assert registry.select(_call(op="dense", e=1), "cuda").name == "gpu"
+    assert registry.select(_call(op="dense", e=1, m=256), "cuda").name == "xla"
     assert registry.select(_call(op="dense", e=1), "tpu").name == "tpu"
     # unsupported group size: auto falls back to the base op on every platform
     odd = _call(k=320, n=256, group=20)

@@ -2,9 +2,10 @@
 has. A 2-layer int4 gpt-oss at the 120b widths (hidden 2880, 64 query heads × 64, 8 KV heads, 128 experts,
 intermediate 2880; a small vocabulary keeps the abstract arrays cheap) is exported with ``jax.export`` — its prefill
 and its decode step, on one device and on an expert mesh — for ``platforms=["tpu"]`` (every int4 matmul must be a
-Mosaic kernel) and ``["cuda"]`` (the grouped expert matmuls are Triton kernels; dense int4 on CUDA is XLA's
-dequantize + dot by measurement, see gptoss_jax.kernels.registry.AUTO_ORDER). Nothing is allocated: the model and the
-cache are abstract (``nnx.eval_shape``)."""
+Mosaic kernel) and ``["cuda"]`` (the grouped expert matmuls are Triton kernels; dense int4 on CUDA is the small-M
+Triton kernel at decode sizes — q/k/v in one launch on one device — and XLA's dequantize + dot above M = 16, by
+measurement, see gptoss_jax.kernels.registry.AUTO_ORDER). Nothing is allocated: the model and the cache are abstract
+(``nnx.eval_shape``)."""
 
 import os
 import subprocess
@@ -91,3 +92,5 @@ def test_export_int4_model_for_cuda(mesh):
     for fn in ("prefill", "decode"):
         assert r[fn]["triton"] >= 2 * p, r  # gate_up (+ fused SwiGLU) and down of each block position
         assert r[fn]["mosaic"] == 0, r
+    # decode (2 rows): the dense int4 projections are kernels too — q/k/v fused (one device) or per shard, and o
+    assert r["decode"]["triton"] >= 4 * p, r

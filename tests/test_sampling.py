@@ -235,3 +235,28 @@ def test_validate_sampling_args_ok():
     validate_sampling_args(0.7, 50, 0.95)
     validate_sampling_args(np.array([0.0, 1.0]), np.array([0, 5]), np.array([1.0, 0.5]))
     validate_sampling_args(1.0, 3.0, 1.0)  # integral float top_k is accepted
+
+
+def test_static_top_k_takes_top_k_without_sorting_the_vocabulary():
+    """A python-int top_k bounds both truncations, so the sampler takes lax.top_k instead of a full sort; the law is
+    unchanged (the very same draw as per-row arrays: test_shape_dtype_and_reproducible): softmax over the k best
+    (ties: lower index first), then top-p within them."""
+    logits = np.random.default_rng().permutation(np.array([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0], np.float32))
+    batch = np.broadcast_to(logits, (N_DRAWS, V_EMP))
+    text = str(jax.make_jaxpr(lambda l_, k_: sample_next_token(l_, k_, top_k=3, top_p=0.9))(batch, _fresh_key()))
+    assert "top_k[" in text and "sort[" not in text
+    top = np.argsort(-logits)[:3]
+    want = np.zeros(V_EMP)
+    want[top] = _softmax(logits[top])
+    freq = np.bincount(np.asarray(sample_next_token(batch, _fresh_key(), top_k=3)), minlength=V_EMP) / N_DRAWS
+    assert set(np.nonzero(freq)[0]) <= set(top.tolist())
+    assert _tv(freq, want) < TV_TOL
+    # top-p after top-k: [0.4, 0.3, 0.2, 0.1] -> top_k=2 renormalises to [4/7, 3/7]; top_p=0.5 keeps the first only
+    row = np.full(V_EMP, -np.inf, np.float32)
+    row[:4] = np.log([0.4, 0.3, 0.2, 0.1])
+    ids = sample_next_token(np.broadcast_to(row, (64, V_EMP)), _fresh_key(), top_k=2, top_p=0.5)
+    np.testing.assert_array_equal(np.asarray(ids), 0)
+    # top_k=3, top_p=0.9 keeps [0.4, 0.3, 0.2] / 0.9
+    freq = np.bincount(np.asarray(sample_next_token(np.broadcast_to(row, (N_DRAWS, V_EMP)), _fresh_key(),
+                                                    top_k=3, top_p=0.9)), minlength=V_EMP)[:4] / N_DRAWS
+    assert _tv(freq, np.array([0.4, 0.3, 0.2, 0]) / 0.9) < TV_TOL
