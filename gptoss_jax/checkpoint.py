@@ -30,6 +30,7 @@ to 8 threads). ``gptoss-jax verify CKPT`` does the same alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -47,7 +48,7 @@ from gptoss_jax import fsutil, sharding
 from gptoss_jax.config import ConfigError, GptOssConfig
 from gptoss_jax.jsoncheck import field, read_json_object
 from gptoss_jax.model import build_model
-from gptoss_jax.params import (ParamSpec, QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
+from gptoss_jax.params import (QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
                                unstack_layers)
 from gptoss_jax.safetensors_io import CheckpointError
 from gptoss_jax.kernels.int4_layout import LAYOUT_VERSION
@@ -101,7 +102,7 @@ def apply_tensor_dtypes(specs: Mapping, tensor_dtypes: Mapping[str, str]) -> dic
             out[k] = apply_tensor_dtypes(v, {p[len(str(k)) + 1:]: d for p, d in tensor_dtypes.items()
                                              if p.startswith(f"{k}.")})
         elif str(k) in tensor_dtypes:
-            out[k] = ParamSpec(v.shape, jnp.dtype(tensor_dtypes[str(k)]), v.axes)
+            out[k] = dataclasses.replace(v, dtype=jnp.dtype(tensor_dtypes[str(k)]))
         else:
             out[k] = v
     return out

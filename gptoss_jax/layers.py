@@ -1,4 +1,9 @@
-"""Weight containers and the two matmul call sites (dense and grouped) shared by 16-bit and int4 weights.
+"""Weight containers built from their specs, and the two matmul call sites (dense and grouped) shared by 16-bit and
+int4 weights.
+
+Modules never spell a parameter's shape: :func:`param` / :func:`weight` build each one from its
+:class:`~gptoss_jax.params.ParamSpec` (the declaration in :mod:`gptoss_jax.params`), filled as the spec's ``init``
+says and carrying the spec's logical axes as flax's ``out_sharding`` metadata.
 
 A weight is either an ``nnx.Param`` holding an array ``[..., K, N]`` or an :class:`Int4Weight` module holding the
 packed int4 layout of :mod:`gptoss_jax.kernels.int4_layout`. :func:`linear` and :func:`grouped_linear` accept both and
@@ -12,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.moe_parallel import dense_int4_forward
-from gptoss_jax.params import QuantSpec
+from gptoss_jax.params import INIT_STD, ONES, ParamSpec, init_value, int4_logical_shape, is_int4
 from gptoss_jax.kernels import dense_matmul, dense_matmul_fused, grouped_matmul, int4_layout
 from gptoss_jax.kernels.int4_layout import Int4Tensor
 
@@ -22,32 +27,45 @@ def precision_for(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-class Int4Weight(nnx.Module):
-    """A 4-bit weight [..., K, N]: packed codes, group scales and (asymmetric only) zero points."""
+def param(spec: ParamSpec, rngs: nnx.Rngs, value=None) -> nnx.Param:
+    """An ``nnx.Param`` for `spec`: `value` (checked against the spec's shape and dtype) or a fresh one filled as
+    ``spec.init`` says. The logical axes ride along as ``out_sharding`` metadata; eager sharding is off because they
+    are logical names that :mod:`gptoss_jax.sharding` maps to mesh axes, not mesh axes themselves."""
+    if value is None:
+        value = init_value(spec, None if spec.init == ONES else rngs.params())
+    if tuple(value.shape) != tuple(spec.shape) or jnp.dtype(value.dtype) != jnp.dtype(spec.dtype):
+        raise ValueError(f"value {value.shape} {value.dtype} does not match its spec {spec.shape} {spec.dtype}")
+    return nnx.Param(value, out_sharding=spec.axes, eager_sharding=False)
 
-    def __init__(self, value, quant: QuantSpec):
-        t = int4_layout.quantize(value, group_size=quant.group_for(value.shape[-2]), symmetric=quant.symmetric,
-                                 scale_dtype=jnp.dtype(quant.scale_dtype))
-        self.group_size = t.group_size
-        self.packed = nnx.Param(t.packed)
-        self.scales = nnx.Param(t.scales)
-        if t.zeros is not None:
-            self.zeros = nnx.Param(t.zeros)
-        if quant.act_order:  # act-order source: input rows were put in group order at conversion (identity here)
-            k = value.shape[-2]
-            self.perm = nnx.Param(jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (*value.shape[:-2], k)))
+
+class Int4Weight(nnx.Module):
+    """A 4-bit weight [..., K, N]: packed codes, group scales, (asymmetric only) zero points and (act-order only) the
+    input-row permutation, as declared by its spec dict (``params._weight_spec``); group size, symmetry and scale
+    dtype are read off the spec's shapes and dtypes. A random one is one N(0, 0.02²) draw, quantized round-to-nearest
+    (:func:`gptoss_jax.kernels.int4_layout.quantize`); its perm is the identity."""
+
+    def __init__(self, spec: dict, rngs: nnx.Rngs):
+        *lead, k, n = shape = int4_logical_shape(spec)
+        self.group_size = k // spec["scales"].shape[-2]
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+        t = int4_layout.quantize(value, group_size=self.group_size, symmetric="zeros" not in spec,
+                                 scale_dtype=jnp.dtype(spec["scales"].dtype))
+        self.packed = param(spec["packed"], rngs, t.packed)
+        self.scales = param(spec["scales"], rngs, t.scales)
+        if "zeros" in spec:
+            self.zeros = param(spec["zeros"], rngs, t.zeros)
+        if "perm" in spec:  # act-order source: input rows were put in group order at conversion (identity here)
+            self.perm = param(spec["perm"], rngs, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (*lead, k)))
 
     def tensor(self) -> Int4Tensor:
         zeros = self.zeros[...] if hasattr(self, "zeros") else None
         return Int4Tensor(self.packed[...], self.scales[...], zeros, self.group_size)
 
 
-def weight(shape, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, std: float = 0.02):
-    """A randomly initialised weight of logical `shape` [..., K, N], 4-bit when `quant` is given."""
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    if quant is None:
-        return nnx.Param(value.astype(dtype))
-    return Int4Weight(value, quant)
+def weight(spec, rngs: nnx.Rngs):
+    """A matmul weight [..., K, N] from its spec: an ``nnx.Param`` for a ParamSpec, an :class:`Int4Weight` for an
+    int4 spec dict (mixed precision: which one is the spec's business, see ``params.QuantSpec.modules``)."""
+    return Int4Weight(spec, rngs) if is_int4(spec) else param(spec, rngs)
 
 
 def operand(w):
@@ -121,11 +139,12 @@ def grouped_linear(x, w, group_sizes, bias=None, *, swiglu: tuple[float, float] 
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs,
-                 bias: bool = True):
-        self.weight = weight((in_features, out_features), dtype=dtype, quant=quant, rngs=rngs)
-        if bias:
-            self.bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (out_features,), dtype))
+    """x @ weight (+ bias); spec: {"weight": ParamSpec | int4 dict[, "bias": ParamSpec]}."""
+
+    def __init__(self, spec: dict, *, rngs: nnx.Rngs):
+        self.weight = weight(spec["weight"], rngs)
+        if "bias" in spec:
+            self.bias = param(spec["bias"], rngs)
 
     def __call__(self, x, *, out_dtype=None, parallel=None, split_out: bool = False, layer=None):
         bias = self.bias[...] if hasattr(self, "bias") else None
@@ -133,8 +152,10 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), dtype))
+    """Token ids → rows of the embedding table; spec: {"embedding": ParamSpec [vocab, embed]}."""
+
+    def __init__(self, spec: dict, *, rngs: nnx.Rngs):
+        self.embedding = param(spec["embedding"], rngs)
 
     def __call__(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0)

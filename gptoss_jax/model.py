@@ -6,7 +6,9 @@
 
 The numerical reference is transformers' ``GptOssForCausalLM``. Weights are either 16/32-bit arrays or 4-bit
 :class:`~gptoss_jax.kernels.int4_layout.Int4Tensor` s (attention projections and experts); the matmuls that see them go
-through :mod:`gptoss_jax.layers`, so this file stays the same for both.
+through :mod:`gptoss_jax.layers`, so this file stays the same for both. No shape is spelled here: every parameter's
+shape, dtype, logical axes and initializer is declared once, in :mod:`gptoss_jax.params` (``model_specs``), and each
+module builds its ``nnx.Param`` s from its subtree of that declaration (``layers.param`` / ``layers.weight``).
 
 A forward call processes ``T`` new tokens per sequence at positions ``start[b] + t``; the first ``lengths[b]`` of
 them are real and the rest padding. With a KV cache (see :mod:`gptoss_jax.kv_cache`) the new tokens also attend to
@@ -28,7 +30,7 @@ from gptoss_jax import layers, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import LayerCache, update_stacked_cache
 from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_experts_forward, moe_forward
-from gptoss_jax.params import QuantSpec, layer_period, model_specs, quant_for, stack_layers
+from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from gptoss_jax.kernels.attention import attention as pallas_attention
 
@@ -36,8 +38,8 @@ from gptoss_jax.kernels.attention import attention as pallas_attention
 class RMSNorm(nnx.Module):
     """x · rsqrt(mean(x²) + eps) · scale, computed in float32 and cast back."""
 
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, spec: dict, eps: float, *, rngs: nnx.Rngs):
+        self.scale = layers.param(spec["scale"], rngs)
         self.eps = eps
 
     def __call__(self, x):
@@ -49,17 +51,16 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with per-head sink logits; sliding-window or full causal."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, parallel=None):
+    def __init__(self, config: GptOssConfig, spec: dict, *, rngs: nnx.Rngs, parallel=None):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.parallel = parallel  # the mesh plan: int4 projections run per device under shard_map (static)
-        qf = lambda module: quant_for(quant, module)  # noqa: E731 — mixed precision: int4 or 16-bit per module
-        self.q_proj = layers.Linear(c.hidden_size, c.q_dim, dtype=dtype, quant=qf('q_proj'), rngs=rngs)
-        self.k_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('k_proj'), rngs=rngs)
-        self.v_proj = layers.Linear(c.hidden_size, c.kv_dim, dtype=dtype, quant=qf('v_proj'), rngs=rngs)
-        self.o_proj = layers.Linear(c.q_dim, c.hidden_size, dtype=dtype, quant=qf('o_proj'), rngs=rngs)
+        self.q_proj = layers.Linear(spec["q_proj"], rngs=rngs)
+        self.k_proj = layers.Linear(spec["k_proj"], rngs=rngs)
+        self.v_proj = layers.Linear(spec["v_proj"], rngs=rngs)
+        self.o_proj = layers.Linear(spec["o_proj"], rngs=rngs)
         # One learned logit per query head, appended as an extra softmax column that carries no value.
-        self.sinks = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.num_attention_heads,), dtype))
+        self.sinks = layers.param(spec["sinks"], rngs)
 
     def __call__(self, x, cos, sin, positions, valid, cache: LayerCache | None, attend_to_cache: bool,
                  window: int | None, layer=None, block=None):
@@ -118,11 +119,10 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None, layer=None):
 class Router(nnx.Module):
     """Linear scores with bias over all experts; top-k; softmax over the k chosen logits only."""
 
-    def __init__(self, config: GptOssConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, spec: dict, *, rngs: nnx.Rngs):
         self.top_k = config.num_experts_per_tok
-        e, h = config.num_local_experts, config.hidden_size
-        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (h, e), dtype))
-        self.bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e,), dtype))
+        self.weight = layers.param(spec["weight"], rngs)  # [H, E], always 16/32-bit
+        self.bias = layers.param(spec["bias"], rngs)
 
     def __call__(self, x):
         logits = jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
@@ -137,13 +137,12 @@ class Experts(nnx.Module):
     gate_up is fused [E, H, 2I] with gate in the even and up in the odd columns (as the checkpoints store it).
     """
 
-    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs):
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.num_experts, self.alpha, self.limit = e, config.swiglu_alpha, config.swiglu_limit
-        self.gate_up = layers.weight((e, h, 2 * i), dtype=dtype, quant=quant_for(quant, "gate_up"), rngs=rngs)
-        self.gate_up_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, 2 * i), dtype))
-        self.down = layers.weight((e, i, h), dtype=dtype, quant=quant_for(quant, "down"), rngs=rngs)
-        self.down_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, h), dtype))
+    def __init__(self, config: GptOssConfig, spec: dict, *, rngs: nnx.Rngs):
+        self.num_experts, self.alpha, self.limit = config.num_local_experts, config.swiglu_alpha, config.swiglu_limit
+        self.gate_up = layers.weight(spec["gate_up"], rngs)  # [E, H, 2I], int4 or 16-bit
+        self.gate_up_bias = layers.param(spec["gate_up_bias"], rngs)
+        self.down = layers.weight(spec["down"], rngs)  # [E, I, H]
+        self.down_bias = layers.param(spec["down_bias"], rngs)
 
     def __call__(self, x_sorted, group_sizes, layer=None):
         """x_sorted [M, H], rows grouped by expert with group_sizes [E] → [M, H].
@@ -164,9 +163,9 @@ class MoE(nnx.Module):
     that touch only the experts that received tokens — the call sites where the int4 kernels plug in.
     """
 
-    def __init__(self, config: GptOssConfig, *, dtype, quant: QuantSpec | None, rngs: nnx.Rngs, parallel=None):
-        self.router = Router(config, dtype=dtype, rngs=rngs)
-        self.experts = Experts(config, dtype=dtype, quant=quant, rngs=rngs)
+    def __init__(self, config: GptOssConfig, spec: dict, *, rngs: nnx.Rngs, parallel=None):
+        self.router = Router(config, spec["router"], rngs=rngs)
+        self.experts = Experts(config, spec["experts"], rngs=rngs)
         # Experts split over a mesh (a gptoss_jax.moe_parallel.MoEParallel), or None for one device. Static.
         self.parallel = parallel
 
@@ -184,11 +183,14 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: GptOssConfig, *, dtype, quant, rngs: nnx.Rngs, moe_parallel=None):
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.mlp = MoE(config, dtype=dtype, quant=quant, rngs=rngs, parallel=moe_parallel)
+    """Pre-norm attention and MoE blocks, each added to the residual stream. Built from the layers' spec subtree:
+    in the model every parameter is stacked over the layers (leading axis L, see GptOss)."""
+
+    def __init__(self, config: GptOssConfig, spec: dict, *, rngs: nnx.Rngs, moe_parallel=None):
+        self.input_norm = RMSNorm(spec["input_norm"], config.rms_norm_eps, rngs=rngs)
+        self.attn = Attention(config, spec["attn"], rngs=rngs, parallel=moe_parallel)
+        self.post_attn_norm = RMSNorm(spec["post_attn_norm"], config.rms_norm_eps, rngs=rngs)
+        self.mlp = MoE(config, spec["mlp"], rngs=rngs, parallel=moe_parallel)
 
     def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window, layer=None, block=None):
         attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window,
@@ -196,13 +198,6 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), layer)
         return x, cache
-
-
-def _stack_modules(modules):
-    """Modules of one structure → one module whose leaves are stacked along a new leading axis."""
-    graphdef, _ = nnx.split(modules[0])
-    states = [nnx.split(m)[1] for m in modules]
-    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
 
 class GptOss(nnx.Module):
@@ -218,12 +213,12 @@ class GptOss(nnx.Module):
         c = config
         self.config, self.dtype, self.quant = c, jnp.dtype(dtype), quant
         self.moe_parallel = moe_parallel
-        self.embed = layers.Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        spec = model_specs(c, dtype=dtype, quant=quant)  # every shape, dtype and logical axis: gptoss_jax.params
+        self.embed = layers.Embed(spec["embed"], rngs=rngs)
         # One DecoderLayer with every parameter stacked over the layers (leading axis L): see the module docstring.
-        self.layers = _stack_modules([DecoderLayer(c, dtype=dtype, quant=quant, rngs=rngs, moe_parallel=moe_parallel)
-                                      for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, dtype=dtype, quant=None, bias=False, rngs=rngs)
+        self.layers = DecoderLayer(c, spec["layers"], rngs=rngs, moe_parallel=moe_parallel)
+        self.norm = RMSNorm(spec["norm"], c.rms_norm_eps, rngs=rngs)
+        self.lm_head = layers.Linear(spec["lm_head"], rngs=rngs)
         inv_freq, self.rope_scale = yarn_inv_freq(c)
         self.inv_freq = nnx.Variable(jnp.asarray(inv_freq, jnp.float32))  # a constant, not a parameter
 

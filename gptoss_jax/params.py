@@ -1,4 +1,18 @@
-"""Abstract parameter specs of gpt-oss: every parameter's path, shape, dtype and logical axes.
+"""THE declaration of gpt-oss's parameters: every parameter's path, shape, dtype, logical axes and initializer.
+
+This file is the only place that spells a parameter's shape. Everything else is derived from it:
+
+* the NNX modules (:mod:`gptoss_jax.model`, :mod:`gptoss_jax.layers`) create each ``nnx.Param`` from its spec
+  subtree (:func:`gptoss_jax.layers.param`), with the logical axes attached as flax's ``out_sharding`` metadata
+  (as MaxText / ``nnx.Param(..., sharding=axes)`` do), so a model knows its own axes;
+* shardings: :mod:`gptoss_jax.sharding` maps the logical axes to mesh axes (its RULES table);
+* the checkpoint item plan (:mod:`gptoss_jax.checkpoint`), the loaders and the converters read the storage tree.
+
+Why the specs are the source and the modules follow (rather than specs derived from the modules with
+``nnx.eval_shape``): loaders, converters and the sharding plan need the tree — per layer, int4 parts included —
+before any model exists and without tracing one (a converter never builds a model; ``eval_shape`` of a 36-layer
+int4 model would trace its random init and quantization just to learn shapes), and the int4 storage layout
+(packed / scales / zeros / perm) is a fact of the checkpoint format that belongs next to :class:`QuantSpec`.
 
 Two views of one tree:
 
@@ -10,27 +24,29 @@ Two views of one tree:
   :func:`stack_layers` / :func:`unstack_layers` convert between the two; loaders fill the stacked arrays layer by
   layer (:class:`gptoss_jax.checkpoint.StackedTreeBuilder`) instead of stacking whole copies.
 
-The sharding rules map the logical axes to mesh axes.
-
-Quantized (W4A16) weights — the attention projections and the experts — are a dict
-``{"packed", "scales"[, "zeros"]}`` in the layout of :mod:`gptoss_jax.kernels.int4_layout` instead of one array.
+Quantized (W4A16) weights — the attention projections and the experts, or the subset named by
+:attr:`QuantSpec.modules` — are a dict ``{"packed", "scales"[, "zeros"][, "perm"]}`` in the layout of
+:mod:`gptoss_jax.kernels.int4_layout` instead of one array.
 
     embed.embedding                             [vocab, embed]
-    layers.{i}.input_norm.scale                 [embed]
+    layers.{i}.input_norm.scale                 [embed]                               init ones
     layers.{i}.attn.{q,k,v}_proj.weight         [embed, q_heads*head_dim | kv_heads*head_dim]
     layers.{i}.attn.{q,k,v}_proj.bias
     layers.{i}.attn.o_proj.weight               [q_heads*head_dim, embed]
     layers.{i}.attn.o_proj.bias                 [embed]
     layers.{i}.attn.sinks                       [q_heads]
-    layers.{i}.post_attn_norm.scale             [embed]
+    layers.{i}.post_attn_norm.scale             [embed]                               init ones
     layers.{i}.mlp.router.weight                [embed, experts]
     layers.{i}.mlp.router.bias                  [experts]
     layers.{i}.mlp.experts.gate_up              [experts, embed, 2*mlp]  (even columns gate, odd columns up)
     layers.{i}.mlp.experts.gate_up_bias         [experts, 2*mlp]
     layers.{i}.mlp.experts.down                 [experts, mlp, embed]
     layers.{i}.mlp.experts.down_bias            [experts, embed]
-    norm.scale                                  [embed]
+    norm.scale                                  [embed]                               init ones
     lm_head.weight                              [embed, vocab]
+
+Every other parameter is initialised N(0, 0.02²) — biases and sinks too, so no term of a random model's forward
+pass is trivially zero.
 """
 
 from __future__ import annotations
@@ -111,14 +127,25 @@ def quant_for(quant: QuantSpec | None, module: str) -> QuantSpec | None:
         quant, act_order=(module,) if module in quant.act_order else ())
 
 
+# How a fresh (random) model fills a parameter: see ParamSpec.init and init_value.
+NORMAL = "normal"  # N(0, INIT_STD²)
+ONES = "ones"  # RMSNorm scales
+INT4 = "int4"  # a part of an int4 weight: layers.Int4Weight quantizes one NORMAL draw of the logical [..., K, N]
+INITS = (NORMAL, ONES, INT4)
+INIT_STD = 0.02
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+    """One parameter: shape, dtype, one logical axis name (or None) per dim, and how a random model fills it."""
     shape: tuple[int, ...]
     dtype: Any
-    axes: tuple[str | None, ...]  # one logical axis name (or None) per dim
+    axes: tuple[str | None, ...]
+    init: str = NORMAL  # one of INITS
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+        assert self.init in INITS, self.init
 
     def abstract(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.dtype))
@@ -126,6 +153,27 @@ class ParamSpec:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * jnp.dtype(self.dtype).itemsize
+
+
+def init_value(spec: ParamSpec, key) -> jax.Array:
+    """A fresh value for a NORMAL or ONES spec (`key`: a jax PRNG key, unused for ONES). INT4 parts are made
+    together by :class:`gptoss_jax.layers.Int4Weight`; asking for one alone is a ValueError."""
+    if spec.init == ONES:
+        return jnp.ones(spec.shape, spec.dtype)
+    if spec.init == NORMAL:
+        return (INIT_STD * jax.random.normal(key, spec.shape, jnp.float32)).astype(spec.dtype)
+    raise ValueError(f"a {spec.init!r} spec is filled with its int4 weight, not alone")
+
+
+def is_int4(spec) -> bool:
+    """Whether a spec subtree is one int4 weight ({"packed", "scales"[, "zeros"][, "perm"]})."""
+    return isinstance(spec, dict) and "packed" in spec
+
+
+def int4_logical_shape(spec: dict) -> tuple[int, ...]:
+    """The unpacked [..., K, N] shape of an int4 weight spec (its packed part is [..., K/8, N])."""
+    *lead, k8, n = spec["packed"].shape
+    return (*lead, 8 * k8, n)
 
 
 def _weight_spec(lead: tuple[int, ...], lead_axes: tuple[str, ...], k: int, n: int, k_axis: str, n_axis: str,
@@ -136,18 +184,21 @@ def _weight_spec(lead: tuple[int, ...], lead_axes: tuple[str, ...], k: int, n: i
     if k % 8:
         raise ValueError(f"int4 weights need an input dim divisible by 8, got {k}")
     spec = {
-        "packed": ParamSpec((*lead, k // 8, n), jnp.int32, (*lead_axes, None, n_axis)),
-        "scales": ParamSpec((*lead, k // g, n), jnp.dtype(quant.scale_dtype), (*lead_axes, None, n_axis)),
+        "packed": ParamSpec((*lead, k // 8, n), jnp.int32, (*lead_axes, None, n_axis), INT4),
+        "scales": ParamSpec((*lead, k // g, n), jnp.dtype(quant.scale_dtype), (*lead_axes, None, n_axis), INT4),
     }
     if not quant.symmetric:
-        spec["zeros"] = ParamSpec((*lead, k // g, n), jnp.uint8, (*lead_axes, None, n_axis))
+        spec["zeros"] = ParamSpec((*lead, k // g, n), jnp.uint8, (*lead_axes, None, n_axis), INT4)
     if quant.act_order:  # set by quant_for for an act-order module only
-        spec["perm"] = ParamSpec((*lead, k), jnp.int32, (*lead_axes, None))
+        spec["perm"] = ParamSpec((*lead, k), jnp.int32, (*lead_axes, None), INT4)
     return spec
 
 
 def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | None = None) -> dict[str, Any]:
-    """The nested dict of ParamSpec describing every parameter of the model."""
+    """The storage tree: the nested dict of ParamSpec describing every parameter of the model (``layers.{i}``).
+
+    dtype: the dtype of every 16/32-bit parameter; quant: which weights are int4 and how (None: none).
+    Raises ValueError when `quant` cannot split an input dim (group size, K % 8)."""
     c = config
     e, h, i, v = c.num_local_experts, c.hidden_size, c.intermediate_size, c.vocab_size
 
@@ -155,17 +206,21 @@ def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
         return {"weight": _weight_spec((), (), k, n, k_axis, n_axis, dtype, quant_for(quant, module)),  # mixed prec.
                 "bias": ParamSpec((n,), dtype, (n_axis,))}
 
+    def norm():
+        return {"scale": ParamSpec((h,), dtype, (EMBED,), ONES)}
+
     def layer():
         return {
-            "input_norm": {"scale": ParamSpec((h,), dtype, (EMBED,))},
+            "input_norm": norm(),
             "attn": {
                 "q_proj": linear(h, c.q_dim, EMBED, Q_HEADS, "q_proj"),
                 "k_proj": linear(h, c.kv_dim, EMBED, KV_HEADS, "k_proj"),
                 "v_proj": linear(h, c.kv_dim, EMBED, KV_HEADS, "v_proj"),
                 "o_proj": linear(c.q_dim, h, Q_HEADS, EMBED, "o_proj"),
+                # one learned logit per query head, an extra softmax column that carries no value
                 "sinks": ParamSpec((c.num_attention_heads,), dtype, (HEADS,)),
             },
-            "post_attn_norm": {"scale": ParamSpec((h,), dtype, (EMBED,))},
+            "post_attn_norm": norm(),
             "mlp": {
                 "router": {"weight": ParamSpec((h, e), dtype, (EMBED, None)),
                            "bias": ParamSpec((e,), dtype, (None,))},
@@ -183,7 +238,7 @@ def param_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
     return {
         "embed": {"embedding": ParamSpec((v, h), dtype, (VOCAB, EMBED))},
         "layers": {li: layer() for li in range(c.num_hidden_layers)},
-        "norm": {"scale": ParamSpec((h,), dtype, (EMBED,))},
+        "norm": norm(),
         "lm_head": {"weight": ParamSpec((h, v), dtype, (EMBED, VOCAB))},
     }
 
@@ -192,8 +247,8 @@ def model_specs(config: GptOssConfig, *, dtype=jnp.bfloat16, quant: QuantSpec | 
     """The model tree's specs: :func:`param_specs` with the layers stacked along a leading ``layers`` axis."""
     storage = param_specs(config, dtype=dtype, quant=quant)
     n = config.num_hidden_layers
-    stacked = jax.tree.map(lambda s: ParamSpec((n, *s.shape), s.dtype, (LAYERS, *s.axes)), storage["layers"][0],
-                           is_leaf=is_spec)
+    stacked = jax.tree.map(lambda s: dataclasses.replace(s, shape=(n, *s.shape), axes=(LAYERS, *s.axes)),
+                           storage["layers"][0], is_leaf=is_spec)
     return {**storage, "layers": stacked}
 
 

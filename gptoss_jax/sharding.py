@@ -6,10 +6,11 @@ The mesh has three named axes:
 * ``expert`` — MoE experts; nothing else is split over it except the vocabulary.
 * ``tensor`` — attention heads (query heads, KV heads and their sinks together), and by default experts too.
 
-Every parameter already carries logical axis names (:mod:`gptoss_jax.params`); activations and the KV cache use the
-extra names below. :data:`RULES` maps each logical name to mesh axes, so changing the strategy is an edit of that one
-table — e.g. ``EXPERTS: EXPERT`` keeps experts off the tensor axis (replicating them over it), ``VOCAB: None``
-replicates the embedding and lm_head. The MoE shard_map (:mod:`gptoss_jax.moe_parallel`) reads the same table to know
+Every parameter already carries logical axis names (declared once in :mod:`gptoss_jax.params`, and attached to the
+model's ``nnx.Param`` s as ``out_sharding`` metadata); activations and the KV cache use the extra names below.
+:data:`RULES` maps each logical name to mesh axes, so changing the strategy is an edit of that one table — e.g.
+``EXPERTS: EXPERT`` keeps experts off the tensor axis (replicating them over it), ``VOCAB: None`` replicates the
+embedding and lm_head. The MoE shard_map (:mod:`gptoss_jax.moe_parallel`) reads the same table to know
 which mesh axes split the experts and which split the tokens.
 
 Typical use (one host or many)::
@@ -289,10 +290,6 @@ def _set(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
-
-
-def _model_specs(model):
-    return P_.model_specs(model.config, dtype=model.dtype, quant=model.quant)
 
 
 def _tree_like(params, shardings):

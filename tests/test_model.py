@@ -1,5 +1,6 @@
 """Our Flax model against transformers' GptOssForCausalLM (the numerical reference) on random tiny configs."""
 
+import dataclasses
 import functools
 
 import chex
@@ -11,10 +12,11 @@ from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.hf_loader import load_hf_model
-from gptoss_jax.model import params_of
 from gptoss_jax.kv_cache import init_cache, layer_cache
-from gptoss_jax.model import GptOss
-from gptoss_jax.params import abstract_params, layer_period, model_specs
+from gptoss_jax.layers import Int4Weight
+from gptoss_jax.model import GptOss, abstract_model, params_of
+from gptoss_jax.params import QuantSpec, iter_specs, layer_period, model_specs
+from gptoss_jax.kernels import int4_layout
 
 torch = pytest.importorskip("torch")
 testing = pytest.importorskip("gptoss_jax.testing")
@@ -159,10 +161,68 @@ def test_chunked_prefill_through_cache_matches(tmp_root, rng):
         start += chunk
 
 
-def test_param_tree_matches_specs():
-    model = GptOss(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
-    chex.assert_trees_all_equal_shapes_and_dtypes(params_of(model),
-                                                  abstract_params(model_specs(TINY, dtype=jnp.bfloat16)))
+DECLARATIONS = {  # 16-bit, and int4 in each storage variant (asymmetric, per channel, mixed precision, act order)
+    "bf16": (jnp.bfloat16, None),
+    "int4_sym32": (jnp.float32, QuantSpec(group_size=32)),
+    "int4_asym_perchannel": (jnp.bfloat16, QuantSpec(group_size=None, symmetric=False, scale_dtype="float32")),
+    "int4_mixed_act_order": (jnp.float32, QuantSpec(group_size=64, symmetric=False,
+                                                    modules=("o_proj", "gate_up", "down"), act_order=("o_proj", "down"))),
+}
+
+
+@pytest.mark.parametrize("name", DECLARATIONS)
+def test_model_params_are_derived_from_the_declaration(name):
+    """Every nnx.Param of the model is its model_specs leaf — path, shape, dtype and logical axes (as flax's
+    out_sharding metadata) — and nothing else is a parameter: the modules take all of it from the declaration."""
+    dtype, quant = DECLARATIONS[name]
+    model = abstract_model(TINY, dtype=dtype, quant=quant)
+    got = {tuple(path): (tuple(v.get_value().shape), jnp.dtype(v.get_value().dtype), v.get_metadata()["out_sharding"])
+           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    want = {path: (s.shape, jnp.dtype(s.dtype), s.axes)
+            for path, s in iter_specs(model_specs(TINY, dtype=dtype, quant=quant))}
+    assert got == want
+
+
+def test_modules_take_every_field_from_the_declaration(monkeypatch):
+    """Edit one spec (shape, dtype, logical axes, init) and the model follows: no module spells any of it itself."""
+    import gptoss_jax.model as model_module
+
+    def edited_specs(config, **kw):
+        specs = model_specs(config, **kw)
+        sinks = specs["layers"]["attn"]["sinks"]
+        specs["layers"]["attn"]["sinks"] = dataclasses.replace(sinks, shape=(sinks.shape[0], 3), dtype=jnp.float16,
+                                                               axes=("layers", "experts"), init="ones")
+        return specs
+
+    monkeypatch.setattr(model_module, "model_specs", edited_specs)
+    sinks = GptOss(TINY, dtype=jnp.float32, rngs=nnx.Rngs(0)).layers.attn.sinks
+    chex.assert_shape(sinks.get_value(), (TINY.num_hidden_layers, 3))
+    chex.assert_type(sinks.get_value(), jnp.float16)
+    np.testing.assert_array_equal(np.asarray(sinks.get_value()), 1.0)
+    assert sinks.get_metadata()["out_sharding"] == ("layers", "experts")
+
+
+def test_random_init_has_no_trivially_zero_term():
+    """A fresh model: norm scales are 1, every other float parameter (biases and sinks too) is an N(0, 0.02²) draw
+    per layer, int4 weights dequantize to such a draw, act-order perms are the identity."""
+    dtype, quant = DECLARATIONS["int4_mixed_act_order"]  # 16-bit and (asymmetric, act-order) int4 weights
+    model = GptOss(TINY, dtype=dtype, quant=quant, rngs=nnx.Rngs(5))
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = np.asarray(v.get_value()).astype(np.float64)
+        assert np.isfinite(a).all(), path
+        if path[-1] == "scale":
+            np.testing.assert_array_equal(a, 1.0)
+        elif path[-1] == "perm":
+            np.testing.assert_array_equal(a, np.broadcast_to(np.arange(a.shape[-1]), a.shape))
+        elif path[-1] not in ("packed", "scales", "zeros"):
+            assert 0.012 < a.std() < 0.028, (path, a.std())
+            per_layer = a.reshape(a.shape[0], -1) if path[0] == "layers" else a.reshape(1, -1)
+            assert (per_layer != 0).any(axis=1).all(), path
+            assert len({row.tobytes() for row in per_layer}) == len(per_layer), path  # each layer its own draw
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Int4Weight):
+            w = np.asarray(int4_layout.dequantize(module.tensor(), jnp.float32))
+            assert 0.015 < w.std() < 0.025, path
 
 
 def _all_eqns(jaxpr):
@@ -215,9 +275,6 @@ def test_moe_groups_tokens_instead_of_running_every_expert():
 def test_int4_model_matches_transformers_on_dequantized_weights(tmp_path, rng, group_size, symmetric):
     from gptoss_jax.hf_loader import save_hf_checkpoint
     from gptoss_jax.model import build_model
-    from gptoss_jax.layers import Int4Weight
-    from gptoss_jax.params import QuantSpec
-    from gptoss_jax.kernels import int4_layout
 
     cfg = CONFIGS["h320_groups1_top4"]
     quant = QuantSpec(group_size=group_size, symmetric=symmetric, scale_dtype="float32")
