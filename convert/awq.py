@@ -37,13 +37,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from gptoss_jax.config import GptOssConfig
@@ -483,14 +481,15 @@ class AWQMixin:
     def _awq_layer(self, li: int) -> dict:
         c = self.config
         p = f"model.layers.{li}."
-        kept = Source_read_kept(self, li)  # tensors in their output dtype
+        kept = _read_kept(self, li)  # tensors in their output dtype
         f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
         layer = jax.tree.map(f64, kept)
         for proj in ATTN_PROJ:
             layer["attn"][proj]["weight"] = self._float_in_out(f"{p}self_attn.{proj}.weight")
-        folded_dtypes = {np.dtype(kept["input_norm"]["scale"].dtype), np.dtype(kept["post_attn_norm"]["scale"].dtype),
-                         np.dtype(kept["mlp"]["router"]["weight"].dtype), np.dtype(kept["attn"]["v_proj"]["bias"].dtype)}
-        pow2 = folded_dtypes != {np.dtype(np.float32)}
+        # the tensors the scales fold into keep their (16- or 32-bit) dtype: power-of-two scales unless all are fp32
+        folded = (kept["input_norm"]["scale"], kept["post_attn_norm"]["scale"], kept["mlp"]["router"]["weight"],
+                  kept["attn"]["v_proj"]["bias"])
+        pow2 = {np.dtype(a.dtype) for a in folded} != {np.dtype(np.float32)}
         h, i = c.hidden_size, c.intermediate_size
         gate_up, down = self._alloc_experts(h, 2 * i), self._alloc_experts(i, h)
 
@@ -524,17 +523,18 @@ class AWQMixin:
         tree["input_norm"]["scale"] = cast_like(res.layer["input_norm"]["scale"], kept["input_norm"]["scale"],
                                                 p + "input_layernorm.weight")
         tree["post_attn_norm"]["scale"] = cast_like(res.layer["post_attn_norm"]["scale"],
-                                                    kept["post_attn_norm"]["scale"], p + "post_attention_layernorm.weight")
+                                                    kept["post_attn_norm"]["scale"],
+                                                    p + "post_attention_layernorm.weight")
         tree["mlp"]["router"]["weight"] = cast_like(res.layer["mlp"]["router"]["weight"],
                                                     kept["mlp"]["router"]["weight"], p + "mlp.router.weight")
-        tree["attn"]["v_proj"]["bias"] = cast_like(res.layer["attn"]["v_proj"]["bias"], kept["attn"]["v_proj"]["bias"],
-                                                   p + "self_attn.v_proj.bias")
+        tree["attn"]["v_proj"]["bias"] = cast_like(res.layer["attn"]["v_proj"]["bias"],
+                                                   kept["attn"]["v_proj"]["bias"], p + "self_attn.v_proj.bias")
         for proj in ATTN_PROJ:
             tree["attn"][proj]["weight"] = self.rtn(res.layer["attn"][proj]["weight"], f"{p}self_attn.{proj}.weight")
         return tree
 
 
-def Source_read_kept(source, li: int) -> dict:
+def _read_kept(source, li: int) -> dict:
     """Layer li's 16/32-bit tensors (norms, biases, sinks, router, expert biases) as Source.read_layer reads them
     (source dtype, or --dtype), without the attention weights."""
     p = f"model.layers.{li}."
