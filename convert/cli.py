@@ -71,7 +71,40 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="experts converted in parallel (default min(4, CPUs); each RTN thread needs ~0.55 GB at "
                         "gpt-oss-120b size)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                   help="asymmetric RTN / AWQ (the default; the opposite of --symmetric)")
+    g = p.add_argument_group("AWQ calibration (hf / mxfp4 sources; docs/CONVERTER.md)")
+    g.add_argument("--awq", action="store_true",
+                   help="activation-aware int4: per-channel scale and clip search on calibration text, scales "
+                        "folded into the preceding norms / v_proj, then int4 packing")
+    g.add_argument("--calib", default=None, metavar="FILE|builtin",
+                   help="calibration text (UTF-8, tokenized with SRC/tokenizer.json) or 'builtin' (default)")
+    g.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="calibration sequences (default 32)")
+    g.add_argument("--calib-seq-len", type=int, default=None, metavar="T",
+                   help="tokens per calibration sequence (default 256)")
+    g.add_argument("--no-clip", action="store_true", help="skip AWQ's clip search (scale search only)")
     return p
+
+
+def _awq_options(p: argparse.ArgumentParser, args):
+    """AWQOptions from the AWQ flags, or None without --awq (the other AWQ flags alone are a usage error)."""
+    given = [f for f, v in (("--calib", args.calib), ("--calib-samples", args.calib_samples),
+                            ("--calib-seq-len", args.calib_seq_len), ("--no-clip", args.no_clip or None))
+             if v is not None]
+    if not args.awq:
+        if given:
+            p.error(f"{given[0]} needs --awq")
+        return None
+    from gptoss_jax.convert.awq import AWQOptions
+    opts = AWQOptions(calib=args.calib or "builtin", clip=not args.no_clip)
+    for flag, name, value in (("--calib-samples", "samples", args.calib_samples),
+                              ("--calib-seq-len", "seq_len", args.calib_seq_len)):
+        if value is not None:
+            if value < 1:
+                p.error(f"{flag} must be a positive integer, got {value}")
+            setattr(opts, name, value)
+    return opts
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -134,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             _print_inspect(report)
         return EXIT_ERROR if report.get("problems") else 0
 
-    args = _convert_parser().parse_args(argv)
+    parser = _convert_parser()
+    args = parser.parse_args(argv)
+    awq = _awq_options(parser, args)
     from gptoss_jax.convert.converter import convert
     try:
         with fsutil.sigterm_as_interrupt():
             convert(args.src, args.dst, fmt=args.format, group_size=args.group_size, symmetric=args.symmetric,
                     dtype=args.dtype, force=args.force, progress=not args.quiet, hash_files=not args.no_hash,
-                    threads=args.threads,
+                    threads=args.threads, awq=awq,
                     log=lambda msg: print(msg, file=sys.stderr))
     except user_errors() as e:
         print(f"gptoss-convert: error: {_error(e)}", file=sys.stderr)

@@ -136,13 +136,17 @@ def inspect(src: str | os.PathLike, fmt: str = "auto", options: Options | None =
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto", group_size: int | str | None = None,
             symmetric: bool | None = None, dtype: str | None = None, force: bool = False, progress: bool = False,
-            hash_files: bool = True, threads: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+            hash_files: bool = True, threads: int | None = None, log: Callable[[str], None] | None = None,
+            awq=None) -> Path:
     """Converts SRC into a gptoss-jax checkpoint at DST and returns DST.
 
     group_size: RTN group size for hf / mxfp4 sources (None = default 64, "channel" = per channel); symmetric likewise
     (None = default, asymmetric). Quantized sources keep their own scheme (passing either is an error).
     dtype: None (default) keeps every non-int4 tensor in its source dtype (lossless); "bf16" / "fp16" / "fp32" casts
     them all to it (an explicit choice, lossy when narrower than the source), recorded in the metadata.
+
+    awq: None (round to nearest) or a ``gptoss_jax.convert.awq.AWQOptions``: AWQ calibration of an hf / mxfp4
+    source (docs/CONVERTER.md, "AWQ"); the group size and symmetry still come from group_size / symmetric.
 
     SRC and DST may be relative, ``~`` or symlinks. `force` replaces DST only if it is a previous gptoss-jax
     checkpoint or an empty folder; a DST that is, holds or lies inside SRC is always refused.
@@ -172,11 +176,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
         if threads < 1:
             raise ConvertError(f"threads must be >= 1, got {threads}")
         options.threads = threads
+    if awq is not None:
+        awq.check()
     ckpt, source, hf = open_checkpoint_source(src, fmt, options)
     with ckpt:
         problems = source.problems()
         if not problems:
             problems = source.value_problems()
+        if awq is not None and not problems:
+            from gptoss_jax.convert import awq as awq_mod
+            awq_mod.enable(source, awq, src)  # refuses quantized sources and bad calibration data before any work
         if problems:
             # one line: the first few problems; `inspect` lists every one
             shown = "; ".join(" ".join(p.split()) for p in problems[:4])
@@ -236,6 +245,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
                     "modules": source.module_plan(),
                     "assumed": list(config.rope.assumed),
                     "requantized": list(source.requantized),
+                    **({"awq": source.awq_report} if awq is not None else {}),
                 })
         finally:
             bar.close()
