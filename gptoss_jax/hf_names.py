@@ -111,8 +111,8 @@ def is_format_specific(entry: Entry) -> bool:
     return entry.group == "experts" or (entry.path[-1] == "weight" and entry.path[-2] in ATTN_PROJ)
 
 
-def layer_prefix(layer: int) -> str:
-    """``model.layers.{layer}.``"""
+def layer_prefix(layer: int | str) -> str:
+    """``model.layers.{layer}.`` (layer may be a pattern such as ``*`` for quantization configs' module lists)."""
     return f"{LAYER_PREFIX}{layer}."
 
 
@@ -122,13 +122,13 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def attn_module(layer: int, proj: str) -> str:
+def attn_module(layer: int | str, proj: str) -> str:
     """The HF module of an attention projection (one of :data:`ATTN_PROJ`): ``model.layers.{i}.self_attn.{proj}``;
     its tensors are ``.weight`` [out, in] and ``.bias`` (or a quantized format's suffixes)."""
     return f"{layer_prefix(layer)}self_attn.{proj}"
 
 
-def router_weight(layer: int) -> str:
+def router_weight(layer: int | str) -> str:
     return f"{layer_prefix(layer)}mlp.router.weight"
 
 
