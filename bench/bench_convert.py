@@ -8,7 +8,7 @@
 
 Every conversion runs in a fresh child process; its peak resident set (``ru_maxrss`` from ``wait4``) is reported
 next to the RSS it had after importing everything and before converting, so the growth attributable to converting
-is visible. Sources are random synthetic checkpoints (gptoss_jax.convert.writers.synthetic_source) written under
+is visible. Sources are random synthetic checkpoints (gptoss_jax.testing.writers.synthetic_source) written under
 $BENCH_DIR (default /tmp/gptoss_bench) and deleted afterwards. Results go to stdout and $OUT/bench_convert.json.
 """
 
@@ -79,7 +79,7 @@ def run_conversion(src: Path, dst: Path, fmt: str, group="default", threads="def
 
 WRITER = r"""
 import json, sys
-from gptoss_jax.convert.writers import synthetic_source
+from gptoss_jax.testing.writers import synthetic_source
 from gptoss_jax.config import GptOssConfig
 config = GptOssConfig.from_hf_dict(json.loads(sys.argv[1]))
 synthetic_source(config, sys.argv[2], fmt=sys.argv[3], **json.loads(sys.argv[4]))

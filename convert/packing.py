@@ -194,9 +194,3 @@ def gptq_zeros(qzeros: np.ndarray, out_features: int, offset: int) -> np.ndarray
     [groups, out] as int16: the stored nibble plus `offset` (1 for the v1 "gptq" checkpoint format, which stores
     z − 1; 0 for "gptq_v2"). A v1 nibble 15 gives 16, which the caller rejects."""
     return _words_to_nibbles_last(qzeros, out_features).astype(np.int16) + offset
-
-
-def gptq_pack_rows(codes: np.ndarray) -> np.ndarray:
-    """Codes [K, N] in [0, 15] -> GPTQ ``qweight`` int32 [K/8, N] (8 input rows per word, low nibble first); the
-    same words as our packing (used by test writers)."""
-    return pack_k(np.asarray(codes, np.uint8))

@@ -13,6 +13,10 @@ Formats (see docs/CONVERTER.md):
 * ``hf`` — unquantized bf16 / fp16 / fp32; quantized here with round-to-nearest.
 * ``mxfp4`` — the official release; dequantized exactly, then quantized with round-to-nearest.
 
+Hugging Face module names, paths, transposes and the expert split / fuse rules come from the one name table,
+:mod:`gptoss_jax.hf_names`; each reader adds only its format's own tensor suffixes (``.weight_packed``, ``.qweight``,
+``_blocks`` ...).
+
 Quantized sources keep their exact codes, zero points and scales; the linears they left 16-bit (e.g. attention in a
 release that quantized the experts only) stay 16-bit (QuantSpec.modules). Every other tensor keeps its source dtype
 unless --dtype asks for a cast.
@@ -31,8 +35,10 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from gptoss_jax import hf_names
 from gptoss_jax.convert import packing
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.hf_names import ATTN_PROJ
 from gptoss_jax.params import QuantSpec
 from gptoss_jax.safetensors_io import Checkpoint, require_finite
 from gptoss_jax.kernels import int4_layout
@@ -40,7 +46,6 @@ from gptoss_jax.kernels import int4_layout
 FORMATS = ("compressed-tensors", "awq", "gptq", "auto-round", "hf", "mxfp4")
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))
 INT_DTYPES = tuple(np.dtype(t) for t in (np.int32, np.int64, np.int16, np.int8, np.uint8))
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class ConvertError(GptOssError, ValueError):
@@ -215,27 +220,14 @@ class Source:
         self.kept.add(name)
 
     def _expect_common(self) -> None:
-        c = self.config
-        h, e, v = c.hidden_size, c.num_local_experts, c.vocab_size
-        keep = self._float_kept
-        keep("model.embed_tokens.weight", (v, h))
-        keep("model.norm.weight", (h,))
-        keep("lm_head.weight", (v, h))
-        for li in range(c.num_hidden_layers):
-            p = f"model.layers.{li}."
-            keep(p + "input_layernorm.weight", (h,))
-            keep(p + "post_attention_layernorm.weight", (h,))
-            keep(p + "self_attn.sinks", (c.num_attention_heads,))
-            for proj, out in zip(ATTN_PROJ, (c.q_dim, c.kv_dim, c.kv_dim, h)):
-                keep(p + f"self_attn.{proj}.bias", (out,))
-            keep(p + "mlp.router.weight", (e, h))
-            keep(p + "mlp.router.bias", (e,))
+        """The tensors every format stores as plain 16/32-bit (embeddings, norms, sinks, biases, router, head)."""
+        for t in hf_names.hf_tensors(self.config):
+            if not hf_names.is_format_specific(hf_names.entry_of(t.name)):
+                self._float_kept(t.name, t.shape)
 
     def attn_dims(self, proj: str) -> tuple[int, int]:
         """(out, in) of an attention projection, HF convention."""
-        c = self.config
-        return {"q_proj": (c.q_dim, c.hidden_size), "k_proj": (c.kv_dim, c.hidden_size),
-                "v_proj": (c.kv_dim, c.hidden_size), "o_proj": (c.hidden_size, c.q_dim)}[proj]
+        return hf_names.attn_dims(self.config, proj)
 
     def rtn(self, w_in_out: np.ndarray, name: str) -> dict:
         """Round-to-nearest int4 of a float weight [in, out] with this checkpoint's QuantSpec (packing.rtn_quantize:
@@ -284,30 +276,32 @@ class Source:
         """Checks on small tensors' values (scales finite, ...); read from disk, cheap."""
         return []
 
+    def _read_global(self, name: str) -> dict:
+        """{our path: array} of one global (not per-layer) tensor of the table."""
+        e = hf_names.entry_of(name)
+        return _nest(e.path, self.f16(name, transpose=e.transpose))
+
     def read_embed(self) -> dict:
-        return {"embedding": self.f16("model.embed_tokens.weight")}
+        return self._read_global(hf_names.EMBED_NAME)["embed"]
 
     def read_head(self) -> dict:
-        return {"norm": {"scale": self.f16("model.norm.weight")},
-                "lm_head": {"weight": self.f16("lm_head.weight", transpose=True)}}
+        return {**self._read_global(hf_names.NORM_NAME), **self._read_global(hf_names.LM_HEAD_NAME)}
 
     def read_layer(self, li: int) -> dict:
-        p = f"model.layers.{li}."
-        attn = {}
-        for proj in ATTN_PROJ:
-            out, inp = self.attn_dims(proj)
-            attn[proj] = {"weight": self.attn_weight(f"{p}self_attn.{proj}", out, inp),
-                          "bias": self.f16(f"{p}self_attn.{proj}.bias")}
-        attn["sinks"] = self.f16(p + "self_attn.sinks")
-        experts = self.read_expert_biases(li)
-        return {
-            "input_norm": {"scale": self.f16(p + "input_layernorm.weight")},
-            "attn": attn,
-            "post_attn_norm": {"scale": self.f16(p + "post_attention_layernorm.weight")},
-            "mlp": {"router": {"weight": self.f16(p + "mlp.router.weight", transpose=True),
-                               "bias": self.f16(p + "mlp.router.bias")},
-                    "experts": experts},
-        }
+        """Layer li's tree in the storage order; attention weights and experts through the format's readers."""
+        p = hf_names.layer_prefix(li)
+        tree: dict = {}
+        for e in hf_names.LAYER_ENTRIES:
+            if e.group == "experts":
+                continue
+            if hf_names.is_format_specific(e):  # an attention projection's weight
+                proj = e.path[-2]
+                value = self.attn_weight(hf_names.attn_module(li, proj), *self.attn_dims(proj))
+            else:
+                value = self.f16(p + e.hf, transpose=e.transpose)
+            _set(tree, e.path, value)
+        _set(tree, ("mlp", "experts"), self.read_expert_biases(li))
+        return tree
 
     def read_item(self, name: str) -> dict:
         """The tree of one checkpoint item (gptoss_jax.checkpoint.item_names / select_item)."""
@@ -338,20 +332,7 @@ class Source:
 
     # ------------------------------------------------------------------------------------------- the plan
     MODULE_GROUPS = ("embed", "attention", "router", "experts", "norms", "lm_head")
-
-    @staticmethod
-    def module_group(name: str) -> str:
-        if name == "model.embed_tokens.weight":
-            return "embed"
-        if name == "lm_head.weight":
-            return "lm_head"
-        if "layernorm" in name or name == "model.norm.weight":
-            return "norms"
-        if ".mlp.router." in name:
-            return "router"
-        if ".self_attn." in name:
-            return "attention"
-        return "experts"
+    module_group = staticmethod(hf_names.module_group)
 
     def source_int4_description(self) -> str:
         """How this format stores its 4-bit weights (for the plan)."""
@@ -434,6 +415,18 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def _nest(path: tuple, value) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def _clip(items: list[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", … ({len(items) - n} more)" if len(items) > n else "")
 
@@ -446,28 +439,27 @@ class HFSource(Source):
         super().__init__(*args)
         c = self.config
         self._expect_common()
-        h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
         for li in range(c.num_hidden_layers):
-            p = f"model.layers.{li}."
             for proj in ATTN_PROJ:
-                self.expected[p + f"self_attn.{proj}.weight"] = _float(self.attn_dims(proj))
-            self._float_kept(p + "mlp.experts.gate_up_proj_bias", (e, 2 * i))
-            self._float_kept(p + "mlp.experts.down_proj_bias", (e, h))
-            self._expect_expert_weights(p)
+                self.expected[hf_names.attn_module(li, proj) + ".weight"] = _float(self.attn_dims(proj))
+            for which in hf_names.EXPERT_WEIGHTS:
+                self._float_kept(hf_names.expert_bias(li, which),
+                                 (c.num_local_experts, hf_names.expert_dims(c, which)[1]))
+            self._expect_expert_weights(li)
         if options_dtype_unset(self):
             # RTN scales in the source's own weight dtype (bf16 for MXFP4, whose values bf16 holds exactly)
-            first = "model.layers.0.mlp.experts.gate_up_proj"
+            first = hf_names.expert_param(0, "gate_up")
             sd = self.source_dtype(first) if self.format == "hf" and first in self.ckpt else "bfloat16"
             self.quant = dataclasses.replace(self.quant, scale_dtype=sd if sd in (
                 "bfloat16", "float16", "float32") else "bfloat16")
         self.validate_scheme()
         self.requantized = ["attention projections", "experts"]  # everything int4 is quantized here (RTN)
 
-    def _expect_expert_weights(self, p: str) -> None:
+    def _expect_expert_weights(self, li: int) -> None:
         c = self.config
-        h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
-        self.expected[p + "mlp.experts.gate_up_proj"] = _float((e, h, 2 * i))
-        self.expected[p + "mlp.experts.down_proj"] = _float((e, i, h))
+        for which in hf_names.EXPERT_WEIGHTS:  # GptOssExperts stores [E, in, out]
+            self.expected[hf_names.expert_param(li, which)] = _float((c.num_local_experts,
+                                                                      *hf_names.expert_dims(c, which)))
 
     def validate_scheme(self) -> None:
         c = self.config
@@ -483,7 +475,7 @@ class HFSource(Source):
         return self.dense_linear(prefix, out, inp)
 
     def source_int4_description(self) -> str:
-        first = "model.layers.0.mlp.experts.gate_up_proj"
+        first = hf_names.expert_param(0, "gate_up")
         return self.source_dtype(first) if first in self.ckpt else "16-bit"
 
     def int4_action(self, group: str) -> str:
@@ -494,20 +486,16 @@ class HFSource(Source):
     def expert_weight_in_out(self, li: int, which: str, e: int) -> tuple[np.ndarray, str]:
         """(float [in, out] weight of expert e, as an owned copy, and its source tensor name); the source pages of
         that expert are dropped from the resident set."""
-        name = f"model.layers.{li}.mlp.experts.{which}_proj"
+        name = hf_names.expert_param(li, which)
         w = np.array(self.get(name)[e], dtype=np.float64)
         self.ckpt.release(name, e)
         return w, name
 
     def read_expert_biases(self, li: int) -> dict:
-        p = f"model.layers.{li}.mlp.experts."
-        return {"gate_up_bias": self.f16(p + "gate_up_proj_bias"), "down_bias": self.f16(p + "down_proj_bias")}
+        return {f"{which}_bias": self.f16(hf_names.expert_bias(li, which)) for which in hf_names.EXPERT_WEIGHTS}
 
     def read_expert_weight(self, li: int, which: str) -> dict:
-        c = self.config
-        h, i = c.hidden_size, c.intermediate_size
-        k, n = (h, 2 * i) if which == "gate_up" else (i, h)
-        dst = self._alloc_experts(k, n)
+        dst = self._alloc_experts(*hf_names.expert_dims(self.config, which))
 
         def one(e):  # one expert per worker: bounded float64 working set
             w, name = self.expert_weight_in_out(li, which, e)
@@ -517,7 +505,7 @@ class HFSource(Source):
         return dst
 
     def release_expert(self, li: int, which: str) -> None:
-        self.release(f"model.layers.{li}.mlp.experts.{which}_proj")
+        self.release(hf_names.expert_param(li, which))
 
 
 # ------------------------------------------------------------------------------------------------------------- MXFP4
@@ -536,22 +524,25 @@ class MXFP4Source(HFSource):
         rows = super().module_plan()
         for r in rows:  # MXFP4 releases keep attention 16-bit; our int4 attention is RTN of it
             if r["group"] == "attention":
-                dts = sorted({self.source_dtype(n) for n in self.expected if ".self_attn." in n and n in self.ckpt})
+                dts = sorted({self.source_dtype(n) for n in self.expected
+                              if self.module_group(n) == "attention" and n in self.ckpt})
                 r["source"] = "/".join(dts)
                 r["conversion"] = (HFSource.int4_action(self, r["group"]) + " for the projections; biases, sinks "
                                    + ("kept as is (lossless)" if self.options.dtype is None
                                       else f"cast to {self.options.dtype}"))
         return rows
 
-    def _expect_expert_weights(self, p: str) -> None:
+    def _expect_expert_weights(self, li: int) -> None:
         c = self.config
-        h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
-        for which, (k, n) in (("gate_up_proj", (h, 2 * i)), ("down_proj", (i, h))):
+        e = c.num_local_experts
+        for which in hf_names.EXPERT_WEIGHTS:  # [E, out, in/32, 16] blocks and [E, out, in/32] scales
+            k, n = hf_names.expert_dims(c, which)
+            base = hf_names.expert_param(li, which)
             if k % packing.MXFP4_BLOCK:
-                self.scheme_problems.append(f"config.json: MXFP4 needs the input dim of {which} ({k}) to be a "
+                self.scheme_problems.append(f"config.json: MXFP4 needs the input dim of {which}_proj ({k}) to be a "
                                             f"multiple of 32")
-            self.expected[p + f"mlp.experts.{which}_blocks"] = _uint8((e, n, k // 32, 16))
-            self.expected[p + f"mlp.experts.{which}_scales"] = _uint8((e, n, k // 32))
+            self.expected[base + "_blocks"] = _uint8((e, n, k // 32, 16))
+            self.expected[base + "_scales"] = _uint8((e, n, k // 32))
 
     def value_problems(self) -> list[str]:
         out = []
@@ -565,7 +556,7 @@ class MXFP4Source(HFSource):
         return out
 
     def expert_weight_in_out(self, li, which, e):
-        base = f"model.layers.{li}.mlp.experts.{which}_proj"
+        base = hf_names.expert_param(li, which)
         blocks, scales = self.get(base + "_blocks")[e], self.get(base + "_scales")[e]
         if np.any(scales == packing.E8M0_NAN):
             raise ConvertError(f"{self.where(base + '_scales')}: non-finite scale (E8M0 255) in expert {e}")
@@ -574,7 +565,7 @@ class MXFP4Source(HFSource):
         return w.T, base + "_blocks"
 
     def release_expert(self, li, which):
-        base = f"model.layers.{li}.mlp.experts.{which}_proj"
+        base = hf_names.expert_param(li, which)
         self.release(base + "_blocks")
         self.release(base + "_scales")
 
@@ -601,9 +592,6 @@ def act_order_perm(g_idx: np.ndarray, group: int, inp: int, where: str) -> np.nd
     return perm
 
 
-_STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up|down)_proj(?:\.(\w+)|_bias)$")
-
-
 class StackedExpertsView:
     """GPTQModel's restacked save — ``mlp.experts.gate_up_proj.{qweight,qzeros,scales,g_idx}`` [E, ...] and
     ``mlp.experts.gate_up_proj_bias`` [E, N] (likewise ``down_proj``) — seen as the per-expert modules GPTQModel
@@ -615,16 +603,32 @@ class StackedExpertsView:
         self.virtual: dict[str, tuple[str, int]] = {}
         self.tensor_file: dict[str, str] = {}
         for name in ckpt.keys():
-            m = _STACKED_EXPERTS.match(name)
+            stacked = self._stacked(name)
             shape = ckpt.info(name)[1]
-            if m and len(shape) >= 2 and shape[0] == num_experts:
-                prefix, which, suffix = m.groups()
+            if stacked and len(shape) >= 2 and shape[0] == num_experts:
+                li, which, suffix = stacked
+                module = {w: m for w, m in zip(hf_names.EXPERT_WEIGHTS, hf_names.EXPERT_LAYOUTS["gptqmodel"])}
                 for e in range(num_experts):
-                    virtual = f"{prefix}.{which}.{e}.{suffix or 'bias'}"
+                    virtual = f"{hf_names.layer_prefix(li)}{module[which][0].format(e=e)}.{suffix}"
                     self.virtual[virtual] = (name, e)
                     self.tensor_file[virtual] = ckpt.tensor_file[name]
             else:
                 self.tensor_file[name] = ckpt.tensor_file[name]
+
+    @staticmethod
+    def _stacked(name: str) -> tuple[int, str, str] | None:
+        """(layer, our expert weight, tensor suffix) of a restacked ``{expert_param}.{suffix}`` or
+        ``{expert_param}_bias`` (suffix "bias"), else None."""
+        li = hf_names.layer_of(name)
+        if li is None:
+            return None
+        for which in hf_names.EXPERT_WEIGHTS:
+            base = hf_names.expert_param(li, which)
+            if name == hf_names.expert_bias(li, which):
+                return li, which, "bias"
+            if name.startswith(base + ".") and re.fullmatch(r"\w+", name[len(base) + 1:]):
+                return li, which, name[len(base) + 1:]
+        return None
 
     def keys(self) -> list[str]:
         return list(self.tensor_file)
@@ -696,7 +700,7 @@ class QuantizedSource(Source):
 
     def __init__(self, *args):
         super().__init__(*args)
-        if f"model.layers.0.mlp.experts.gate_up_proj.{self.weight_suffix}" in self.ckpt:
+        if f"{hf_names.expert_param(0, 'gate_up')}.{self.weight_suffix}" in self.ckpt:
             self.ckpt = StackedExpertsView(self.ckpt, self.config.num_local_experts)  # GPTQModel restack
         self.scheme_group: int | None = None  # None: channel
         self.scheme_symmetric = False
@@ -714,9 +718,8 @@ class QuantizedSource(Source):
         self._down_perms: dict[int, dict[int, np.ndarray]] = {}
         scale_dtypes = set()
         for li in range(c.num_hidden_layers):
-            p = f"model.layers.{li}."
             for proj in ATTN_PROJ:
-                prefix = f"{p}self_attn.{proj}"
+                prefix = hf_names.attn_module(li, proj)
                 out, inp = self.attn_dims(proj)
                 quantized = self.is_quantized(prefix)
                 self.attn_quantized[prefix] = quantized
@@ -739,9 +742,9 @@ class QuantizedSource(Source):
             scale_dtype = "float16"
         layers = range(c.num_hidden_layers)
         int4_attn = [proj for proj in ATTN_PROJ
-                     if any(self.attn_quantized[f"model.layers.{li}.self_attn.{proj}"] for li in layers)]
+                     if any(self.attn_quantized[hf_names.attn_module(li, proj)] for li in layers)]
         partial = [proj for proj in int4_attn
-                   if not all(self.attn_quantized[f"model.layers.{li}.self_attn.{proj}"] for li in layers)]
+                   if not all(self.attn_quantized[hf_names.attn_module(li, proj)] for li in layers)]
         if partial:
             self.requantized.append(f"attention projections {partial} of the layers that store them 16-bit (RTN)")
         act_order = ()
@@ -762,26 +765,16 @@ class QuantizedSource(Source):
 
     # ------------------------------------------------------------------------------------------- expert layouts
     def _detect_expert_layout(self) -> str:
-        p = "model.layers.0.mlp.experts."
-        if f"{p}gate_up.0.{self.weight_suffix}" in self.ckpt:
-            return "gptqmodel"
-        if f"{p}0.gate_up_proj.{self.weight_suffix}" in self.ckpt:
-            return "fused"
+        for layout in ("gptqmodel", "fused"):  # else split (gate_proj / up_proj)
+            first = hf_names.expert_linears(self.config, 0, 0, layout)[0][0]
+            if f"{first}.{self.weight_suffix}" in self.ckpt:
+                return layout
         return "split"
 
     def expert_linears(self, li: int, ex: int) -> list[tuple[str, int, int, str, slice]]:
-        """(source prefix, out, in, our weight "gate_up"/"down", our columns) of expert ex's linears."""
-        c = self.config
-        h, i = c.hidden_size, c.intermediate_size
-        p = f"model.layers.{li}.mlp.experts."
-        every = slice(None)
-        if self.expert_layout == "gptqmodel":
-            return [(f"{p}gate_up.{ex}", 2 * i, h, "gate_up", every), (f"{p}down.{ex}", h, i, "down", every)]
-        if self.expert_layout == "fused":
-            return [(f"{p}{ex}.gate_up_proj", 2 * i, h, "gate_up", every), (f"{p}{ex}.down_proj", h, i, "down", every)]
-        # gate_proj / up_proj are the even / odd columns of the fused gate_up: re-interleave exactly
-        return [(f"{p}{ex}.gate_proj", i, h, "gate_up", slice(0, None, 2)),
-                (f"{p}{ex}.up_proj", i, h, "gate_up", slice(1, None, 2)), (f"{p}{ex}.down_proj", h, i, "down", every)]
+        """(source prefix, out, in, our weight "gate_up"/"down", our columns) of expert ex's linears
+        (hf_names.expert_linears: gate_proj / up_proj are the even / odd columns of the fused gate_up)."""
+        return hf_names.expert_linears(self.config, li, ex, self.expert_layout)
 
     # ------------------------------------------------------------------------------------------- activation order
     def g_idx_of(self, prefix: str) -> np.ndarray | None:
@@ -821,9 +814,9 @@ class QuantizedSource(Source):
     @staticmethod
     def module_of(prefix: str) -> str:
         """Our module (one of params.QUANTIZED_MODULES) of a source linear."""
-        if ".self_attn." in prefix:
+        if hf_names.module_group(prefix) == "attention":
             return prefix.rsplit(".", 1)[1]
-        return "down" if "down" in prefix.split(".experts.")[-1] else "gate_up"
+        return hf_names.expert_module_weight(prefix)
 
     def scan_act_order(self) -> tuple[str, ...]:
         """Modules with a non-trivial g_idx in some layer, other than down_proj (absorbed into gate_up's columns):

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 
+from gptoss_jax import hf_names
 from gptoss_jax.convert.sources import ConvertError
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.safetensors_io import Checkpoint
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.")  # the per-expert modules of hf_names.EXPERT_LAYOUTS "split"/"fused"
 PER_EXPERT_FORMATS = ("compressed-tensors", "awq")
 
 
@@ -20,10 +20,10 @@ def check_config_against_headers(config: GptOssConfig, ckpt: Checkpoint, fmt: st
     tensors the safetensors headers declare (tensors missing altogether are reported later, by Source.problems)."""
     layers, experts = set(), set()
     for name in ckpt.keys():
-        if m := _LAYER.match(name):
+        if m := hf_names.LAYER_RE.match(name):
             layers.add(int(m.group(1)))
-        if m := _EXPERT.match(name):
-            experts.add(int(m.group(1)))
+            if e := _EXPERT.match(m.group(2)):
+                experts.add(int(e.group(1)))
     n = config.num_hidden_layers
     if layers != set(range(n)):
         raise ConvertError(f"{where}: num_hidden_layers is {n} but the safetensors hold tensors of "
@@ -32,8 +32,8 @@ def check_config_against_headers(config: GptOssConfig, ckpt: Checkpoint, fmt: st
     if fmt in PER_EXPERT_FORMATS and experts != set(range(e)):
         raise ConvertError(f"{where}: num_local_experts is {e} but the safetensors hold {len(experts)} expert(s) "
                            f"(indices {_span(experts)})")
-    checks = (("model.layers.0.mlp.router.weight", (e, config.hidden_size), "num_local_experts, hidden_size"),
-              ("model.embed_tokens.weight", (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"))
+    checks = ((hf_names.router_weight(0), (e, config.hidden_size), "num_local_experts, hidden_size"),
+              (hf_names.EMBED_NAME, (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"))
     for name, want, fields in checks:
         if name in ckpt:
             _, shape = ckpt.info(name)

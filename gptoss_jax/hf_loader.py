@@ -3,81 +3,24 @@
 Tensors stream one at a time from memory-mapped safetensors, are transposed to our [in, out] layout, cast and put
 on device into their shardings, so host memory never holds more than one tensor beyond the device copy.
 
-The name table below (:data:`_LAYER_MAP`, :data:`_GLOBAL_MAP`) is the one map between Hugging Face tensor names and
-our storage-tree paths (:func:`gptoss_jax.params.param_specs`), with the transpose rule of each.
+Hugging Face names and their transpose rules come from the one name table, :mod:`gptoss_jax.hf_names`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gptoss_jax import hf_names
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.hf_names import hf_to_param_path, param_path_to_hf
 from gptoss_jax.model import build_model
 from gptoss_jax.params import (ParamSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
                                unstack_layers)
 from gptoss_jax.safetensors_io import Checkpoint, CheckpointError, require_finite
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-# HF suffix within a layer -> (our path within the layer, transpose the last two dims?)
-_LAYER_MAP = {
-    "input_layernorm.weight": (("input_norm", "scale"), False),
-    "post_attention_layernorm.weight": (("post_attn_norm", "scale"), False),
-    "self_attn.q_proj.weight": (("attn", "q_proj", "weight"), True),
-    "self_attn.q_proj.bias": (("attn", "q_proj", "bias"), False),
-    "self_attn.k_proj.weight": (("attn", "k_proj", "weight"), True),
-    "self_attn.k_proj.bias": (("attn", "k_proj", "bias"), False),
-    "self_attn.v_proj.weight": (("attn", "v_proj", "weight"), True),
-    "self_attn.v_proj.bias": (("attn", "v_proj", "bias"), False),
-    "self_attn.o_proj.weight": (("attn", "o_proj", "weight"), True),
-    "self_attn.o_proj.bias": (("attn", "o_proj", "bias"), False),
-    "self_attn.sinks": (("attn", "sinks"), False),
-    "mlp.router.weight": (("mlp", "router", "weight"), True),
-    "mlp.router.bias": (("mlp", "router", "bias"), False),
-    "mlp.experts.gate_up_proj": (("mlp", "experts", "gate_up"), False),  # HF stores experts input-major already
-    "mlp.experts.gate_up_proj_bias": (("mlp", "experts", "gate_up_bias"), False),
-    "mlp.experts.down_proj": (("mlp", "experts", "down"), False),
-    "mlp.experts.down_proj_bias": (("mlp", "experts", "down_bias"), False),
-}
-_GLOBAL_MAP = {
-    "model.embed_tokens.weight": (("embed", "embedding"), False),
-    "model.norm.weight": (("norm", "scale"), False),
-    "lm_head.weight": (("lm_head", "weight"), True),
-}
-
-
-def hf_to_param_path(name: str) -> tuple[tuple, bool] | None:
-    """Our parameter path for an HF tensor name and whether its last two dims are transposed; None if unknown."""
-    if name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[name]
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        sub, transpose = _LAYER_MAP[m.group(2)]
-        return ("layers", int(m.group(1)), *sub), transpose
-    return None
-
-
-def param_path_to_hf(path: tuple) -> str:
-    """Inverse of hf_to_param_path (for writing HF checkpoints, e.g. in tests and demos)."""
-    for name, (p, _) in _GLOBAL_MAP.items():
-        if p == tuple(path):
-            return name
-    if path[0] == "layers":
-        for suffix, (p, _) in _LAYER_MAP.items():
-            if p == tuple(path[2:]):
-                return f"model.layers.{path[1]}.{suffix}"
-    raise KeyError(f"no Hugging Face name for parameter {path_str(path)}")
-
-
-def set_path(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def get_path(tree, path: tuple):
@@ -89,13 +32,13 @@ def get_path(tree, path: tuple):
 def check_config_against_tensors(config: GptOssConfig, ckpt: Checkpoint, where: str) -> None:
     """CheckpointError naming config.json if its layer count or the embedding / router shapes disagree with the
     safetensors headers (a config claiming 10^6 layers fails here in milliseconds, not after gigabytes)."""
-    layers = {int(m.group(1)) for n in ckpt.keys() if (m := _LAYER.match(n))}
+    layers = {li for n in ckpt.keys() if (li := hf_names.layer_of(n)) is not None}
     if layers != set(range(config.num_hidden_layers)):
         raise CheckpointError(f"{where}: num_hidden_layers is {config.num_hidden_layers} but the safetensors hold "
                               f"tensors of {len(layers)} layer(s)")
     for name, want, fields in (
-            ("model.embed_tokens.weight", (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"),
-            ("model.layers.0.mlp.router.weight", (config.num_local_experts, config.hidden_size),
+            (hf_names.EMBED_NAME, (config.vocab_size, config.hidden_size), "vocab_size, hidden_size"),
+            (hf_names.router_weight(0), (config.num_local_experts, config.hidden_size),
              "num_local_experts, hidden_size")):
         if name in ckpt and tuple(ckpt.info(name)[1]) != want:
             raise CheckpointError(f"{where}: {fields} = {want} but {ckpt.file_of(name)} stores {name!r} with shape "
@@ -170,12 +113,11 @@ def save_hf_checkpoint(params: dict, config: GptOssConfig, path: str | Path, *, 
         params = unstack_layers(params)  # a model tree: write layer by layer
 
     def tensors():
-        for ppath, _ in iter_specs(param_specs(config)):
-            a = np.asarray(get_path(params, ppath))
+        for t in hf_names.hf_tensors(config):
+            a = np.asarray(get_path(params, t.path))
             if dtype is not None:
                 a = a.astype(dtype)
-            name = param_path_to_hf(ppath)
-            yield name, (np.swapaxes(a, -1, -2) if hf_to_param_path(name)[1] else a)
+            yield t.name, (np.swapaxes(a, -1, -2) if t.transpose else a)
 
     write_sharded(tensors(), path, max_shard_bytes=max_shard_bytes)
 

@@ -52,10 +52,6 @@ def layer_cache(cache: tuple[LayerCache, ...], layer: int) -> LayerCache:
     return jax.tree.map(lambda a: a[layer // p], cache[layer % p])
 
 
-def cache_max_len(cache: tuple[LayerCache, ...]) -> int:
-    return max(c.slots for c in cache)
-
-
 def update_layer_cache(cache: LayerCache, k, v, positions, valid) -> LayerCache:
     """Writes the new keys/values k, v [B,T,KV,D] at positions [B,T] (valid [B,T] a prefix of each row)."""
     b, t = positions.shape

@@ -18,7 +18,8 @@ from gptoss_jax.model import params_of
 from gptoss_jax.model import GptOss
 from gptoss_jax.params import QuantSpec, count_parameters
 from gptoss_jax.testing import rel_err
-from gptoss_jax.tokenizer import TokenizerError, build_tiny_tokenizer
+from gptoss_jax.testing import build_tiny_tokenizer
+from gptoss_jax.tokenizer import TokenizerError
 
 
 @pytest.fixture(scope="module")

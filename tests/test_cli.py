@@ -17,7 +17,8 @@ from gptoss_jax import cli, harmony
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.hf_loader import save_hf_checkpoint
 from gptoss_jax.model import params_of
-from gptoss_jax.tokenizer import build_tiny_tokenizer, load_tokenizer
+from gptoss_jax.testing import build_tiny_tokenizer
+from gptoss_jax.tokenizer import load_tokenizer
 
 from test_api import FINAL_ANSWER, harmony_chain, scripted_module
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptoss_jax.convert import cli, writers
+from gptoss_jax.convert import cli
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import ConvertError, convert, inspect
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types

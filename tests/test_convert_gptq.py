@@ -1,5 +1,5 @@
 """GPTQ (AutoGPTQ / GPTQModel) and AutoRound sources: checkpoints written by the formats' documented packing
-(gptoss_jax.convert.writers.gptq_quantize_linear: loops over the documented bit positions, v1 / v2 zero points, act-order g_idx)
+(gptoss_jax.testing.writers.gptq_quantize_linear: loops over the documented bit positions, v1 / v2 zero points, act-order g_idx)
 -> gptoss-convert with default options -> fp32 logits vs transformers on the dequantized weights (≤ 1e-4, 100 %
 top-1).
 
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax.convert import packing, writers
+from gptoss_jax.convert import packing
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import convert, inspect
 from gptoss_jax.convert.sources import ConvertError, act_order_perm
 from gptoss_jax import checkpoint

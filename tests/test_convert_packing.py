@@ -5,7 +5,8 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from gptoss_jax.convert import packing, writers
+from gptoss_jax.convert import packing
+from gptoss_jax.testing import writers
 from gptoss_jax.kernels import int4_layout
 
 

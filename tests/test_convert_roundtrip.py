@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gptoss_jax.convert import packing, writers
+from gptoss_jax.convert import packing
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types

@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent("""
     from gptoss_jax.config import GptOssConfig
     from gptoss_jax.hf_loader import save_hf_checkpoint
     from gptoss_jax.model import GptOss, params_of
-    from gptoss_jax.tokenizer import build_tiny_tokenizer
+    from gptoss_jax.testing import build_tiny_tokenizer
     ckpt = Path(sys.argv[1]) / "ckpt"  # the tiny preset cut to one layer: the examples' cost is compiling
     tok = build_tiny_tokenizer(1024, path=ckpt)
     config = GptOssConfig.from_preset("tiny").replace(vocab_size=tok.vocab_size, num_hidden_layers=1,

@@ -16,7 +16,7 @@ from gptoss_jax.config import GptOssConfig
 from gptoss_jax.generate import GenerationError, bucket_set, length_bucket
 from gptoss_jax.model import GptOss
 from gptoss_jax.params import QuantSpec
-from gptoss_jax.tokenizer import build_tiny_tokenizer
+from gptoss_jax.testing import build_tiny_tokenizer
 
 NEW_TOKENS = 36  # the acceptance asks for 32+
 PROMPT_LENGTHS = (3, 9, 14)  # unequal, one prefill bucket (16)

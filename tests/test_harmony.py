@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gptoss_jax import harmony as H
 from gptoss_jax.harmony import HarmonyParseError, Message, parse_completion, render_conversation
-from gptoss_jax.tokenizer import build_tiny_tokenizer
+from gptoss_jax.testing import build_tiny_tokenizer
 
 # ----------------------------------------------------------------------------- documented examples
 DOC_SYSTEM_WITH_FUNCTIONS = (

@@ -28,7 +28,7 @@ import pytest
 
 import gptoss_jax
 from gptoss_jax.convert import cli as convert_cli
-from gptoss_jax.convert import writers
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, fsutil, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types

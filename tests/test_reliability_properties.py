@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from gptoss_jax.convert import cli as convert_cli
-from gptoss_jax.convert import writers
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import convert
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import ConfigError, GptOssConfig, default_layer_types

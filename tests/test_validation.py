@@ -28,7 +28,7 @@ from gptoss_jax.hf_loader import save_hf_checkpoint
 from gptoss_jax.model import params_of
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import sample_next_token
-from gptoss_jax.tokenizer import build_tiny_tokenizer
+from gptoss_jax.testing import build_tiny_tokenizer
 from gptoss_jax.validation import SEED_MAX, seed_key
 
 # ---------------------------------------------------------------------------------------------- sampling properties

@@ -1,6 +1,8 @@
-"""Helpers for tests and demos: tiny random gpt-oss models in transformers (the reference) and in our format.
+"""Test fixtures: tiny random gpt-oss models in transformers (the reference), source checkpoints of every converter
+format (:mod:`gptoss_jax.testing.writers`) and the tiny harmony tokenizer.
 
-Requires the `test` extra (torch, transformers) for the transformers parts.
+The runtime never imports this package (tests/test_packaging.py checks it) and it is not installed with the wheel:
+it needs the `test` extra (torch, transformers, compressed-tensors) and runs from a source checkout.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_jax.config import GptOssConfig
+# The tiny tokenizer's builder still lives in the runtime because `gptoss-jax demo` builds one; tests take it from
+# here so that it can move in once the demo ships a trained model's tokenizer.
+from gptoss_jax.tokenizer import build_tiny_tokenizer
 
 
 def hf_config(config: GptOssConfig, attn_implementation: str = "eager"):

@@ -1,5 +1,5 @@
 """Writers of source checkpoints in each input format, for tests and benchmarks (needs torch; compressed-tensors for
-that format).
+that format). Tensor and module names come from the one name table, :mod:`gptoss_jax.hf_names`.
 
 They are deliberately independent of the converter's readers: compressed-tensors sources are quantized and packed
 with the compressed-tensors package itself (``calculate_qparams`` / ``quantize`` / ``pack_to_int32``), AutoAWQ, GPTQ
@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from gptoss_jax import hf_names
 
 AWQ_DOCUMENTED_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -194,6 +196,11 @@ def _round_(model, torch_dtype) -> None:
             p.copy_(p.to(torch_dtype).float())
 
 
+def _module(tensor_name: str) -> str:
+    """The module of a `.weight` tensor (quantization configs list modules, not tensors)."""
+    return tensor_name.removesuffix(".weight")
+
+
 TORCH_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
@@ -240,7 +247,7 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
     # the converter's RTN scales: the source weights' dtype for hf, bf16 for mxfp4
     rtn_scale_dtype = np.dtype(ml_dtypes.bfloat16) if fmt == "mxfp4" or dtype == "bfloat16" else np.dtype(dtype)
 
-    act_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up", "down") if act_order is True else (
+    act_modules = (*hf_names.ATTN_PROJ, *hf_names.EXPERT_WEIGHTS) if act_order is True else (
         tuple(act_order or ()))
 
     def quantize_linear(w_out_in, module=""):
@@ -253,9 +260,10 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
 
     new_sd: dict[str, torch.Tensor] = {}
     for name in sd:
-        if ".experts." in name:
+        entry = hf_names.entry_of(name)
+        if entry.group == "experts":
             continue
-        is_attn_w = ".self_attn." in name and name.endswith("_proj.weight")
+        is_attn_w = hf_names.is_format_specific(entry)  # an attention projection's weight
         if is_attn_w and quantized_src and quantize_attention:
             prefix = name[: -len(".weight")]
             ts, deq = quantize_linear(sd[name].double().numpy(), prefix.rsplit(".", 1)[1])
@@ -269,75 +277,59 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         else:  # (also 16-bit attention of a quantized source: the converter keeps it exactly)
             keep16(name)
 
-    h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
+    e = c.num_local_experts
+    layout = "gptqmodel" if fmt == "gptq" else "fused" if fused_gate_up else "split"
     for li in range(c.num_hidden_layers):
-        base = f"model.layers.{li}.mlp.experts."
-        gate_up = sd[base + "gate_up_proj"].double().numpy()  # [E, H, 2I]
-        down = sd[base + "down_proj"].double().numpy()  # [E, I, H]
-        gu_bias, down_bias = sd[base + "gate_up_proj_bias"], sd[base + "down_proj_bias"]
+        gu_name, down_name = (hf_names.expert_param(li, which) for which in hf_names.EXPERT_WEIGHTS)
+        gate_up = sd[gu_name].double().numpy()  # [E, H, 2I]
+        down = sd[down_name].double().numpy()  # [E, I, H]
+        weights = {"gate_up": gate_up, "down": down}
+        biases = {which: sd[hf_names.expert_bias(li, which)] for which in hf_names.EXPERT_WEIGHTS}
         new_gu, new_down = np.empty_like(gate_up), np.empty_like(down)
         if fmt == "hf":
-            tensors[base + "gate_up_proj"] = sd[base + "gate_up_proj"].to(tdt)
-            tensors[base + "down_proj"] = sd[base + "down_proj"].to(tdt)
+            tensors[gu_name] = sd[gu_name].to(tdt)
+            tensors[down_name] = sd[down_name].to(tdt)
             new_gu = rtn_reference(gate_up, group, symmetric, rtn_scale_dtype)
             new_down = rtn_reference(down, group, symmetric, rtn_scale_dtype)
         elif fmt == "mxfp4":
-            for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
+            for which, name in zip(hf_names.EXPERT_WEIGHTS, (gu_name, down_name)):
+                k, n = hf_names.expert_dims(c, which)
                 blocks, scales = mxfp4_random(rng, (e,), n, k)
-                tensors[base + which + "_blocks"] = blocks
-                tensors[base + which + "_scales"] = scales
+                tensors[name + "_blocks"] = blocks
+                tensors[name + "_scales"] = scales
                 exact = np.swapaxes(mxfp4_reference(blocks, scales), -1, -2)  # [E, in, out]
                 ref = rtn_reference(exact, group, symmetric)
-                if which == "gate_up_proj":
+                if which == "gate_up":
                     new_gu = ref
                 else:
                     new_down = ref
-        else:
+        else:  # per-expert linears in the quantizer's layout (GPTQModel: gate_up.{i} / down.{i}; AutoRound and
+            # llm-compressor: {i}.gate_proj / up_proj = even / odd columns, down_proj; or {i}.gate_up_proj)
+            new = {"gate_up": new_gu, "down": new_down}
             for ex in range(e):
-                ep = f"{base}{ex}."
-                if fmt == "gptq":  # GPTQModel: experts.gate_up.{i} (interleaved) and experts.down.{i}
-                    for which, w, b, dst in (("gate_up", gate_up[ex], gu_bias[ex], new_gu),
-                                             ("down", down[ex], down_bias[ex], new_down)):
-                        ts, deq = quantize_linear(w.T, which)
-                        for suffix, t in ts.items():
-                            tensors[f"{base}{which}.{ex}.{suffix}"] = t
-                        tensors[f"{base}{which}.{ex}.bias"] = b.to(tdt)
-                        dst[ex] = deq.T
-                    continue
-                if fused_gate_up:
-                    ts, deq = quantize_linear(gate_up[ex].T, "gate_up")
+                for prefix, _, _, which, cols in hf_names.expert_linears(c, li, ex, layout):
+                    ts, deq = quantize_linear(weights[which][ex][:, cols].T, which)
                     for suffix, t in ts.items():
-                        tensors[f"{ep}gate_up_proj.{suffix}"] = t
-                    tensors[f"{ep}gate_up_proj.bias"] = gu_bias[ex].to(tdt)
-                    new_gu[ex] = deq.T
-                else:
-                    for sub, cols in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
-                        ts, deq = quantize_linear(gate_up[ex][:, cols].T, "gate_up")
-                        for suffix, t in ts.items():
-                            tensors[f"{ep}{sub}.{suffix}"] = t
-                        tensors[f"{ep}{sub}.bias"] = gu_bias[ex][cols].to(tdt)
-                        new_gu[ex][:, cols] = deq.T
-                ts, deq = quantize_linear(down[ex].T, "down")
-                for suffix, t in ts.items():
-                    tensors[f"{ep}down_proj.{suffix}"] = t
-                tensors[f"{ep}down_proj.bias"] = down_bias[ex].to(tdt)
-                new_down[ex] = deq.T
+                        tensors[f"{prefix}.{suffix}"] = t
+                    tensors[f"{prefix}.bias"] = biases[which][ex][cols].to(tdt)
+                    new[which][ex][:, cols] = deq.T
         if fmt == "gptq" and stacked:  # GPTQModel restack: gate_up.{i}.S -> gate_up_proj.S [E, ...]
-            for which in ("gate_up", "down"):
+            for which, name in zip(hf_names.EXPERT_WEIGHTS, (gu_name, down_name)):
+                modules = [[m for m, _, _, w, _ in hf_names.expert_linears(c, li, ex, layout) if w == which][0]
+                           for ex in range(e)]
                 for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-                    tensors[f"{base}{which}_proj.{suffix}"] = np.stack(
-                        [tensors.pop(f"{base}{which}.{ex}.{suffix}") for ex in range(e)])
-                tensors[f"{base}{which}_proj_bias"] = torch.stack(
-                    [tensors.pop(f"{base}{which}.{ex}.bias") for ex in range(e)])
+                    tensors[f"{name}.{suffix}"] = np.stack([tensors.pop(f"{m}.{suffix}") for m in modules])
+                tensors[hf_names.expert_bias(li, which)] = torch.stack([tensors.pop(f"{m}.bias") for m in modules])
         if fmt in ("hf", "mxfp4"):
-            tensors[base + "gate_up_proj_bias"] = gu_bias.to(tdt)
-            tensors[base + "down_proj_bias"] = down_bias.to(tdt)
-        new_sd[base + "gate_up_proj"] = torch.from_numpy(new_gu).float()
-        new_sd[base + "down_proj"] = torch.from_numpy(new_down).float()
+            for which in hf_names.EXPERT_WEIGHTS:
+                tensors[hf_names.expert_bias(li, which)] = biases[which].to(tdt)
+        new_sd[gu_name] = torch.from_numpy(new_gu).float()
+        new_sd[down_name] = torch.from_numpy(new_down).float()
 
     model.load_state_dict({**sd, **new_sd})
 
-    ignore = ["lm_head"] + [f"model.layers.{li}.mlp.router" for li in range(c.num_hidden_layers)]
+    ignore = [_module(hf_names.LM_HEAD_NAME)] + [_module(hf_names.router_weight(li))
+                                                 for li in range(c.num_hidden_layers)]
     if not quantize_attention:
         ignore.append("re:.*self_attn.*")
     if fmt == "compressed-tensors":
@@ -354,11 +346,13 @@ def write_source(config, model, path, fmt: str, *, group: int | None = 64, symme
         hf["quantization_config"] = {"quant_method": "auto-round", "bits": 4, "data_type": "int",
                                      "group_size": -1 if group is None else group, "sym": symmetric,
                                      "packing_format": packing, "autoround_version": "test-writer",
-                                     "block_name_to_quantize": "model.layers"}
+                                     "block_name_to_quantize": hf_names.LAYER_PREFIX.rstrip(".")}
     elif fmt == "mxfp4":
-        hf["quantization_config"] = {"quant_method": "mxfp4",
-                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                                "model.embed_tokens", "lm_head"]}
+        # as the official release writes it: model.layers.*.self_attn, model.layers.*.mlp.router, model.embed_tokens,
+        # lm_head
+        hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            _module(hf_names.attn_module("*", "q_proj")).rsplit(".", 1)[0], _module(hf_names.router_weight("*")),
+            _module(hf_names.EMBED_NAME), _module(hf_names.LM_HEAD_NAME)]}
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     if tokenizer:
         (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192}))
@@ -381,7 +375,7 @@ def synthetic_source(config, path, *, fmt: str = "compressed-tensors", group: in
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     c = config
-    h, i, e = c.hidden_size, c.intermediate_size, c.num_local_experts
+    e = c.num_local_experts
 
     def f16(*shape):
         return torch.from_numpy(rng.standard_normal(shape, np.float32) * 0.02).to(torch.bfloat16)
@@ -413,42 +407,42 @@ def synthetic_source(config, path, *, fmt: str = "compressed-tensors", group: in
         save_file(t, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in t})
 
+    def experts(li, t):
+        if fmt in ("compressed-tensors", "awq"):  # per-expert linears (llm-compressor / AutoAWQ: gate_proj, up_proj)
+            for ex in range(e):
+                for prefix, out, inp, _, _ in hf_names.expert_linears(c, li, ex, "split"):
+                    linear(prefix, out, inp, t)
+                    t[f"{prefix}.bias"] = f16(out)
+            return
+        for which in hf_names.EXPERT_WEIGHTS:
+            k, n = hf_names.expert_dims(c, which)
+            name = hf_names.expert_param(li, which)
+            if fmt == "hf":
+                t[name] = f16(e, k, n)
+            else:
+                t[name + "_blocks"] = torch.from_numpy(rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8))
+                t[name + "_scales"] = torch.from_numpy(rng.integers(118, 124, (e, n, k // 32), dtype=np.uint8))
+            t[hf_names.expert_bias(li, which)] = f16(e, n)
+
     n_files = c.num_hidden_layers + 1
-    flush({"model.embed_tokens.weight": f16(c.vocab_size, h), "model.norm.weight": f16(h),
-           "lm_head.weight": f16(c.vocab_size, h)}, f"model-00001-of-{n_files:05d}.safetensors")
+    tensors = list(hf_names.hf_tensors(c))
+    flush({t.name: f16(*t.shape) for t in tensors if t.path[0] != "layers"},
+          f"model-00001-of-{n_files:05d}.safetensors")
     for li in range(c.num_hidden_layers):
         t = {}
-        p = f"model.layers.{li}."
-        t[p + "input_layernorm.weight"] = f16(h)
-        t[p + "post_attention_layernorm.weight"] = f16(h)
-        t[p + "self_attn.sinks"] = f16(c.num_attention_heads)
-        for proj, (out, inp) in (("q_proj", (c.q_dim, h)), ("k_proj", (c.kv_dim, h)), ("v_proj", (c.kv_dim, h)),
-                                 ("o_proj", (h, c.q_dim))):
-            linear(p + f"self_attn.{proj}", out, inp, t)
-            t[p + f"self_attn.{proj}.bias"] = f16(out)
-        t[p + "mlp.router.weight"] = f16(e, h)
-        t[p + "mlp.router.bias"] = f16(e)
-        if fmt in ("compressed-tensors", "awq"):
-            for ex in range(e):
-                for sub, out, inp in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-                    linear(f"{p}mlp.experts.{ex}.{sub}", out, inp, t)
-                    t[f"{p}mlp.experts.{ex}.{sub}.bias"] = f16(out)
-        else:
-            for which, k, n in (("gate_up_proj", h, 2 * i), ("down_proj", i, h)):
-                if fmt == "hf":
-                    t[f"{p}mlp.experts.{which}"] = f16(e, k, n)
-                else:
-                    t[f"{p}mlp.experts.{which}_blocks"] = torch.from_numpy(
-                        rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8))
-                    t[f"{p}mlp.experts.{which}_scales"] = torch.from_numpy(
-                        rng.integers(118, 124, (e, n, k // 32), dtype=np.uint8))
-            t[p + "mlp.experts.gate_up_proj_bias"] = f16(e, 2 * i)
-            t[p + "mlp.experts.down_proj_bias"] = f16(e, h)
+        for ht in tensors:
+            if ht.path[:2] != ("layers", li) or ht.group == "experts":
+                continue
+            if hf_names.is_format_specific(hf_names.entry_of(ht.name)):  # an attention projection's weight
+                linear(ht.name.removesuffix(".weight"), *ht.shape, t)
+            else:
+                t[ht.name] = f16(*ht.shape)
+        experts(li, t)
         flush(t, f"model-{li + 2:05d}-of-{n_files:05d}.safetensors")
         del t
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     hf = c.to_hf_dict()
-    ignore = ["lm_head", "re:.*mlp.router$"]
+    ignore = [_module(hf_names.LM_HEAD_NAME), "re:.*mlp.router$"]
     if fmt == "compressed-tensors":
         hf["quantization_config"] = ct_quantization_config(group, symmetric, ignore)
     elif fmt == "awq":
