@@ -147,10 +147,18 @@ def test_score(ckpt, env, tmp_path):
 
 @pytest.mark.slow
 def test_demo(tmp_path, capsys):
-    assert cli.main(["demo", "--max-new-tokens", "6", "--out", str(tmp_path / "demo")]) == 0
+    """The README's main job, shortened: shipped model → int4 RTN → perplexity table → streamed text → greedy check."""
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--max-new-tokens", "6", "--eval-tokens", "300", "--awq", "off", "--out",
+                     str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out and "tokens/s" in out and "time to first token" in out
-    assert (tmp_path / "demo" / "tokenizer.json").exists() and (tmp_path / "demo" / "config.json").exists()
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()
+            if line.strip().startswith(("bf16", "int4"))}
+    assert set(rows) == {"bf16 (shipped)", "int4 RTN"}, out
+    bf16, rtn = (float(rows[k].split()[2 if k.startswith("bf16") else 3]) for k in ("bf16 (shipped)", "int4 RTN"))
+    assert 1 < bf16 < 200 and 1 < rtn < 1.5 * bf16, out  # trained: far below the vocabulary size; int4 close
+    assert (out_dir / "int4-rtn-g64" / "config.json").exists()  # --out keeps the converted checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------- bad input
@@ -253,6 +261,10 @@ def test_chat_printer_streams_final_and_optionally_analysis():
     (["score", "{ckpt}", "f.txt", "--batch-size", "0"], "--batch-size"),
     (["chat", "{ckpt}", "--seed", "x"], "--seed"),
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["demo", "--eval-tokens", "1"], "--eval-tokens"),
+    (["demo", "--awq", "maybe"], "--awq"),
+    (["eval", "perplexity", "{ckpt}", "f.txt", "--stride", "0"], "--stride"),
+    (["eval", "perplexity", "{ckpt}", "f.txt", "--max-length", "x"], "--max-length"),
 ])
 def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys):
     assert cli.main([a.format(ckpt=ckpt) for a in argv]) == 2
@@ -279,7 +291,8 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["info", "{qc}"], "quantization_config must be an object"),
     (["demo", "--prompt", "  "], "--prompt is empty"),
-    (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
+    (["eval", "perplexity", "{ckpt}", "{latin1}"], "not UTF-8 text"),
+    (["eval", "perplexity", "{ckpt}", "{two}", "--json", "{two}"], "exists; pass --force"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil
