@@ -56,6 +56,7 @@ def hf_model(shipped):
     return transformers.GptOssForCausalLM.from_pretrained(str(shipped[0]), dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_length,stride", [(128, 48)])
 def test_perplexity_matches_float64_nll(shipped, hf_model, max_length, stride):
     """The same windows, NLL from transformers' logits in float64 (log-softmax in float64)."""

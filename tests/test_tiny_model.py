@@ -87,3 +87,26 @@ def test_training_data_pipeline_reproduces_shipped_tokenizer_and_heldout(path):
     tok = train_tokenizer(train, json.loads((path / "config.json").read_text())["vocab_size"])
     shipped = json.loads((path / "tokenizer.json").read_text())
     assert json.loads(tok.to_str()) == shipped
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_shipped_model(tmp_path):
+    """`pip install` carries the model: the wheel built from pyproject's setuptools config holds its files."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(repo, src, symlinks=True, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info",
+                                                                          ".hypothesis", "__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "No module named pip" in r.stderr:
+        pytest.skip("pip is not installed in this environment")
+    assert r.returncode == 0, r.stderr[-2000:]
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in demo.shipped_model_dir().iterdir():
+        assert f"gptoss_jax/tiny_model/{f.name}" in names
