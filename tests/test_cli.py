@@ -153,10 +153,10 @@ def test_demo(tmp_path, capsys):
                      str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out and "tokens/s" in out and "time to first token" in out
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()
-            if line.strip().startswith(("bf16", "int4"))}
-    assert set(rows) == {"bf16 (shipped)", "int4 RTN"}, out
-    bf16, rtn = (float(rows[k].split()[2 if k.startswith("bf16") else 3]) for k in ("bf16 (shipped)", "int4 RTN"))
+    import re
+    rows = dict(re.findall(r"^\s+(bf16 \(shipped\)|int4 RTN g64)\s+([\d.]+)\s", out, flags=re.M))
+    assert set(rows) == {"bf16 (shipped)", "int4 RTN g64"}, out
+    bf16, rtn = float(rows["bf16 (shipped)"]), float(rows["int4 RTN g64"])
     assert 1 < bf16 < 200 and 1 < rtn < 1.5 * bf16, out  # trained: far below the vocabulary size; int4 close
     assert (out_dir / "int4-rtn-g64" / "config.json").exists()  # --out keeps the converted checkpoint
 
