@@ -598,6 +598,8 @@ def cmd_demo(args) -> int:
     _utf8(args.prompt, "--prompt")
     if not args.prompt.split():
         raise CliError("--prompt is empty")
+    if args.awq == "on" and not demo.awq_available():
+        raise CliError("--awq on: this gptoss-convert has no --awq option yet (use --awq auto or off)")
     out = None
     if args.out is not None:
         out = fsutil.user_path(args.out)

@@ -104,7 +104,8 @@ def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: 
                  f"{time.perf_counter() - t0:.1f}s")
             rows.append((f"int4 AWQ g{group_size}", dst, None))
         else:
-            _say("   int4 AWQ: skipped (this gptoss-convert has no --awq option yet)")
+            _say("   int4 AWQ: skipped (" + ("--awq off" if awq == "off" else "this gptoss-convert has no --awq option yet")
+                 + ")")
 
         held = (src / HELDOUT_FILE).read_text(encoding="utf-8")
         _say(f"3. perplexity on held-out help topics ({HELDOUT_FILE}, first {eval_tokens} tokens; windows of 256, "

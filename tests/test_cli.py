@@ -162,6 +162,16 @@ def test_demo(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------- bad input
+def test_demo_awq_on_without_awq_converter_is_one_line(capsys):
+    from gptoss_jax import demo
+    if demo.awq_available():
+        pytest.skip("gptoss-convert has --awq: `demo --awq on` runs it (covered by test_demo's AWQ row when on)")
+    assert cli.main(["demo", "--awq", "on"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gptoss-jax demo: error: --awq on: this gptoss-convert has no --awq option yet (use --awq auto "
+                   "or off)"]
+
+
 def test_bad_inputs_exit_2_in_a_subprocess(ckpt, env, tmp_path):
     p = run(env, "generate", ckpt, "hi", "--temperature", "-1")
     assert p.returncode == 2 and "argument --temperature: must be in [0.0, inf], got -1" in p.stderr
