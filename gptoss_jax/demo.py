@@ -42,7 +42,8 @@ def awq_available() -> bool:
     HOOK (issue #14, AWQ): once it exists the demo adds an "int4 AWQ" row, converting with
     ``gptoss-convert SRC DST --awq --calib FILE --group-size G`` where FILE is text of the training split."""
     from gptoss_jax.convert import cli as convert_cli
-    return any("--awq" in a.option_strings for a in convert_cli._convert_parser()._actions)
+    parser = getattr(convert_cli, "_convert_parser", None)  # the converter's argparse parser (SRC DST form)
+    return parser is not None and any("--awq" in a.option_strings for a in parser()._actions)
 
 
 def _calibration_text(path: Path) -> Path:
