@@ -1,4 +1,4 @@
-"""The ``gptoss-jax`` command: generate, chat, score, info and demo.
+"""The ``gptoss-jax`` command: generate, chat, score, info, verify, eval and demo.
 
     gptoss-jax generate CKPT "The capital of France is" --max-new-tokens 32 --temperature 0 --stream
     gptoss-jax generate CKPT --file prompts.txt --json            # one prompt per line, batched
@@ -6,7 +6,8 @@
     gptoss-jax score CKPT lines.txt --output scores.json           # per-line log-likelihood (JSON)
     gptoss-jax info CKPT                                           # config, quantization, parameters, devices
     gptoss-jax verify CKPT                                         # sizes + SHA-256 of every file vs metadata
-    gptoss-jax demo                                                # tiny random model end to end, self-checking
+    gptoss-jax eval perplexity CKPT text.txt --json ppl.json       # sliding-window perplexity of a file
+    gptoss-jax demo                                                # shipped tiny model → int4 → perplexity → text
 
 Results go to stdout; progress and timings (load time, time to first token, tokens/s) go to stderr.
 
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from gptoss_jax import evaluation
 from gptoss_jax.errors import GptOssError
 
 EXIT_USAGE = 2
@@ -166,14 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a converted checkpoint: structure, sizes and every file's SHA-256")
     v.add_argument("checkpoint", help="gptoss-convert output folder")
 
-    d = sub.add_parser("demo", help="tiny random model: save, load, stream-generate, verify greedy decoding")
+    d = sub.add_parser("demo", help="the shipped tiny model → int4 → perplexity table → streamed text → checks")
     d.add_argument("--out", default=None,
-                   help="new folder for the tiny checkpoint (default: a temporary folder); an existing non-empty "
-                        "folder is refused, never overwritten")
-    d.add_argument("--prompt", default="Hello, world! The quick brown fox")
-    d.add_argument("--max-new-tokens", type=_int_type(1), default=32)
-    d.add_argument("--seed", type=_int_type(0, 2**32 - 1), default=0, help="seed of the random weights")
-    d.add_argument("--preset", default="tiny", help="a tiny preset (tiny, tiny-320 ...): the demo runs on CPU")
+                   help="new folder to keep the converted int4 checkpoints (default: a temporary folder); an "
+                        "existing non-empty folder is refused, never overwritten")
+    d.add_argument("--prompt", default='The "for" statement is used')
+    d.add_argument("--max-new-tokens", type=_int_type(1), default=48)
+    d.add_argument("--group-size", type=_int_type(1), default=64, help="int4 group size of the conversions")
+    d.add_argument("--eval-tokens", type=_int_type(2), default=4096,
+                   help="held-out tokens scored per model in the perplexity table")
+    d.add_argument("--awq", choices=("auto", "on", "off"), default="auto",
+                   help="add an AWQ int4 row (auto: when gptoss-convert has --awq)")
+    evaluation.add_eval_parser(sub, _add_model_args)
     __import__("gptoss_jax.bench").bench.add_parser(sub)  # gptoss-jax bench (gptoss_jax/bench.py)
     return parser
 
@@ -571,27 +577,6 @@ def cmd_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def make_tiny_checkpoint(out: str | Path, *, preset: str = "tiny", seed: int = 0) -> Path:
-    """A random-weight checkpoint of a small preset (Hugging Face format, fp32) plus a tiny harmony tokenizer."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from gptoss_jax.config import GptOssConfig
-    from gptoss_jax.hf_loader import save_hf_checkpoint
-    from gptoss_jax.model import params_of
-    from gptoss_jax.model import GptOss
-    from gptoss_jax.tokenizer import build_tiny_tokenizer
-
-    out = Path(out)
-    config = GptOssConfig.from_preset(preset)
-    tokenizer = build_tiny_tokenizer(min(config.vocab_size, 1024), path=out)
-    # every id the model can emit should decode: shrink the vocabulary to the tokenizer's
-    config = config.replace(vocab_size=tokenizer.vocab_size)
-    module = GptOss(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    save_hf_checkpoint(params_of(module), config, out)
-    return out
-
-
 def cmd_verify(args) -> int:
     """Exit 0 if the checkpoint's files match its metadata (sizes and SHA-256), 1 naming the first bad file."""
     from gptoss_jax import checkpoint
@@ -608,110 +593,27 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def _new_demo_folder(out: Path, *, preset: str, seed: int) -> Path:
-    """Writes the demo checkpoint into a fresh temporary sibling and renames it to `out`, which must not exist or
-    be empty: the demo never overwrites a user's folder."""
-    from gptoss_jax import fsutil
-    out = fsutil.user_path(out)
-    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
-        raise CliError(f"--out {out}: exists and is not an empty folder; the demo writes only into a new folder")
-    tmp = fsutil.make_temp_dir(out)
-    try:
-        make_tiny_checkpoint(tmp, preset=preset, seed=seed)
-        (tmp / fsutil.OWNER_FILE).unlink()
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); fails rather than deletes if something appeared meanwhile
-        os.replace(tmp, out)
-    except BaseException:
-        fsutil.remove_tree(tmp)
-        raise
-    return out
-
-
 def cmd_demo(args) -> int:
-    import numpy as np
-
-    import gptoss_jax
-    from gptoss_jax.config import preset_names
-    t_start = time.perf_counter()
+    """The shipped tiny model end to end (gptoss_jax.demo); exit 1 if its greedy check fails."""
+    from gptoss_jax import demo, fsutil
     _utf8(args.prompt, "--prompt")
     if not args.prompt.split():
         raise CliError("--prompt is empty")
-    tiny = sorted(n for n in preset_names() if n.startswith("tiny"))
-    if args.preset not in tiny:
-        raise CliError(f"--preset must be one of {tiny} (the demo builds a random model in memory), got "
-                       f"{args.preset!r}")
-    tmp = None
-    if args.out is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gptoss-jax-demo-")
-        out = Path(tmp.name)
-    else:
-        out = Path(args.out)
-    try:
-        print(f"1. building the {args.preset!r} preset with random weights (seed {args.seed}) → {out}")
-        if tmp is None:
-            out = _new_demo_folder(out, preset=args.preset, seed=args.seed)
-        else:
-            make_tiny_checkpoint(out, preset=args.preset, seed=args.seed)
-        print("2. loading it with gptoss_jax.load (float32)")
-        model = gptoss_jax.load(out, dtype="float32", max_seq_len=256)
-        print(f"   {model}")
-        prompts = [args.prompt, args.prompt.split()[0]]  # two prompts of different lengths, one batch
-        print(f"3. greedy generation, batch of 2 prompts of {len(model.encode(prompts[0]))} and "
-              f"{len(model.encode(prompts[1]))} tokens, streaming the first (random weights: the text is noise)")
-        for attempt in ("first call (includes compilation)", "second call (compiled)"):
-            sys.stdout.write(f"   {prompts[0]!r} → ")
-            stream_row0 = (lambda chunk: (sys.stdout.write(chunk.text[0]), sys.stdout.flush())) \
-                if attempt.startswith("first") else None
-            results, stats = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                            stop_token_ids=(), on_chunk=stream_row0, return_stats=True)
-            if stream_row0 is None:
-                sys.stdout.write(results[0].text)
-            rate = f"{stats.decode_tokens_per_s:.1f} tokens/s" if stats.decode_s > 0 else "tokens/s n/a (compiling)"
-            print(f"\n   {attempt}: time to first token {stats.time_to_first_token_s * 1e3:.0f} ms, {rate}")
-        print("4. checking greedy tokens against the argmax of full-forward logits, step by step")
-        reference = "gptoss-jax full forward"
-        hf_model = None
-        try:
-            import torch
-            from transformers import GptOssForCausalLM
-            try:
-                from transformers.utils import logging as hf_logging
-                hf_logging.disable_progress_bar()
-            except ImportError:
-                pass
-            hf_model = GptOssForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-            reference = "transformers GptOssForCausalLM (float32)"
-        except Exception as e:  # noqa: BLE001 — transformers is optional
-            print(f"   transformers not usable ({type(e).__name__}); using our own full forward instead")
-        ok = True
-        for n, r in enumerate(results):
-            seq = np.array(r.prompt_tokens + r.tokens)
-            if hf_model is not None:
-                import torch
-                with torch.no_grad():
-                    logits = hf_model(torch.as_tensor(seq[None])).logits[0].float().numpy()
-            else:
-                logits = np.asarray(model.logits(seq.tolist()))
-            p = len(r.prompt_tokens)
-            steps = logits[p - 1:len(seq) - 1]
-            chosen = steps[np.arange(len(r.tokens)), r.tokens]
-            exact = int(np.sum(np.argmax(steps, -1) == np.array(r.tokens)))
-            # a token within 1e-4 of the max is a float tie, not a decoding error
-            row_ok = bool(np.all(chosen >= steps.max(-1) - 1e-4))
-            ok &= row_ok
-            print(f"   prompt {n}: {exact}/{len(r.tokens)} tokens are the exact argmax of {reference} "
-                  f"→ {'PASS' if row_ok else 'FAIL'}")
-        print(f"{'PASS' if ok else 'FAIL'} — demo finished in {time.perf_counter() - t_start:.1f}s")
-        return 0 if ok else EXIT_CHECK_FAILED
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    if args.awq == "on" and not demo.awq_available():
+        raise CliError("--awq on: this gptoss-convert has no --awq option yet (use --awq auto or off)")
+    out = None
+    if args.out is not None:
+        out = fsutil.user_path(args.out)
+        if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
+            raise CliError(f"--out {out}: exists and is not an empty folder; the demo writes only into a new folder")
+    return demo.run_demo(out=out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, group_size=args.group_size,
+                         eval_tokens=args.eval_tokens, awq=args.awq)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo,
-            "verify": cmd_verify, "bench": lambda args: __import__("gptoss_jax.bench").bench.cmd_bench(args)}
+            "verify": cmd_verify, "eval": evaluation.cmd_eval,
+            "bench": lambda args: __import__("gptoss_jax.bench").bench.cmd_bench(args)}
 
 
 def _user_error_types() -> tuple[type, ...]:

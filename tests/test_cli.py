@@ -148,13 +148,31 @@ def test_score(ckpt, env, tmp_path):
 
 @pytest.mark.slow
 def test_demo(tmp_path, capsys):
-    assert cli.main(["demo", "--max-new-tokens", "6", "--out", str(tmp_path / "demo")]) == 0
+    """The README's main job, shortened: shipped model → int4 RTN → perplexity table → streamed text → greedy check."""
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--max-new-tokens", "6", "--eval-tokens", "300", "--awq", "off", "--out",
+                     str(out_dir)]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out and "tokens/s" in out and "time to first token" in out
-    assert (tmp_path / "demo" / "tokenizer.json").exists() and (tmp_path / "demo" / "config.json").exists()
+    import re
+    rows = dict(re.findall(r"^\s+(bf16 \(shipped\)|int4 RTN g64)\s+([\d.]+)\s", out, flags=re.M))
+    assert set(rows) == {"bf16 (shipped)", "int4 RTN g64"}, out
+    bf16, rtn = float(rows["bf16 (shipped)"]), float(rows["int4 RTN g64"])
+    assert 1 < bf16 < 200 and 1 < rtn < 1.5 * bf16, out  # trained: far below the vocabulary size; int4 close
+    assert (out_dir / "int4-rtn-g64" / "config.json").exists()  # --out keeps the converted checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------- bad input
+def test_demo_awq_on_without_awq_converter_is_one_line(capsys):
+    from gptoss_jax import demo
+    if demo.awq_available():
+        pytest.skip("gptoss-convert has --awq: `demo --awq on` runs it (covered by test_demo's AWQ row when on)")
+    assert cli.main(["demo", "--awq", "on"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gptoss-jax demo: error: --awq on: this gptoss-convert has no --awq option yet (use --awq auto "
+                   "or off)"]
+
+
 def test_bad_inputs_exit_2_in_a_subprocess(ckpt, env, tmp_path):
     p = run(env, "generate", ckpt, "hi", "--temperature", "-1")
     assert p.returncode == 2 and "argument --temperature: must be in [0.0, inf], got -1" in p.stderr
@@ -269,6 +287,10 @@ def test_chat_printer_streams_final_and_optionally_analysis():
     (["demo", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["bench", "{ckpt}", "--gen-len", "0"], "--gen-len"),
     (["bench", "{ckpt}", "--batch", "0"], "--batch"),
+    (["demo", "--eval-tokens", "1"], "--eval-tokens"),
+    (["demo", "--awq", "maybe"], "--awq"),
+    (["eval", "perplexity", "{ckpt}", "f.txt", "--stride", "0"], "--stride"),
+    (["eval", "perplexity", "{ckpt}", "f.txt", "--max-length", "x"], "--max-length"),
 ])
 def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys):
     assert cli.main([a.format(ckpt=ckpt) for a in argv]) == 2
@@ -295,10 +317,11 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["generate", "{ckpt}", "hi", "--harmony", "--tokenizer", "{plain}"], "cannot use the harmony chat format"),
     (["info", "{qc}"], "quantization_config must be an object"),
     (["demo", "--prompt", "  "], "--prompt is empty"),
-    (["demo", "--preset", "gpt-oss-120b"], "--preset must be one of"),
     (["bench", "--preset", "tiny"], "--preset tiny has no weights: add --random-weights"),
     (["bench", "{ckpt}", "--prompt-len", "100", "--max-seq-len", "64"], "exceeds --max-seq-len 64"),
     (["bench", "{ckpt}", "--json", "{two}"], "exists; pass --force"),
+    (["eval", "perplexity", "{ckpt}", "{latin1}"], "not UTF-8 text"),
+    (["eval", "perplexity", "{ckpt}", "{two}", "--json", "{two}"], "exists; pass --force"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from gptoss_jax import api, testing  # noqa: E402
 from gptoss_jax import lm_eval_adapter  # noqa: E402
 from gptoss_jax.config import GptOssConfig, default_layer_types  # noqa: E402
-from gptoss_jax.tokenizer import build_tiny_tokenizer  # noqa: E402
+from gptoss_jax.testing import build_tiny_tokenizer  # noqa: E402
 
 CONFIG = GptOssConfig.from_preset("tiny").replace(num_hidden_layers=2, layer_types=default_layer_types(2))
 

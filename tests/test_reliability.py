@@ -217,27 +217,22 @@ def test_demo_out_never_overwrites(sources, tmp_path, capsys):
     assert tree_digest(model) == before
 
 
-def test_demo_checkpoint_is_written_through_a_temporary_folder(tmp_path, monkeypatch):
+def test_demo_out_is_written_through_a_temporary_folder(tmp_path, monkeypatch, capsys):
+    """`demo --out` works in a temporary sibling renamed at the end: a failure (here the disk filling up during the
+    int4 conversion) leaves nothing behind. (The successful rename: tests/test_cli.py::test_demo.)"""
     from gptoss_jax import cli
     seen = []
 
-    def fake_make(out, **kw):
-        seen.append(out)
-        (out / "config.json").write_text("{}")
-    monkeypatch.setattr(cli, "make_tiny_checkpoint", fake_make)
-    out = cli._new_demo_folder(tmp_path / "new", preset="tiny", seed=0)
-    assert seen[0].name.startswith("new.tmp-") and sorted(p.name for p in out.iterdir()) == ["config.json"]
-    (tmp_path / "empty").mkdir()
-    cli._new_demo_folder(tmp_path / "empty", preset="tiny", seed=0)  # an empty folder is fine too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
-
-    def failing_make(out, **kw):
-        (out / "partial").write_text("x")
-        raise OSError(28, "No space left on device", str(out / "partial"))
-    monkeypatch.setattr(cli, "make_tiny_checkpoint", failing_make)
-    with pytest.raises(OSError):
-        cli._new_demo_folder(tmp_path / "third", preset="tiny", seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+    def failing_convert(src, dst, **kw):
+        seen.append(Path(dst))
+        Path(dst).mkdir(parents=True)
+        (Path(dst) / "partial").write_text("x")
+        raise OSError(28, "No space left on device", str(Path(dst) / "partial"))
+    monkeypatch.setattr("gptoss_jax.convert.converter.convert", failing_convert)
+    assert cli.main(["demo", "--out", str(tmp_path / "new")]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert seen and seen[0].parent.name.startswith("new.tmp-")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_temp_folders_of_dead_runs_are_cleaned_and_nothing_else(sources, tmp_path):

@@ -11,9 +11,9 @@ from gptoss_jax.tokenizer import (
     HARMONY_SPECIAL_TOKENS,
     Tokenizer,
     TokenizerError,
-    build_tiny_tokenizer,
     load_tokenizer,
 )
+from gptoss_jax.testing import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
