@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=_int_type(1), default=32)
     d.add_argument("--seed", type=_int_type(0, 2**32 - 1), default=0, help="seed of the random weights")
     d.add_argument("--preset", default="tiny", help="a tiny preset (tiny, tiny-320 ...): the demo runs on CPU")
+    __import__("gptoss_jax.serve.cli", fromlist=["add_parser"]).add_parser(sub, _add_model_args)  # serve
     return parser
 
 
@@ -710,7 +711,8 @@ def cmd_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------------
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo,
-            "verify": cmd_verify}
+            "verify": cmd_verify,
+            "serve": lambda args: __import__("gptoss_jax.serve.cli", fromlist=["run"]).run(args, _load)}
 
 
 def _user_error_types() -> tuple[type, ...]:

@@ -317,6 +317,10 @@ class Engine:
         return len(self._queue)
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def active_slots(self) -> int:
         return sum(s is not None for s in self._slots)
 
