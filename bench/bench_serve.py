@@ -29,12 +29,12 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 
-def start_server(model, args):
+def start_server(model, args, max_batch: int):
     import uvicorn
 
     from gptoss_jax.serve.cli import build
-    _, app = build(model, max_batch=args.max_batch, max_queue=max(4096, args.max_batch), chunk_size=args.chunk_size,
-                   model_name="bench", request_timeout=3600)
+    _, app = build(model, max_batch=max_batch, max_queue=4096, chunk_size=args.chunk_size, model_name="bench",
+                   request_timeout=3600)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -47,6 +47,7 @@ def start_server(model, args):
 def random_model(preset: str, max_seq_len: int):
     """A random-weight model of a preset's shape (int4 experts/attention as converted checkpoints hold them), with
     the tiny tokenizer (prompts are token ids; ids past its vocabulary print as <|id:N|>)."""
+    import jax
     import jax.numpy as jnp
 
     from bench.bench_sharded_decode import make_model, random_params
@@ -56,7 +57,8 @@ def random_model(preset: str, max_seq_len: int):
     from gptoss_jax.tokenizer import build_tiny_tokenizer
     config = GptOssConfig.from_preset(preset)
     quant = QuantSpec(group_size=32)
-    params = random_params(config, dtype=jnp.bfloat16, quant=quant, shardings_of=lambda path, spec: None)
+    params = random_params(config, dtype=jnp.bfloat16, quant=quant,
+                           shardings_of=lambda path, spec: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     module = make_model(config, params, dtype=jnp.bfloat16, quant=quant)
     return InferenceModel(module, tokenizer=build_tiny_tokenizer(1024), max_seq_len=max_seq_len,
                           default_stop_token_ids=())
@@ -106,16 +108,16 @@ def main():
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="decode slots of an in-process server (default 0: one server per level, slots = clients)")
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the model's)")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     vocab = args.vocab
-    server = None
+    model = None
     if args.url:
-        url = args.url.rstrip("/")
         vocab = vocab or 300
     else:
         if args.checkpoint:
@@ -124,18 +126,30 @@ def main():
         else:
             model = random_model(args.random_preset, args.max_seq_len)
         vocab = vocab or min(model.config.vocab_size, model.tokenizer.vocab_size)
-        server, url = start_server(model, args)
     out = {"args": vars(args), "rounds": []}
-    try:
-        run_round(url, min(levels), args, vocab, seed=0)  # warm-up: compiles prefill/decode shapes
-        for n in levels:
-            run_round(url, n, args, vocab, seed=1) if n != min(levels) else None  # warm this level's shapes
+    server = None
+    for n in levels:
+        url = args.url.rstrip("/") if args.url else None
+        try:
+            if model is not None and (server is None or not args.max_batch):
+                if server is not None:
+                    server.should_exit = True
+                    time.sleep(2)
+                server, url = start_server(model, args, args.max_batch or n)
+            url = url or out.get("url")
+            out["url"] = url
+            t0 = time.perf_counter()
+            run_round(url, n, args, vocab, seed=1)  # warm-up: compiles this level's prefill/decode shapes
+            warm = time.perf_counter() - t0
             r = run_round(url, n, args, vocab, seed=2)
+            r["warmup_s"] = warm
             print(json.dumps(r), flush=True)
             out["rounds"].append(r)
-    finally:
-        if server is not None:
-            server.should_exit = True
+        except Exception as e:  # noqa: BLE001 — report and go on with the next level
+            print(f"level {n}: {type(e).__name__}: {e}", flush=True)
+            out["rounds"].append({"clients": n, "error": f"{type(e).__name__}: {e}"})
+    if server is not None:
+        server.should_exit = True
     folder = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "bench_serve.json"), "w") as f:

@@ -351,6 +351,22 @@ def _collect(engine, **kw):
     return req, events, done
 
 
+def test_scheduler_batch_company_does_not_change_greedy_tokens(model, server):
+    """Greedy requests admitted together into the server's scheduler (one prefill call, one decode batch, slots
+    reused): each equals its prompt run alone through generate."""
+    engine = server.engine
+    rng = np.random.default_rng(3)
+    jobs = []
+    for j in range(5):  # 5 requests, 4 slots: the fifth is admitted into a slot freed mid-stream
+        prompt = rng.integers(9, model.tokenizer.vocab_size, size=int(rng.integers(4, 15))).tolist()
+        jobs.append((prompt, *_collect(engine, prompt=prompt, max_new_tokens=8, temperature=0.0)))
+    for prompt, req, events, done in jobs:
+        assert done.wait(300)
+        streamed = [t for e in events if isinstance(e, Delta) for t in e.tokens]
+        assert events[-1].tokens == streamed == model.generate(prompt, max_new_tokens=8, temperature=0.0).tokens
+
+
+@pytest.mark.slow
 def test_scheduler_mixed_batch_equals_generate_alone(model):
     """Greedy and seeded-sampling rows of different lengths share the batch (more requests than slots, prompts
     longer than the prefill chunk): each equals its prompt run alone through generate, token for token."""
@@ -463,3 +479,22 @@ def test_serve_command_bad_checkpoint_is_one_line(tmp_path):
     with contextlib.redirect_stderr(buf):
         code = cli.main(["serve", str(tmp_path / "missing")])
     assert code == 2 and "missing" in buf.getvalue() and "Traceback" not in buf.getvalue()
+
+
+def test_client_disconnect_cancels_the_request(server, client):
+    """A streaming client that goes away mid-answer: its request is cancelled and its slot freed."""
+    m = server.engine.metrics
+    before = m.requests_finished["cancelled"]
+    stream = client.completions.create(model=NAME, prompt="Once upon a time", temperature=0, max_tokens=400,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while m.requests_finished["cancelled"] == before:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.05)
+    while server.engine.active_slots:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.05)

@@ -153,13 +153,13 @@ def _logprobs(logits, tokens, top: int):
     return chosen, ids.astype(jnp.int32), vals
 
 
-def _prefill_step_impl(graph, state, cache, slots, tokens, start, lengths, last_in_chunk, keys, temperature, top_k,
-                       top_p, *, first: bool, mode, top: int):
+def _prefill_step_impl(graph, state, cache, slots, tokens, start, lengths, keys, temperature, top_k, top_p, *,
+                       first: bool, mode, top: int):
     """Advances rows `slots` [b] (index ≥ batch: padding, untouched) by one prompt chunk tokens [b, C] written at
-    positions start … start + lengths - 1. ``first``: the rows' prompts start here — their cache rows are cleared and
-    the chunk attends only to itself (as generate's one-shot prefill); else it attends to the cache too (as its
-    chunked prefill). Returns the cache, each row's sampled first token [b] (meaningful where `last_in_chunk`), and
-    its logprobs."""
+    positions start … start + lengths - 1. ``first``: the rows' prompts start here (their cache rows are cleared and
+    the chunk attends only to itself, as generate's one-shot prefill); else it attends to the cache too (as its
+    chunked prefill). Returns the cache, each row's sampled first token [b] (used where the chunk ends the row's
+    prompt), and its logprobs (or None)."""
     TRACE_COUNTS[("serve_prefill", graph)] += 1
     model = graph.merge(state)
     rows = jax.tree.map(lambda a: jnp.take(a, slots, axis=1, mode="clip"), cache)
@@ -443,8 +443,8 @@ class Engine:
                 temp[r], top_k[r], top_p[r] = s.req.temperature, s.req.top_k, s.req.top_p
                 done.append(s.prefilled + n == len(s.req.prompt))
             self._cache, tok, lp = _prefill_step(
-                self.gen.graph, self.gen.state_leaves, self._cache, slot_ids, tokens, start, lengths,
-                np.array(done + [False] * (rows - len(idx))), keys, temp, top_k, top_p, first=first,
+                self.gen.graph, self.gen.state_leaves, self._cache, slot_ids, tokens, start, lengths, keys, temp,
+                top_k, top_p, first=first,
                 mode=self._mode(slots), top=self._top(slots))
             tok, lp = jax.device_get((tok, lp))
             now = time.monotonic()

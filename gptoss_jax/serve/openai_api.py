@@ -514,9 +514,10 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                         raise err
                     conv.update([], final=True)
                     msg = conv.message()
+                    reason = finish_reason(ev, "tool_calls" in msg)
                     return JSONResponse({
                         "id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "message": msg, "finish_reason": finish_reason(ev, "tool_calls" in msg),
+                        "choices": [{"index": 0, "message": msg, "finish_reason": reason,
                                      "logprobs": {"content": chat_logprobs([x for _, x in lps], [t for t, _ in lps],
                                                                            top_n)} if want_lp else None}],
                         "usage": usage(ev)}, headers={"x-request-id": rid(request)})
