@@ -249,6 +249,7 @@ def test_tools_are_rendered_into_the_prompt(model):
 
 
 # ---------------------------------------------------------------------------------------------------------- completions
+@pytest.mark.slow  # ~40 s on a loaded 2-core machine (the full-forward reference compiles)
 def test_completions_equal_generate_and_logprobs_match_logits(model, client):
     rng = np.random.default_rng(0)
     prompt = rng.integers(9, model.tokenizer.vocab_size, size=21).tolist()
@@ -351,6 +352,7 @@ def _collect(engine, **kw):
     return req, events, done
 
 
+@pytest.mark.slow  # ~40 s on a loaded 2-core machine (five generate references)
 def test_scheduler_batch_company_does_not_change_greedy_tokens(model, server):
     """Greedy requests admitted together into the server's scheduler (one prefill call, one decode batch, slots
     reused): each equals its prompt run alone through generate."""
