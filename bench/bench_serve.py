@@ -33,8 +33,10 @@ def start_server(model, args, max_batch: int):
     import uvicorn
 
     from gptoss_jax.serve.cli import build
+    t0 = time.perf_counter()
     _, app = build(model, max_batch=max_batch, max_queue=4096, chunk_size=args.chunk_size, model_name="bench",
-                   request_timeout=3600)
+                   request_timeout=3600, warmup_prompt_len=args.prompt_len)
+    print(f"server with {max_batch} slots compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -500,3 +500,19 @@ def test_client_disconnect_cancels_the_request(server, client):
     while server.engine.active_slots:
         assert time.monotonic() < deadline, "the slot was not freed"
         time.sleep(0.05)
+
+
+def test_warmup_compiles_what_greedy_traffic_needs(model):
+    from gptoss_jax.generate import TRACE_COUNTS
+    engine = Engine(model, max_batch=4, chunk_size=4)
+    engine.warmup(prompt_len=12)
+    graph = model.generator.graph
+    before = (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)])
+    engine.start()
+    try:
+        jobs = [_collect(engine, prompt=list(range(10, 10 + n)), max_new_tokens=6, temperature=0.0) for n in (5, 9)]
+        for _, events, done in jobs:
+            assert done.wait(120) and len(events[-1].tokens) >= 1
+    finally:
+        engine.shutdown()
+    assert (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)]) == before

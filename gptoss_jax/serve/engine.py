@@ -415,6 +415,33 @@ class Engine:
     def _top(self, slots) -> int:
         return MAX_TOP_LOGPROBS if any(s.req.logprobs is not None for s in slots) else 0
 
+    def _width(self, rest: int) -> int:
+        """Prefill chunk length for rows with up to `rest` prompt tokens left (a bucket ≤ prefill_chunk)."""
+        return min(length_bucket(min(rest, self.prefill_chunk), cap=self.prefill_chunk), self.max_seq_len)
+
+    def warmup(self, prompt_len: int = 128) -> None:
+        """Compiles, before the first request, what greedy traffic with prompts of about `prompt_len` tokens needs:
+        the first-chunk prefill at every rows bucket up to max_prefill_rows, and the decode step. Call before
+        :meth:`start` (the calls write nothing: every row is padding)."""
+        if self._thread is not None:
+            raise EngineError("warmup() must run before start()")
+        cache = init_cache(self.model.config, self.max_batch, self.max_seq_len, self.gen.cache_dtype)
+        width, b, n = self._width(prompt_len), self.max_batch, 1
+        while True:
+            rows = batch_bucket(n, self.gen.batch_multiple)
+            z, f = np.zeros((rows,), np.int32), np.zeros((rows,), np.float32)
+            cache, tok, _ = _prefill_step(self.gen.graph, self.gen.state_leaves, cache, np.full((rows,), b, np.int32),
+                                          np.zeros((rows, width), np.int32), z, z, np.zeros((rows, 2), np.uint32),
+                                          f, z, f + 1, first=True, mode=(True, False, False), top=0)
+            if rows >= self.max_prefill_rows:
+                break
+            n = rows * 2
+        z, f = np.zeros((b,), np.int32), np.zeros((b,), np.float32)
+        out = _decode_step(self.gen.graph, self.gen.state_leaves, cache, z, z, np.ones((b,), bool), z, z + 1,
+                           np.full((b, MAX_STOP_TOKEN_IDS), NO_TOKEN, np.int32), np.zeros((b, 2), np.uint32), f, z,
+                           f + 1, steps=self.chunk_size, mode=(True, False, False), top=0)
+        jax.block_until_ready(out)
+
     def _prefill(self) -> None:
         """One prompt chunk for the prefilling rows: the rows starting their prompts (cache rows cleared) and the
         rows continuing one are separate calls (static `first`)."""
@@ -424,9 +451,7 @@ class Engine:
             if not idx:
                 continue
             slots = [self._slots[i] for i in idx]
-            rest = [len(s.req.prompt) - s.prefilled for s in slots]
-            width = length_bucket(min(max(rest), self.prefill_chunk), cap=max(self.prefill_chunk, 1))
-            width = min(width, length_bucket(self.max_seq_len, cap=self.max_seq_len))
+            width = self._width(max(len(s.req.prompt) - s.prefilled for s in slots))
             rows = batch_bucket(len(idx), self.gen.batch_multiple)
             tokens = np.zeros((rows, width), np.int32)
             start = np.zeros((rows,), np.int32)
