@@ -413,11 +413,13 @@ def test_scheduler_cancel_timeout_queue_shutdown(model):
 
 @pytest.mark.slow
 def test_concurrent_streaming_clients_equal_generate_alone(model, server):
-    """16 concurrent streaming clients (4 slots: admissions between decode chunks): each streamed text equals its
-    prompt run alone through generate, with the same token count; the server stays up."""
+    """64 concurrent streaming clients on 4 slots (queueing, admissions between decode chunks): each streamed text
+    equals its prompt run alone through generate, with the same token count; the server stays up. Prints p50/p99
+    TTFT and the aggregate rate (CPU, tiny model: a smoke number, not a benchmark)."""
     rng = np.random.default_rng(7)
     words = "the quick brown fox jumps over lazy dog hello world model token time little".split()
-    prompts = [" ".join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(16)]
+    clients = 64
+    prompts = [" ".join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(clients)]
     client = server.client()
 
     def one(i):
@@ -426,18 +428,38 @@ def test_concurrent_streaming_clients_equal_generate_alone(model, server):
                                            stream=True, stream_options={"include_usage": True}):
             if c.usage is not None:
                 usage = c.usage
-            for ch in c.choices:
-                if ch.text and ttft is None:
-                    ttft = time.perf_counter() - t0
-                text += ch.text
+            if c.choices and ttft is None:  # the first token's chunk (its text may be held back: partial UTF-8)
+                ttft = time.perf_counter() - t0
+            text += "".join(ch.text for ch in c.choices)
         return text, usage, ttft
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(16)))
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    wall = time.perf_counter() - t0
     for p, (text, usage, _) in zip(prompts, results):
         ref = model.generate(p, temperature=0.0, max_new_tokens=24)
         assert text == ref.text and usage.completion_tokens == len(ref.tokens)
     assert httpx.get(server.url + "/health").status_code == 200
+    ttft = np.array([r[2] for r in results if r[2] is not None])
+    print(f"\n{clients} clients: TTFT p50 {np.percentile(ttft, 50):.3f}s p99 {np.percentile(ttft, 99):.3f}s, "
+          f"{sum(r[1].completion_tokens for r in results) / wall:.1f} tokens/s aggregate")
+
+
+def test_request_timeout_is_504(model):
+    """A request past its deadline: 504 JSON (plain), an error event then [DONE] (stream); the server stays up."""
+    engine, app = build(model, max_batch=4, chunk_size=4, model_name=NAME, request_timeout=1e-6)
+    s = Server(app)
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4,
+                                                                     "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert json.loads(lines[0][len("data: "):])["error"]["type"] == "timeout" and lines[-1] == "data: [DONE]"
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.close()
 
 
 # ---------------------------------------------------------------------------------------------------------- command
