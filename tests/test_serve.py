@@ -147,6 +147,16 @@ def test_chat_can_omit_reasoning(model):
     assert conv.message() == {"role": "assistant", "content": "The answer is 4."}
 
 
+def test_chat_stop_strings_cut_the_content(model):
+    """Chat deltas come from token ids: a tail that may start a stop string is held back, and the text is cut where
+    one begins (streamed and whole answers agree)."""
+    ids = model.tokenizer.encode("<|channel|>final<|message|>The answer is 4. Done")
+    conv = HarmonyToOpenAI(model.tokenizer, stop_strings=("is 4", "zz"))
+    deltas = [d for t in ids for d in conv.update([t])] + conv.update([], final=True)
+    assert "".join(d.get("content", "") for d in deltas) == "The answer "
+    assert conv.message()["content"] == "The answer "
+
+
 # ---------------------------------------------------------------------------------------------------------- tools
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptoss_jax import harmony
+from gptoss_jax.generate import _holdback
 from gptoss_jax.serve.engine import (MAX_TOP_LOGPROBS, Delta, EngineError, Finished, PromptTooLong, QueueFull,
                                      Request, ShuttingDown)
 from gptoss_jax.validation import SEED_MAX
@@ -248,10 +249,12 @@ def _classify(m: harmony.Message) -> str:
 class HarmonyToOpenAI:
     """Turns a growing harmony completion (token ids) into OpenAI chat deltas: reasoning_content, content and
     tool_calls. The completion is re-parsed on each update (parse_completion with complete=False) and only what was
-    not sent yet goes out; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it resolves."""
+    not sent yet goes out; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it resolves, and so is
+    a tail that may be the start of a stop string (a message's text is cut where a stop string begins, as the
+    engine ended generation there)."""
 
-    def __init__(self, tokenizer, include_reasoning: bool = True):
-        self.tok, self.include_reasoning = tokenizer, include_reasoning
+    def __init__(self, tokenizer, include_reasoning: bool = True, stop_strings=()):
+        self.tok, self.include_reasoning, self.stops = tokenizer, include_reasoning, tuple(stop_strings)
         self.ids: list[int] = []
         self.sent: dict[int, int] = {}
         self.tool_index: dict[int, tuple[int, str]] = {}  # message index → (tool_calls index, call id)
@@ -265,7 +268,9 @@ class HarmonyToOpenAI:
         deltas = []
         for idx, m in enumerate(msgs):
             kind = _classify(m)
-            text = m.content if final or idx < len(msgs) - 1 else m.content.rstrip("\ufffd")
+            text = self._cut(m.content)
+            if not final and idx == len(msgs) - 1:
+                text = text[:len(text) - _holdback(text, self.stops)]
             sent = self.sent.get(idx, 0)
             new = text[sent:]
             self.sent[idx] = max(sent, len(text))
@@ -284,6 +289,10 @@ class HarmonyToOpenAI:
                 deltas.append({"content": new})
         return deltas
 
+    def _cut(self, text: str) -> str:
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        return text[:min(hits)] if hits else text
+
     def message(self) -> dict:
         """The whole assistant message (call after the final update)."""
         content, reasoning, calls = [], [], []
@@ -292,15 +301,15 @@ class HarmonyToOpenAI:
             warnings.simplefilter("ignore", harmony.HarmonyParseWarning)
             msgs = harmony.parse_completion(self.ids, self.tok, complete=True)
         for idx, m in enumerate(msgs):
-            kind = _classify(m)
+            kind, text = _classify(m), self._cut(m.content)
             if kind == "tool":
                 cid = self.tool_index.get(idx, (0, "call_" + uuid.uuid4().hex[:24]))[1]
                 calls.append({"id": cid, "type": "function",
-                              "function": {"name": m.recipient[len("functions."):], "arguments": m.content}})
+                              "function": {"name": m.recipient[len("functions."):], "arguments": text}})
             elif kind == "reasoning":
-                reasoning.append(m.content)
+                reasoning.append(text)
             else:
-                content.append(m.content)
+                content.append(text)
         out: dict[str, Any] = {"role": "assistant", "content": "".join(content) if content or not calls else None}
         if reasoning and self.include_reasoning:
             out["reasoning_content"] = "\n".join(reasoning)
@@ -493,7 +502,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         req, q = start(request, prompt, kw, stop_chat)
-        conv = HarmonyToOpenAI(tok, include_reasoning)
+        conv = HarmonyToOpenAI(tok, include_reasoning, kw["stop_strings"])
         cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
         def finish_reason(fin: Finished, has_calls: bool) -> str:
@@ -663,7 +672,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
         except (ValueError, TypeError) as e:
             raise APIError(400, f"input: {e}", param="input") from None
         req, q = start(request, prompt, kw, stop_chat)
-        conv = HarmonyToOpenAI(tok, True)
+        conv = HarmonyToOpenAI(tok, True, kw["stop_strings"])
         async for ev in events(request, req, q):
             if isinstance(ev, Delta):
                 conv.ids.extend(ev.tokens)
