@@ -100,8 +100,9 @@ class Request:
 
     prompt: token ids; max_new_tokens ≥ 1; temperature 0 = greedy; top_k 0 / top_p 1 disable truncation; seed in
     [0, 2**64); stop_token_ids end the row (kept as the last token); stop_strings end it on the decoded text;
-    logprobs: None (off) or the number of top alternatives (0..20) returned per token; deadline: time.monotonic()
-    after which the request is ended with reason "timeout".
+    logprobs: None (off) or the number of top alternatives (0..20) returned per token; text: False when the consumer
+    reads token ids only (chat parses harmony from ids), which spares the incremental detokenization; deadline:
+    time.monotonic() after which the request is ended with reason "timeout".
     """
     prompt: list[int]
     emit: Callable[[object], None]
@@ -113,6 +114,7 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None
+    text: bool = True  # False: the consumer reads token ids only (no detokenization unless stop_strings need it)
     deadline: float | None = None
     request_id: str = ""
     arrival: float = dataclasses.field(default_factory=time.monotonic)
@@ -222,11 +224,24 @@ _decode_step = jax.jit(_decode_step_impl, static_argnums=0, static_argnames=("st
 
 
 # ------------------------------------------------------------------------------------------------------------------
+class _NoText:
+    """Stands in for a TextStreamer when the consumer wants token ids only."""
+
+    def add(self, ids):
+        return None
+
+    def final_text(self) -> str:
+        return ""
+
+    def take(self) -> str:
+        return ""
+
+
 @dataclasses.dataclass(eq=False)
 class _Slot:
     """Host state of one occupied slot."""
     req: Request
-    streamer: TextStreamer
+    streamer: TextStreamer | _NoText
     key: np.ndarray  # uint32 [2]
     prefilled: int = 0  # prompt tokens already in the cache
     tokens: list = dataclasses.field(default_factory=list)
@@ -402,7 +417,9 @@ class Engine:
                 self.metrics.requests_finished["timeout"] += 1
                 continue
             key = np.array([req.seed >> 32, req.seed & 0xFFFFFFFF], np.uint32)
-            self._slots[free.pop(0)] = _Slot(req, TextStreamer(self.model._decode_lenient, req.stop_strings), key)
+            streamer = TextStreamer(self.model._decode_lenient, req.stop_strings) \
+                if req.text or req.stop_strings else _NoText()
+            self._slots[free.pop(0)] = _Slot(req, streamer, key)
 
     def _mode(self, slots) -> tuple[bool, bool, bool]:
         reqs = [s.req for s in slots]

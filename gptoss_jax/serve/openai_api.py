@@ -380,7 +380,8 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                            param="model", code="model_not_found")
         return body
 
-    def start(request: HTTPRequest, prompt: list[int], kw: dict, stop_token_ids) -> tuple[Request, asyncio.Queue]:
+    def start(request: HTTPRequest, prompt: list[int], kw: dict, stop_token_ids,
+              text: bool = True) -> tuple[Request, asyncio.Queue]:
         """Submits to the engine; returns the Request and the queue its events arrive on."""
         if len(prompt) >= model.max_seq_len:
             raise APIError(413, f"the prompt has {len(prompt)} tokens; the context holds {model.max_seq_len} "
@@ -399,7 +400,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
 
         deadline = None if request_timeout is None else time.monotonic() + request_timeout
         req = Request(prompt, emit, stop_token_ids=tuple(stop_token_ids), deadline=deadline,
-                      request_id=rid(request), **kw)
+                      request_id=rid(request), text=text, **kw)
         try:
             engine.submit(req)
         except PromptTooLong as e:
@@ -501,7 +502,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                                                      tools=tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        req, q = start(request, prompt, kw, stop_chat)
+        req, q = start(request, prompt, kw, stop_chat, text=False)
         conv = HarmonyToOpenAI(tok, include_reasoning, kw["stop_strings"])
         cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
@@ -671,7 +672,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                                                      tools=tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"input: {e}", param="input") from None
-        req, q = start(request, prompt, kw, stop_chat)
+        req, q = start(request, prompt, kw, stop_chat, text=False)
         conv = HarmonyToOpenAI(tok, True, kw["stop_strings"])
         async for ev in events(request, req, q):
             if isinstance(ev, Delta):
