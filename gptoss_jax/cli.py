@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add an AWQ int4 row (auto: when gptoss-convert has --awq)")
     evaluation.add_eval_parser(sub, _add_model_args)
     __import__("gptoss_jax.bench").bench.add_parser(sub)  # gptoss-jax bench (gptoss_jax/bench.py)
+    __import__("gptoss_jax.serve.cli", fromlist=["add_parser"]).add_parser(sub, _add_model_args)  # serve
     return parser
 
 
@@ -613,7 +614,8 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "score": cmd_score, "info": cmd_info, "demo": cmd_demo,
             "verify": cmd_verify, "eval": evaluation.cmd_eval,
-            "bench": lambda args: __import__("gptoss_jax.bench").bench.cmd_bench(args)}
+            "bench": lambda args: __import__("gptoss_jax.bench").bench.cmd_bench(args),
+            "serve": lambda args: __import__("gptoss_jax.serve.cli", fromlist=["run"]).run(args, _load)}
 
 
 def _user_error_types() -> tuple[type, ...]:
