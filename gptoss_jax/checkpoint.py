@@ -48,8 +48,8 @@ from gptoss_jax import fsutil, sharding
 from gptoss_jax.config import ConfigError, GptOssConfig
 from gptoss_jax.jsoncheck import field, read_json_object
 from gptoss_jax.model import build_model
-from gptoss_jax.params import (QuantSpec, StackedTreeBuilder, iter_specs, model_specs, param_specs, path_str,
-                               unstack_layers)
+from gptoss_jax.params import (QUANTIZED_MODULES, QuantSpec, StackedTreeBuilder, iter_specs, model_specs,
+                               param_specs, path_str, unstack_layers)
 from gptoss_jax.safetensors_io import CheckpointError
 from gptoss_jax.kernels.int4_layout import LAYOUT_VERSION
 
@@ -401,6 +401,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
         if field(q, "scale_dtype", w, "str", **kw) not in ("bfloat16", "float16", "float32"):
             raise CheckpointError(f"{meta_path}: quantization.scale_dtype {q['scale_dtype']!r} is not bfloat16, "
                                   f"float16 or float32")
+        for key in ("modules", "act_order"):  # optional (older metadata has neither): lists of module names
+            names = field(q, key, w, "str_list", default=None, **kw)
+            bad = [m for m in names or () if m not in QUANTIZED_MODULES]
+            if bad:
+                raise CheckpointError(f"{meta_path}: quantization.{key} names unknown module(s) {bad}; expected "
+                                      f"some of {list(QUANTIZED_MODULES)}")
     items = field(meta, "items", w, "str_list", error=CheckpointError)
     if len(set(items)) != len(items):
         raise CheckpointError(f"{meta_path}: field 'items' lists an item twice")
@@ -466,10 +472,22 @@ def verify_checkpoint(path: str | os.PathLike, *, digests: bool = True) -> tuple
             raise CheckpointError(f"{path / PARAMS_DIR / name}: missing item folder")
     try:
         quant = quant_of(meta)
-        param_specs(config, dtype=jnp.dtype(meta["dtype"]), quant=quant)
+        specs = param_specs(config, dtype=jnp.dtype(meta["dtype"]), quant=quant)
     except ValueError as e:
         raise CheckpointError(f"{meta_path}: quantization {meta.get('quantization')} does not fit config.json "
                               f"({e})") from None
+    # The stored arrays of the first layer and of the global items must be the ones the metadata describes (a
+    # metadata edit such as "quantization": null must not make int4 codes load as 16-bit weights). Every other item
+    # is checked the same way when it is restored (load_params).
+    import orbax.checkpoint as ocp
+
+    stored_specs = apply_tensor_dtypes(specs, meta.get("tensor_dtypes", {}))
+    checkpointer = ocp.PyTreeCheckpointer()
+    for name in plan:
+        if _parse(name)[0] in (None, 0):
+            item_dir = path / PARAMS_DIR / name
+            _check_item(name, _item_tree_metadata(checkpointer, item_dir), select_item(stored_specs, name),
+                        str(item_dir))
     return meta, config
 
 

@@ -255,6 +255,24 @@ def test_metadata_corruptions_raise_checkpoint_error_or_load_the_same(converted,
     assert sorted(bad["items"]) == sorted(meta["items"])
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m.__setitem__("quantization", None),  # int4 codes would load as 16-bit weights
+    lambda m: m["quantization"].__setitem__("act_order", None),
+    lambda m: m["quantization"].__setitem__("modules", ["q_proj", "mlp"]),
+    lambda m: m["quantization"].__setitem__("symmetric", not m["quantization"]["symmetric"]),
+])
+def test_metadata_that_misdescribes_the_arrays_is_refused(converted, tmp_path, edit):
+    """Cases hypothesis found: metadata edits that no longer describe the stored arrays fail verification."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(converted, ckpt)
+    meta_path = ckpt / checkpoint.METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=str(ckpt)):
+        checkpoint.verify_checkpoint(ckpt, digests=False)
+
+
 @SLOWER
 @given(data=st.data())
 def test_convert_with_corrupted_safetensors_header_one_line_error_or_correct_checkpoint(ct_source, tmp_path, capsys,
