@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptoss_jax import checkpoint, testing
 from gptoss_jax.config import GptOssConfig, default_layer_types
-from gptoss_jax.convert import awq, cli, writers
+from gptoss_jax.convert import awq, cli
+from gptoss_jax.testing import writers
 from gptoss_jax.convert.converter import ConvertError, convert
 from gptoss_jax.convert.sources import HFSource
 from gptoss_jax.hf_loader import load_hf_params
