@@ -548,3 +548,29 @@ def test_warmup_compiles_what_greedy_traffic_needs(model):
     finally:
         engine.shutdown()
     assert (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)]) == before
+
+
+def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
+    """With few busy slots the decode step runs on the live rows gathered into a small bucket (not all max_batch
+    rows); warmup compiled every bucket (no compile under traffic) and each answer equals generate alone."""
+    from gptoss_jax.generate import TRACE_COUNTS
+    from gptoss_jax.serve import engine as engine_mod
+    widths = []
+    real = engine_mod._decode_rows
+    monkeypatch.setattr(engine_mod, "_decode_rows", lambda *a, **k: widths.append(len(a[3])) or real(*a, **k))
+    engine = Engine(model, max_batch=6, chunk_size=4)  # not a power of two: buckets 1, 2, 4, then all 6 rows
+    engine.warmup(prompt_len=12)
+    graph = model.generator.graph
+    before = TRACE_COUNTS[("serve_decode", graph)]
+    widths.clear()
+    engine.start()
+    try:
+        prompts = [list(range(10, 10 + n)) for n in (5, 9, 7)]
+        jobs = [_collect(engine, prompt=p, max_new_tokens=6, temperature=0.0) for p in prompts]
+        for p, (_, events, done) in zip(prompts, jobs):
+            assert done.wait(120)
+            assert events[-1].tokens == model.generate(p, max_new_tokens=6, temperature=0.0).tokens
+    finally:
+        engine.shutdown()
+    assert widths and max(widths) <= 4, widths  # ≤ 3 live rows: bucket 4 at most, never the 6-row step
+    assert TRACE_COUNTS[("serve_decode", graph)] == before

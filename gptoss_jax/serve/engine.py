@@ -10,8 +10,10 @@ prefill / decode):
   *prefill* — the rows still reading their prompts are gathered out of the cache, advanced by one chunk of at most
   ``prefill_chunk`` tokens (a request whose prompt is longer is prefilled over several iterations, with decode chunks
   of the other rows in between), scattered back; a row whose prompt is complete samples its first token;
-  *decode* — every slot decodes up to ``chunk_size`` tokens in one ``lax.while_loop`` (as in
-  :mod:`gptoss_jax.generate`); rows that are empty or finished are masked (length 0: no cache write).
+  *decode* — the occupied slots decode up to ``chunk_size`` tokens in one ``lax.while_loop`` (as in
+  :mod:`gptoss_jax.generate`); rows that are empty or finished are masked (length 0: no cache write). When fewer
+  than half the slots are busy, only the live rows are gathered into a batch bucket (a power of two) and scattered
+  back, so a light load runs a small step instead of a ``max_batch`` one.
   Between calls the host admits queued requests into free slots, delivers new tokens, checks stop strings,
   cancellations and deadlines, and frees slots.
 * Every sampling parameter is per row (temperature, top-k, top-p, seed, max tokens, stop ids), so requests with
@@ -217,8 +219,19 @@ def _decode_step_impl(graph, state, cache, last_token, positions, finished, num_
     return cache, out, lp_out, token, pos, finished, n
 
 
+def _decode_rows_impl(graph, state, cache, slots, *args, steps: int, mode, top: int):
+    """:func:`_decode_step_impl` on rows `slots` [b] of the cache only (index ≥ batch: padding, untouched): the
+    rows are gathered out of the cache, decoded and scattered back, so a step costs b rows, not every slot."""
+    rows = jax.tree.map(lambda a: jnp.take(a, slots, axis=1, mode="clip"), cache)
+    rows, *rest = _decode_step_impl(graph, state, rows, *args, steps=steps, mode=mode, top=top)
+    cache = jax.tree.map(lambda a, r: a.at[:, slots].set(r, mode="drop"), cache, rows)
+    return (cache, *rest)
+
+
 _prefill_step = jax.jit(_prefill_step_impl, static_argnums=0, static_argnames=("first", "mode", "top"),
                         donate_argnames=("cache",))
+_decode_rows = jax.jit(_decode_rows_impl, static_argnums=0, static_argnames=("steps", "mode", "top"),
+                       donate_argnames=("cache",))
 _decode_step = jax.jit(_decode_step_impl, static_argnums=0, static_argnames=("steps", "mode", "top"),
                        donate_argnames=("cache",))
 
@@ -453,10 +466,22 @@ class Engine:
             if rows >= self.max_prefill_rows:
                 break
             n = rows * 2
-        z, f = np.zeros((b,), np.int32), np.zeros((b,), np.float32)
-        out = _decode_step(self.gen.graph, self.gen.state_leaves, cache, z, z, np.ones((b,), bool), z, z + 1,
-                           np.full((b, MAX_STOP_TOKEN_IDS), NO_TOKEN, np.int32), np.zeros((b, 2), np.uint32), f, z,
-                           f + 1, steps=self.chunk_size, mode=(True, False, False), top=0)
+        rows = batch_bucket(1, self.gen.batch_multiple)
+        while True:  # the decode step at every batch bucket: the compact ones (live rows only), then all slots
+            rows = min(rows, b)
+            z, f = np.zeros((rows,), np.int32), np.zeros((rows,), np.float32)
+            args = (z, z, np.ones((rows,), bool), z, z + 1, np.full((rows, MAX_STOP_TOKEN_IDS), NO_TOKEN, np.int32),
+                    np.zeros((rows, 2), np.uint32), f, z, f + 1)
+            kw = dict(steps=self.chunk_size, mode=(True, False, False), top=0)
+            if rows < b:
+                out = _decode_rows(self.gen.graph, self.gen.state_leaves, cache, np.full((rows,), b, np.int32),
+                                   *args, **kw)
+            else:
+                out = _decode_step(self.gen.graph, self.gen.state_leaves, cache, *args, **kw)
+            cache = out[0]
+            if rows >= b:
+                break
+            rows = batch_bucket(rows * 2, self.gen.batch_multiple)
         jax.block_until_ready(out)
 
     def _prefill(self) -> None:
@@ -501,8 +526,16 @@ class Engine:
                 self._deliver(i, [int(tok[r])], lps, device_finished=False)
 
     def _decode(self) -> None:
-        b = self.max_batch
-        live = [s for s in self._slots if s is not None and not s.prefilling]
+        """One decode call over the occupied rows: all slots when most are busy, else only the live rows gathered
+        into a batch bucket (a power of two), so a light load does not pay for a full ``max_batch`` step."""
+        live_ids = [i for i, s in enumerate(self._slots) if s is not None and not s.prefilling]
+        live = [self._slots[i] for i in live_ids]
+        bucket = batch_bucket(len(live_ids), self.gen.batch_multiple)
+        compact = bucket < self.max_batch
+        rows = live_ids if compact else list(range(self.max_batch))
+        b = bucket if compact else self.max_batch
+        slot_ids = np.full((b,), self.max_batch, np.int32)  # padding rows: out of range, never written
+        slot_ids[:len(rows)] = rows
         last = np.zeros((b,), np.int32)
         pos = np.zeros((b,), np.int32)
         finished = np.ones((b,), bool)
@@ -511,27 +544,34 @@ class Engine:
         stop_ids = np.full((b, MAX_STOP_TOKEN_IDS), NO_TOKEN, np.int32)
         keys = np.zeros((b, 2), np.uint32)
         temp, top_k, top_p = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,), np.float32)
-        for i, s in enumerate(self._slots):
+        for r_, i in enumerate(rows):
+            s = self._slots[i]
             if s is None or s.prefilling:
                 continue
             r = s.req
-            last[i], pos[i], finished[i] = s.tokens[-1], len(r.prompt) + len(s.tokens) - 1, False
-            n[i], max_new[i], keys[i] = len(s.tokens), r.max_new_tokens, s.key
-            stop_ids[i, :len(r.stop_token_ids)] = r.stop_token_ids
-            temp[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+            last[r_], pos[r_], finished[r_] = s.tokens[-1], len(r.prompt) + len(s.tokens) - 1, False
+            n[r_], max_new[r_], keys[r_] = len(s.tokens), r.max_new_tokens, s.key
+            stop_ids[r_, :len(r.stop_token_ids)] = r.stop_token_ids
+            temp[r_], top_k[r_], top_p[r_] = r.temperature, r.top_k, r.top_p
         self.metrics.decode_steps += 1
-        self.metrics.occupancy_sum += len(live) / b
-        self._cache, out, lp, _, _, dev_finished, _ = _decode_step(
-            self.gen.graph, self.gen.state_leaves, self._cache, last, pos, finished, n, max_new, stop_ids, keys, temp,
-            top_k, top_p, steps=self.chunk_size, mode=self._mode(live), top=self._top(live))
+        self.metrics.occupancy_sum += len(live) / self.max_batch
+        args = (last, pos, finished, n, max_new, stop_ids, keys, temp, top_k, top_p)
+        kw = dict(steps=self.chunk_size, mode=self._mode(live), top=self._top(live))
+        if compact:
+            self._cache, out, lp, _, _, dev_finished, _ = _decode_rows(
+                self.gen.graph, self.gen.state_leaves, self._cache, slot_ids, *args, **kw)
+        else:
+            self._cache, out, lp, _, _, dev_finished, _ = _decode_step(
+                self.gen.graph, self.gen.state_leaves, self._cache, *args, **kw)
         out, lp, dev_finished = jax.device_get((out, lp, dev_finished))
-        for i, s in enumerate(self._slots):
-            if s is None or s.prefilling or finished[i]:
+        for r_, i in enumerate(rows):
+            s = self._slots[i]
+            if s is None or s.prefilling or finished[r_]:
                 continue
-            cols = [c for c in range(out.shape[1]) if out[i, c] != NO_TOKEN]
-            lps = None if lp is None else [(float(lp[0][i, c]), list(zip(lp[1][i, c].tolist(),
-                                                                          lp[2][i, c].tolist()))) for c in cols]
-            self._deliver(i, [int(out[i, c]) for c in cols], lps, device_finished=bool(dev_finished[i]))
+            cols = [c for c in range(out.shape[1]) if out[r_, c] != NO_TOKEN]
+            lps = None if lp is None else [(float(lp[0][r_, c]), list(zip(lp[1][r_, c].tolist(),
+                                                                           lp[2][r_, c].tolist()))) for c in cols]
+            self._deliver(i, [int(out[r_, c]) for c in cols], lps, device_finished=bool(dev_finished[r_]))
 
     def _deliver(self, i: int, new: list[int], lps, *, device_finished: bool) -> None:
         """Appends a row's new tokens, applies stop tokens / strings / limits, emits a Delta, finishes the row."""
