@@ -113,6 +113,19 @@ def unigram_nll(train_ids, held_ids, vocab_size: int) -> float:
 
 
 def train(args) -> dict:
+    """Trains and saves the model (see the module docstring); returns its metrics. The XLA reference kernels are
+    forced while it runs (GPTOSS_KERNELS=xla) and the caller's setting is restored afterwards."""
+    saved = os.environ.get("GPTOSS_KERNELS")
+    try:
+        return _train(args)
+    finally:
+        if saved is None:
+            os.environ.pop("GPTOSS_KERNELS", None)
+        else:
+            os.environ["GPTOSS_KERNELS"] = saved
+
+
+def _train(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np

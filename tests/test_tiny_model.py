@@ -4,6 +4,7 @@ unigram model), that it generates words of its corpus, deterministically, and th
 pipeline reproduces the shipped tokenizer and held-out text."""
 
 import hashlib
+from pathlib import Path
 import json
 import re
 
@@ -115,10 +116,20 @@ def test_wheel_carries_the_shipped_model(tmp_path):
 @pytest.mark.slow
 def test_training_is_seeded_and_bitwise_reproducible(tmp_path):
     """Two runs of the training script (shortened to 2 steps) write identical weights; another seed differs."""
-    from gptoss_jax import train_tiny
+    import os
+    import subprocess
+    import sys
+
+    def run(*args):  # a fresh process per run, as a user runs it (and no training state left in this one)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run([sys.executable, "-m", "gptoss_jax.train_tiny", *args], capture_output=True, text=True,
+                              timeout=600, env=env)
+
     digests = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        assert train_tiny.main(["--out", str(tmp_path / name), "--steps", "2", "--seed", str(seed)]) == 0
+        r = run("--out", str(tmp_path / name), "--steps", "2", "--seed", str(seed))
+        assert r.returncode == 0, r.stderr[-2000:]
         digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1] != digests[2]
-    assert train_tiny.main(["--out", str(tmp_path / "a")]) == 2  # never overwrites
+    assert run("--out", str(tmp_path / "a")).returncode == 2  # never overwrites
