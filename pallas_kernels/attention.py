@@ -26,10 +26,10 @@ Implementations (``implementation=``):
   (``jax.experimental.pallas.ops.tpu.splash_attention``, jax 0.10) does take sinks, but its masks are static
   (numpy ``Mask`` objects fixed at trace time, plus segment ids): it cannot express per-row, runtime
   position-based masks such as a KV-cache ring buffer or right-padded rows of different lengths, so we use our own.
-* ``None``: by backend (``ops.default_implementation``; ``GPTOSS_KERNELS=xla`` forces the reference), except that
-  a kernel is only picked when ``AUTO_KERNELS`` allows it: on for the GPU kernel (measured on an H200), off for the
-  TPU kernel (never run on a TPU), so auto is "gpu" on GPUs and "xla" elsewhere. ``pallas_call`` is not
-  auto-partitioned, so a bare call with several devices keeps "xla"; the model on a mesh calls attention per device
+* ``None``: auto, from the kernels' registry table ``registry.AUTO_ORDER["attention"]`` per lowering platform,
+  bound with ``jax.lax.platform_dependent`` like the matmuls (``GPTOSS_KERNELS`` overrides): the GPU kernel on
+  cuda (measured on an H200), xla on tpu (the TPU kernel never ran on a TPU) and everywhere else. ``pallas_call``
+  is not auto-partitioned, so a bare call with several devices keeps "xla"; the model on a mesh calls attention per device
   under ``shard_map`` (:func:`gptoss_jax.moe_parallel.attention_forward`: rows like the batch, heads over the head
   axes) with :func:`per_device_implementation`, so the kernel runs there too.
 
@@ -64,10 +64,6 @@ XLA_K_CHUNK = 512
 # step has a fixed cost). Not tuned on a GPU.
 XLA_DECODE_K_CHUNK = 4096
 
-# Which kernels implementation=None may pick. GPU: measured on an H200 (jax 0.11.2, docs/BENCHMARKS.md "Attention"):
-# correct (bf16 and f32) and faster than both xla paths in every row, e.g. 32k causal prefill 35.7 vs 241 ms, decode
-# at 1k of 128k slots 25 vs 129 us. TPU: interpret-tested only, never run on a TPU, so auto keeps xla there.
-AUTO_KERNELS = {"gpu": True, "tpu": False}
 
 _NEG = -1e30  # finite "minus infinity" for running maxima (exp(-inf - -inf) would be nan)
 
@@ -500,50 +496,29 @@ def _check(q, k, v, q_pos, k_pos, sinks, window):
         raise ValueError(f"attention: window must be None or a positive int, got {window!r}")
 
 
+def auto_choices() -> dict[str, str]:
+    """Lowering platform → the implementation auto mode binds for it (``registry.AUTO_ORDER["attention"]``, the same
+    ordered table as the matmuls'; platforms not listed get "xla")."""
+    from . import registry
+
+    out = {}
+    for platform in registry.KERNEL_PLATFORMS:
+        for name in registry.AUTO_ORDER["attention"].get(platform, ("xla",)):
+            if name == "xla" or (name == "gpu" and GPU_AVAILABLE) or name == "tpu":
+                out[platform] = name
+                break
+    return out
+
+
 def per_device_implementation() -> str:
-    """The implementation auto mode picks for a call that runs on one device (a single-device model, or one
-    device's part under shard_map): the backend's kernel where :data:`AUTO_KERNELS` allows it, else "xla"."""
-    from .ops import default_implementation
+    """What a call that runs on one device (one device's part under shard_map) asks for: the ``GPTOSS_KERNELS``
+    override if set, else "auto" (bound per lowering platform, :func:`auto_choices`)."""
+    from .ops import _env_override
 
-    impl = default_implementation()
-    return impl if AUTO_KERNELS.get(impl, True) else "xla"
+    return _env_override() or "auto"
 
 
-def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implementation: str | None = None,
-              tiling: dict | None = None, interpret: Any = None, layer=None):
-    """GQA attention with sinks and causal / sliding-window masks from positions (module docstring).
-
-    Args:
-      q: [B, T, H, D] queries (bf16 / f32). k, v: [B, S, KV, D] keys / values (a KV cache or the new tokens).
-      q_pos: int32 [B, T] query positions. k_pos: int32 [B, S] key positions, -1 = invisible.
-      sinks: [H] per-head sink logits. window: sliding window in tokens, None = full causal.
-      implementation: None (by backend), "xla", "gpu" or "tpu".
-      tiling: kernel tiles (gpu: block_rows, block_k, num_warps, num_stages, splits; tpu: block_rows, block_k).
-      interpret: for "gpu"/"tpu" off their hardware; None = interpret when the backend does not match.
-      layer: None, or an int32 scalar (may be traced): k, v are then [L, B, S, KV, D] and k_pos [L, B, S], a KV
-        cache stacked over layers, and layer `layer` of them is attended to — read in place by the GPU kernel (the
-        model's scan passes its whole cache), sliced by the other implementations.
-    Returns: [B, T, H, D] in q.dtype.
-    Raises: ValueError naming the argument for inconsistent shapes or an unknown implementation.
-    """
-    if layer is not None:
-        if k.ndim != 5 or k_pos.ndim != 3:
-            raise ValueError(f"attention: with layer=, k, v must be [L,B,S,KV,D] and k_pos [L,B,S]; got k {k.shape}, "
-                             f"k_pos {k_pos.shape}")
-        _check(q, k[0], v[0], q_pos, k_pos[0], sinks, window)
-    else:
-        _check(q, k, v, q_pos, k_pos, sinks, window)
-    window = None if window is None else int(window)
-    impl = implementation or per_device_implementation()
-    if implementation is None and jax.device_count() > 1:
-        # pallas_call is not auto-partitioned: on a mesh XLA would have to gather q / k / v / the cache for it. The
-        # model calls attention per device under shard_map (gptoss_jax.moe_parallel.attention_forward) with
-        # implementation=per_device_implementation(); a bare call with several devices keeps xla.
-        impl = "xla"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    q_pos = q_pos.astype(jnp.int32)
-    k_pos = k_pos.astype(jnp.int32)
+def _run(impl, q, k, v, q_pos, k_pos, sinks, window, tiling, interpret, layer):
     if layer is not None and impl != "gpu":  # a slice (XLA fuses it into its consumers where it can)
         k, v, k_pos = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k, v, k_pos))
     if impl != "gpu" and k.dtype != q.dtype:  # a KV cache kept in another dtype; the GPU kernel converts its tiles
@@ -567,6 +542,70 @@ def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implem
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     return flash_attention_tpu(q, k, v, q_pos, k_pos, sinks, window, tiling=tiling, interpret=interpret)
+
+
+def _auto(q, k, v, q_pos, k_pos, sinks, window, tiling, layer):
+    """Auto mode: each lowering platform gets its :func:`auto_choices` implementation, bound with
+    ``jax.lax.platform_dependent`` (so a CPU host exporting for cuda gets the GPU kernel, compiled)."""
+    stacked = layer is not None
+    li = jnp.asarray(0 if layer is None else layer, jnp.int32)
+
+    def bind(name):
+        def fn(q_, k_, v_, qp_, kp_, s_, li_):
+            return _run(name, q_, k_, v_, qp_, kp_, s_, window, tiling if name != "xla" else None,
+                        None if name == "xla" else False, li_ if stacked else None)
+        return fn
+
+    branches = {platform: bind(name) for platform, name in auto_choices().items() if name != "xla"}
+    if not branches:
+        return bind("xla")(q, k, v, q_pos, k_pos, sinks, li)
+    return jax.lax.platform_dependent(q, k, v, q_pos, k_pos, sinks, li, default=bind("xla"), **branches)
+
+
+def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implementation: str | None = None,
+              tiling: dict | None = None, interpret: Any = None, layer=None):
+    """GQA attention with sinks and causal / sliding-window masks from positions (module docstring).
+
+    Args:
+      q: [B, T, H, D] queries (bf16 / f32). k, v: [B, S, KV, D] keys / values (a KV cache or the new tokens).
+      q_pos: int32 [B, T] query positions. k_pos: int32 [B, S] key positions, -1 = invisible.
+      sinks: [H] per-head sink logits. window: sliding window in tokens, None = full causal.
+      implementation: None (auto: per lowering platform from ``registry.AUTO_ORDER["attention"]``, the
+        ``GPTOSS_KERNELS`` override if set; a bare call with several devices keeps "xla"), "auto" (the same without
+        the several-devices rule: one device's part under shard_map), "xla", "gpu" or "tpu".
+      tiling: kernel tiles (gpu: block_rows, block_k, num_warps, num_stages, splits; tpu: block_rows, block_k).
+      interpret: for an explicit "gpu"/"tpu" off their hardware; None = interpret when the backend does not match.
+      layer: None, or an int32 scalar (may be traced): k, v are then [L, B, S, KV, D] and k_pos [L, B, S], a KV
+        cache stacked over layers, and layer `layer` of them is attended to — read in place by the GPU kernel (the
+        model's scan passes its whole cache), sliced by the other implementations.
+    Returns: [B, T, H, D] in q.dtype.
+    Raises: ValueError naming the argument for inconsistent shapes or an unknown implementation.
+    """
+    from .ops import _env_override
+
+    if layer is not None:
+        if k.ndim != 5 or k_pos.ndim != 3:
+            raise ValueError(f"attention: with layer=, k, v must be [L,B,S,KV,D] and k_pos [L,B,S]; got k {k.shape}, "
+                             f"k_pos {k_pos.shape}")
+        _check(q, k[0], v[0], q_pos, k_pos[0], sinks, window)
+    else:
+        _check(q, k, v, q_pos, k_pos, sinks, window)
+    window = None if window is None else int(window)
+    q_pos = q_pos.astype(jnp.int32)
+    k_pos = k_pos.astype(jnp.int32)
+    impl = implementation
+    if impl is None and jax.device_count() > 1:
+        # pallas_call is not auto-partitioned: on a mesh XLA would have to gather q / k / v / the cache for it. The
+        # model calls attention per device under shard_map (gptoss_jax.moe_parallel.attention_forward) with
+        # implementation=per_device_implementation(); a bare call with several devices keeps xla.
+        impl = "xla"
+    if impl in (None, "auto"):
+        impl = _env_override()
+        if impl is None:
+            return _auto(q, k, v, q_pos, k_pos, sinks, window, tiling, layer)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    return _run(impl, q, k, v, q_pos, k_pos, sinks, window, tiling, interpret, layer)
 
 
 flash_attention = attention

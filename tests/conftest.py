@@ -17,3 +17,16 @@ def rng():
     seed = int(np.random.SeedSequence().entropy % (2**32))
     print(f"numpy seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module: drop jax's compiled executables and trace caches and collect garbage. One pytest
+    process compiles thousands of tiny programs over the suite; without this its memory only grows (two CI runs
+    ended in an XLA abort / segfault while compiling late in the suite)."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()

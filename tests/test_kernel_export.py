@@ -139,3 +139,23 @@ def test_export_unsupported_group_falls_back_to_xla():
     for platform in ("tpu", "cuda"):
         text = exported_text(grouped_fn(), platform, *args)
         assert count(text, MOSAIC) == 0 and count(text, TRITON) == 0
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_attention_auto_follows_the_lowering_platform(layer):
+    """Attention's auto mode is bound per lowering platform from registry.AUTO_ORDER["attention"]: from this CPU
+    host an export for cuda holds the Triton flash kernel (decode and prefill, stacked cache too), an export for tpu
+    the XLA path (the TPU kernel is not auto until it has run on a TPU), and CPU lowering is plain XLA."""
+    from gptoss_jax.kernels import attention as A
+    s = jax.ShapeDtypeStruct
+    lead = () if layer is None else (3,)
+    for t in (1, 64):
+        args = (s((2, t, 8, 64), jnp.bfloat16), s((*lead, 2, 256, 2, 64), jnp.bfloat16),
+                s((*lead, 2, 256, 2, 64), jnp.bfloat16), s((2, t), jnp.int32), s((*lead, 2, 256), jnp.int32),
+                s((8,), jnp.float32))
+        fn = lambda q, k, v, qp, kp, sk: A.attention(q, k, v, qp, kp, sk, 128, layer=layer)  # noqa: E731
+        assert count(exported_text(fn, "cuda", *args), TRITON) >= 1
+        tpu = exported_text(fn, "tpu", *args)
+        assert count(tpu, MOSAIC) == 0 and count(tpu, TRITON) == 0
+        assert TRITON not in jax.jit(fn).lower(*args).as_text()
+    assert registry.AUTO_ORDER["attention"]["cuda"][0] == "gpu"
