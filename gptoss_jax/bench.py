@@ -422,7 +422,7 @@ def parse_trace(trace_dir: str, *, module_hint: str = "decode", host_marker: str
     return {"kernels": len(kernels), "busy_us": sum(float(e.get("dur", 0.0)) for e in kernels),
             "module_kernels": len(chosen), "module_busy_us": sum(float(e.get("dur", 0.0)) for e in chosen),
             "attribution": attribution, "source": "device" if device_pids else "host (XLA:CPU thunks)",
-            "top": sorted(([n, c, us] for n, (c, us) in top.items()), key=lambda x: -x[2])[:15]}
+            "top": sorted(([n, c, us] for n, (c, us) in top.items()), key=lambda x: -x[2])[:80]}
 
 
 # ------------------------------------------------------------------------------------------------ random weights

@@ -18,7 +18,8 @@ from flax import nnx
 
 from gptoss_jax.moe_parallel import dense_int4_forward
 from gptoss_jax.params import INIT_STD, ONES, ParamSpec, init_value, int4_logical_shape, is_int4
-from gptoss_jax.kernels import dense_matmul, dense_matmul_fused, grouped_matmul, int4_layout
+from gptoss_jax.kernels import (_gpu_gemv, dense_matmul, dense_matmul_fused, grouped_matmul, int4_layout, ops,
+                                routed_matmul)
 from gptoss_jax.kernels.int4_layout import Int4Tensor
 
 
@@ -159,3 +160,22 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens):
         return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+def routed_eligible(w, rows: int) -> bool:
+    """Whether the MoE may run ``rows`` (token, expert) rows through :func:`routed_linear`'s row-wise GPU kernel in
+    auto mode: int4 weights in the kernel's group sizes, no act-order, at most ``_gpu_gemv.auto_limits()[0]`` rows
+    (decode), and no ``GPTOSS_KERNELS`` override naming another implementation. Static (shapes only)."""
+    if not isinstance(w, Int4Weight) or input_perm(w) is not None or ops._env_override() not in (None, "gpu"):
+        return False
+    t = w.tensor()
+    return rows <= _gpu_gemv.auto_limits()[0] and _gpu_gemv.why_not(t.shape[-2], [t.group_size]) is None
+
+
+def routed_linear(x, w, expert_ids, rows=None, bias=None, *, swiglu: tuple[float, float] | None = None,
+                  layer=None):
+    """Row r = x[rows[r]] @ W[expert_ids[r]] (+ bias) with the row-wise int4 GPU kernel (compiled: call it when
+    lowering for cuda, see gptoss_jax.moe_parallel.local_experts_forward). Ids outside [0, E) give zero rows."""
+    epilogue = {} if swiglu is None else dict(epilogue="swiglu", swiglu_alpha=swiglu[0], swiglu_limit=swiglu[1])
+    return routed_matmul(x, operand(w), expert_ids, rows=rows, bias=bias, out_dtype=x.dtype, layer=layer,
+                         implementation="gpu", interpret=False, **epilogue)

@@ -121,9 +121,25 @@ def local_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=No
     n, h = x.shape
     k = expert_ids.shape[-1]
     count = _num_local_experts(experts_mod)
-    order, group_sizes, is_local = _local_groups(expert_ids.reshape(n * k), first, count)
-    y_sorted = experts_mod(x[order // k], group_sizes, layer=layer)
-    return _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
+
+    def grouped(x):
+        order, group_sizes, is_local = _local_groups(expert_ids.reshape(n * k), first, count)
+        y_sorted = experts_mod(x[order // k], group_sizes, layer=layer)
+        return _combine(y_sorted, order, is_local, weights.reshape(n, k), n, k, h)
+
+    if not experts_mod.routed_eligible(n * k):
+        return grouped(x)
+
+    def routed(x):
+        # Decode on cuda: the row-wise kernel reads each assignment's expert straight from the router's ids — no
+        # sort, bincount, group metadata, gather or un-sort (≈15 small kernels per layer at batch 1).
+        ids = expert_ids.reshape(n * k).astype(jnp.int32) - first
+        ids = jnp.where(jnp.logical_and(ids >= 0, ids < count), ids, -1)
+        y = experts_mod.routed(x, ids, jnp.arange(n * k, dtype=jnp.int32) // k, layer=layer)
+        return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32),
+                          weights.reshape(n, k).astype(jnp.float32))
+
+    return jax.lax.platform_dependent(x, cuda=routed, default=grouped)
 
 
 def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=None):

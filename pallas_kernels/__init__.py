@@ -5,7 +5,8 @@ from ._gpu import GpuTiling
 from ._tpu import TpuTiling
 from .int4_layout import (LAYOUT_VERSION, Int4LayoutError, Int4Tensor, dequantize, from_unsigned, pack, quantize,
                           to_unsigned, unpack, validate)
-from .ops import IMPLEMENTATIONS, default_implementation, dense_matmul, dense_matmul_fused, grouped_matmul
+from .ops import (IMPLEMENTATIONS, default_implementation, dense_matmul, dense_matmul_fused, grouped_matmul,
+                  routed_matmul)
 from .registry import AUTO_ORDER, REGISTRY, MatmulCall, UnsupportedCallError
 from .swiglu import clamped_swiglu, clamped_swiglu_parts
 from .attention import decode_attention, flash_attention  # noqa: E402  (gptoss_jax.kernels.attention stays the module)
@@ -13,6 +14,7 @@ from .attention import decode_attention, flash_attention  # noqa: E402  (gptoss_
 __all__ = [
     "LAYOUT_VERSION", "Int4LayoutError", "Int4Tensor", "dequantize", "from_unsigned", "pack", "quantize",
     "to_unsigned", "unpack", "validate", "IMPLEMENTATIONS", "clamped_swiglu", "clamped_swiglu_parts",
-    "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "GpuTiling", "TpuTiling", "AUTO_ORDER", "REGISTRY",
+    "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "routed_matmul", "GpuTiling",
+    "TpuTiling", "AUTO_ORDER", "REGISTRY",
     "MatmulCall", "UnsupportedCallError", "flash_attention", "decode_attention",
 ]

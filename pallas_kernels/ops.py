@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _gpu_dense, registry
+from . import _gpu_dense, _gpu_gemv, registry
 from .int4_layout import Int4Tensor, validate
 from .registry import MatmulCall, UnsupportedCallError
 from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
@@ -42,7 +42,7 @@ IMPLEMENTATIONS = tuple(registry.REGISTRY)
 ENV_VAR = "GPTOSS_KERNELS"
 
 __all__ = ["IMPLEMENTATIONS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "UnsupportedCallError", "clamped_swiglu",
-           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul"]
+           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "routed_matmul"]
 
 
 def _env_override() -> str | None:
@@ -265,6 +265,9 @@ def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None,
         def fn(x_):
             for w in ws:
                 validate(w, name="dense_matmul_fused weight")
+            if _gpu_gemv.dense_eligible(x.shape[0], x.shape[1], views):
+                return _gpu_gemv.dense_rowwise_gpu(x_.astype(x.dtype), ws, biases, out_dtype=out_dtype, layer=lay,
+                                                   interpret=interp)
             return _gpu_dense.dense_int4_gpu(x_.astype(x.dtype), ws, biases, out_dtype=out_dtype, tiling=t,
                                              interpret=interp, layer=lay)
         return fn
@@ -280,3 +283,83 @@ def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None,
     if reason is not None or x.shape[0] > _gpu_dense.AUTO_MAX_M:
         return separate(None)
     return jax.lax.platform_dependent(x, default=lambda x_: separate(None), cuda=fused(False))
+
+
+def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | None = None,
+                  swiglu_alpha: float = SWIGLU_ALPHA, swiglu_limit: float = SWIGLU_LIMIT,
+                  implementation: str | None = None, tiling: Any = None, out_dtype=None, interpret: Any = None,
+                  layer=None):
+    """MoE matmul straight from the router: row r = x[rows[r]] @ w[expert_ids[r]] (+ bias[expert_ids[r]]).
+
+    Args:
+      x: [M, K] activations (tokens; not sorted).
+      w: [E, K, N] float array or Int4Tensor ([L, E, K, N] with ``layer``).
+      expert_ids: int [R], one expert per output row; an id outside [0, E) gives a zero row (an assignment to an
+        expert another shard holds).
+      rows: int [R], the x row of each output row (the token of a (token, expert) assignment: ``r // k`` for the
+        router's flattened top-k); default ``range(R)`` (then R must equal M).
+      bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype, layer: as in :func:`grouped_matmul`.
+      implementation: None (auto), "xla", "tpu" or "gpu". "gpu" is the row-wise int4 GEMV kernel
+        (``_gpu_gemv``, int4 weights whose group size / 8 is a power of two; interpreted off cuda unless
+        ``interpret`` says otherwise). Every other implementation — and auto mode, except on cuda for int4 calls with
+        at most ``_gpu_gemv.auto_limits()[0]`` rows — sorts the rows by expert and runs :func:`grouped_matmul` with
+        that implementation, then un-sorts: the same result, more kernels.
+
+    Returns:
+      [R, N] (or [R, N/2] with swiglu) in out_dtype (default x.dtype).
+
+    Raises:
+      ValueError: bad shapes or arguments; UnsupportedCallError: "gpu" cannot run the call.
+    """
+    wv, bv = (w, bias) if layer is None else (_layer_view(w), _layer_view(bias))
+    ids = jnp.asarray(expert_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"routed_matmul: expert_ids must be an int vector [R], got {ids.dtype} {ids.shape}")
+    r = ids.shape[0]
+    if rows is None:
+        if x.shape[0] != r:
+            raise ValueError(f"routed_matmul: without rows, x needs one row per id: x {x.shape}, {r} ids")
+        rows = jnp.arange(r, dtype=jnp.int32)
+    rows = jnp.asarray(rows, jnp.int32)
+    if rows.shape != (r,):
+        raise ValueError(f"routed_matmul: rows must be [{r}], got {rows.shape}")
+    e = wv.shape[0]
+    _check_grouped_args(x, wv, jnp.zeros((e,), jnp.int32), bv, epilogue)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    ids = ids.astype(jnp.int32)
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        registry.get(name)
+    swiglu = dict(epilogue=epilogue, alpha=swiglu_alpha, limit=swiglu_limit)
+
+    def kernel(interp):
+        def fn(x_):
+            return _gpu_gemv.routed_int4_gpu(x_, w, ids, rows, bias, out_dtype=out_dtype, layer=layer, tiling=tiling,
+                                             interpret=interp, **swiglu)
+        return fn
+
+    def sorted_path(impl):
+        def fn(x_):
+            live = jnp.logical_and(ids >= 0, ids < e)
+            key = jnp.where(live, ids, e)
+            order = jnp.argsort(key, stable=True)
+            sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+            y = grouped_matmul(x_[rows[order]], w, sizes, bias=bias, epilogue=epilogue, swiglu_alpha=swiglu_alpha,
+                               swiglu_limit=swiglu_limit, implementation=impl, out_dtype=out_dtype, interpret=interpret, layer=layer)
+            return jnp.zeros_like(y).at[order].set(y)  # rows past the groups (dead ids) came out as zeros
+        return fn
+
+    int4 = isinstance(w, Int4Tensor)
+    reason = _gpu_gemv.why_not(wv.shape[1], [wv.group_size], tiling) if int4 else "the kernel takes int4 weights"
+    if name == "gpu":
+        if reason is not None:
+            raise UnsupportedCallError(f"implementation='gpu' does not support routed_matmul x {tuple(x.shape)}, "
+                                       f"w {tuple(wv.shape)}: {reason}")
+        if interpret is not None:
+            return kernel(bool(interpret))(x)
+        return jax.lax.platform_dependent(x, default=kernel(True), cuda=kernel(False))
+    if name is not None:
+        return sorted_path(name)(x)
+    if reason is not None or r > _gpu_gemv.auto_limits()[0]:
+        return sorted_path(None)(x)
+    return jax.lax.platform_dependent(x, default=sorted_path(None), cuda=kernel(False))

@@ -48,6 +48,25 @@ def grouped_matmul_f64(x, weights, group_sizes, bias=None, epilogue: str | None 
     return y
 
 
+
+def routed_matmul_f64(x, weights, expert_ids, rows=None, bias=None, epilogue: str | None = None,
+                      alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
+    """Row r = x[rows[r]] @ weights[expert_ids[r]] (+ bias[expert_ids[r]]); rows whose id is outside [0, E) are 0.
+
+    ``weights`` float64 [E, K, N] (e.g. :func:`dequantize_f64`); rows defaults to range(len(expert_ids))."""
+    x = np.asarray(x, np.float64)
+    ids = np.asarray(expert_ids)
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
+    e_count, n = np.shape(weights)[0], np.shape(weights)[-1]
+    y = np.zeros((len(ids), n))
+    for r, (e, xr) in enumerate(zip(ids, rows)):
+        if 0 <= e < e_count:
+            y[r] = x[xr] @ weights[e] + (0 if bias is None else np.asarray(bias, np.float64)[e])
+    if epilogue == "swiglu":
+        live = (ids >= 0) & (ids < e_count)
+        y = np.where(live[:, None], swiglu_f64(y, alpha, limit), 0.0)
+    return y
+
 def max_rel_err(y, ref) -> float:
     """max |y - ref| / max |ref| in float64; non-finite y never passes (inf)."""
     y = np.asarray(np.asarray(y).astype(np.float32), np.float64)

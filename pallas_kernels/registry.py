@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from . import _gpu, _gpu_dense, _gpu_grouped, _tpu, _xla
+from . import _gpu, _gpu_dense, _gpu_gemv, _gpu_grouped, _tpu, _xla
 from .int4_layout import Int4Tensor
 
 
@@ -234,6 +234,9 @@ class GpuMatmul(Implementation):
     def run(self, call, x, w, group_sizes, bias, *, epilogue, alpha, limit, out_dtype, tiling, interpret,
             layer=None):
         compiled_interp = interpret is not False and interpret is not None
+        if call.op == "dense" and tiling is None and _gpu_gemv.dense_eligible(call.m, call.k, [w]):
+            return _gpu_gemv.dense_rowwise_gpu(x.astype(call.dtype), [w], [bias], out_dtype=out_dtype, layer=layer,
+                                               interpret=compiled_interp)[0]
         if self._dense_kernel(call, tiling):
             return _gpu_dense.dense_int4_gpu(x.astype(call.dtype), [w], [bias], out_dtype=out_dtype, tiling=tiling,
                                              interpret=compiled_interp, layer=layer)[0]

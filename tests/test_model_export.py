@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent("""
         exp = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
         text = exp.mlir_module()
         out[name] = {"mosaic": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
-                     "scan_or_while": text.count("stablehlo.while")}
+                     "scan_or_while": text.count("stablehlo.while"), "rowwise": text.count("int4_rowwise_gemv"),
+                     "sort": text.count("stablehlo.sort")}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -94,3 +95,8 @@ def test_export_int4_model_for_cuda(mesh):
         assert r[fn]["mosaic"] == 0, r
     # decode (2 rows): the dense int4 projections are kernels too — q/k/v fused (one device) or per shard, and o
     assert r["decode"]["triton"] >= 4 * p, r
+    # decode (2 tokens x top-4 = 8 rows): the MoE runs straight from the router's ids (the row-wise kernel, gate_up
+    # and down) without sorting the assignments (the sorts left are the router's top-k); prefill (32 tokens) keeps
+    # the sorted grouped kernel
+    assert r["decode"]["rowwise"] >= 2 * p and r["decode"]["sort"] < r["prefill"]["sort"], r
+    assert r["prefill"]["rowwise"] == 0, r

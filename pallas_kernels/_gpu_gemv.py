@@ -1,0 +1,307 @@
+"""Row-wise int4 GEMV for decode on NVIDIA GPUs in Pallas, Triton lowering: one output row per program, no tensor
+cores, no routing metadata.
+
+Why a second small-M kernel next to ``_gpu_dense`` / ``_gpu_grouped``: at decode a row meets each weight once, so the
+op is a GEMV bound by streaming the packed words. Two costs dominated the batch-1 step on an H200
+(docs/BENCHMARKS.md): (1) the MoE's routing plumbing — a stable sort of the N·k assignments, a bincount, the group
+metadata, a row gather and an un-sort scatter: ~15 tiny XLA kernels per layer around two grouped matmuls; (2) the
+dequantization itself: integer nibbles converted to bf16 for a 16-row tensor-core dot whose 15 padding rows are
+wasted, with the int→float conversions on the slow conversion pipe.
+
+This kernel takes, per output row ``r``, the weight it multiplies (``wids[r]``: an expert id, or the layer for
+stacked dense weights; ``-1``: the row is zero, e.g. an expert held by another shard) and the x row it reads
+(``xrows[r]``: the token of an (token, expert) assignment is ``r // k``), so the MoE runs straight from the router's
+top-k ids — nothing is sorted. Rows routed to the same expert read its weights once each (fine at decode sizes:
+a batch-8 step of the 120b model sends 32 rows to ~28 distinct experts of 128).
+
+Dequantization without conversion instructions: a code ``q`` (4 bits) OR-ed into the mantissa of the float32
+``2^23`` (bits ``0x4B000000``) is the float ``2^23 + q`` exactly, so ``(bits(q | 0x4B000000) - (2^23 + z))`` is
+``q - z`` exactly with one integer OR and one float subtract (the "magic number" conversion of
+`LOP3/PRMT`-style int4 kernels, e.g. FasterTransformer / Marlin). The products with x are float32 FMAs into a
+``[groups, group/8, bn]`` accumulator; each K step multiplies its partial sum by the scale row once per group
+(``acc += part · s``), and the accumulator is reduced to ``[bn]`` once at the end. Exact for any input: bf16 x is
+exact in float32, and the accumulation is float32 as in the other kernels.
+
+Layout (``int4_layout``): ``packed [W, K/8, N]`` int32, word row ``kw`` holds K rows ``8·kw + j`` in nibble ``j``;
+viewed (a free reshape) as ``[W, K/g, g/8, N]`` so a K step loads whole quantization groups as a 3-D tile. x is
+permuted once outside (a few KB): ``xp[m, j·K/g + G, r] = x[m, 8·(G·g/8 + r) + j]``, float32.
+
+Grid = (R rows, N tiles of all weights, K splits); every program writes a float32 partial ``[splits, R, N]`` and one
+XLA fusion sums the splits, adds each row's bias, applies the SwiGLU epilogue and casts (``rowwise_int4_gpu``).
+Several weights with the same K (q, k, v) run in one launch as in ``_gpu_dense`` (static N-tile ranges).
+Requires ``g/8`` a power of two (group sizes 16, 32, 64, 128, 256, ...); ``why_not`` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import _common
+from ._gpu import AVAILABLE, pltriton
+from .swiglu import clamped_swiglu_parts, split_interleaved
+
+MAGIC = 0x4B000000  # float32 bits of 2^23: OR a 4-bit code into the mantissa to get 2^23 + code
+MAGIC_F = float(2 ** 23)
+STEP_WORDS = 32  # word rows (K/8) per K step when groups are smaller: [32, bn] int32 = 16 KB at bn = 128
+TARGET_PROGRAMS = 1024
+INTERPRET_TARGET_PROGRAMS = 2
+# Auto mode (cuda) uses the row-wise path for the MoE when a call has at most this many (token, expert) rows, and
+# for dense int4 projections at most this many rows. Chosen on an H200 (bench/bench_gemv.py, docs/BENCHMARKS.md).
+AUTO_MAX_ROWS = 16
+AUTO_MAX_DENSE_ROWS = 1
+ENV_VAR = "GPTOSS_GEMV_MAX_ROWS"  # "MOE,DENSE" overrides both limits at trace time ("0,0": never; bisecting/benches)
+
+
+def auto_limits() -> tuple[int, int]:
+    """(MoE rows, dense rows) up to which auto mode takes this kernel on cuda; ``GPTOSS_GEMV_MAX_ROWS`` overrides."""
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(ENV_VAR) or "").strip()
+    if not value:
+        return AUTO_MAX_ROWS, AUTO_MAX_DENSE_ROWS
+    try:
+        moe, dense = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected two integers 'MOE,DENSE', e.g. '16,1'") from None
+    return moe, dense
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTiling:
+    """Launch shape of the row-wise kernel. bn: output columns per program (power of two >= 16). splits: split-K
+    factor (None: about TARGET_PROGRAMS programs). num_warps / num_stages: Triton launch parameters."""
+
+    bn: int = 128
+    splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def coerce(cls, tiling) -> "GemvTiling":
+        return _common.coerce_tiling(cls, tiling, "gemv")
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+def why_not(k: int, group_sizes, tiling=None) -> str | None:
+    """None when the kernel runs weights with input dim ``k`` and these int4 group sizes, else the reason."""
+    if not AVAILABLE:
+        return "jax.experimental.pallas.triton is not available"
+    if any(g is None for g in group_sizes):
+        return "the row-wise kernel takes int4 weights only"
+    if len(set(group_sizes)) != 1:
+        return f"one group size per launch, got {sorted(set(group_sizes))}"
+    g = group_sizes[0]
+    if g % 8 or not _pow2(g // 8):
+        return f"group size {g}: g/8 must be a power of two"
+    if k % g:
+        return f"group size {g} does not divide K={k}"
+    t = GemvTiling.coerce(tiling)
+    if not _pow2(t.bn) or t.bn < 16:
+        return f"bn={t.bn} must be a power of two >= 16"
+    return None
+
+
+def dense_eligible(m: int, k: int, weights) -> bool:
+    """Whether dense int4 calls with ``m`` rows take :func:`dense_rowwise_gpu` (at most ``auto_limits()[1]`` rows;
+    weights: Int4Tensor s or specs with ``group_size``, same K)."""
+    return m <= auto_limits()[1] and why_not(k, [getattr(w, "group_size", None) for w in weights]) is None
+
+
+def _splits(t: GemvTiling, rows: int, tiles_n: int, steps: int, interpret: bool) -> int:
+    if t.splits is not None:
+        s = int(t.splits)
+    else:
+        target = INTERPRET_TARGET_PROGRAMS if interpret else TARGET_PROGRAMS
+        s = _common.cdiv(target, max(1, rows * tiles_n))
+    s = max(1, min(s, steps))
+    return _common.cdiv(steps, _common.cdiv(steps, s))  # no empty split
+
+
+def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
+                     tiling=None, interpret=False):
+    """Row ``r`` of each output = ``x[xrows[r]] @ W_i[wids[r]] + bias_i[wids[r]]`` (zeros where ``wids[r] < 0``).
+
+    x [M, K] (any float dtype; products and sums in float32); weights: Int4Tensor s with leading weight axis
+    ``[W, K, N_i]`` (experts, or layers of a stacked dense weight), same K and group size; wids, xrows int32 [R];
+    biases: None or per weight None / ``[W, N_i]``. epilogue None or "swiglu" (one weight: output [R, N/2], gate =
+    even, up = odd columns, gptoss_jax.kernels.swiglu). Returns a tuple of [R, N_i] in out_dtype."""
+    weights = list(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
+    m, k = x.shape
+    r_rows = int(wids.shape[0])
+    g = weights[0].group_size
+    reason = why_not(k, [w.group_size for w in weights], tiling)
+    if reason is not None:
+        raise ValueError(reason)
+    t = GemvTiling.coerce(tiling)
+    bn = t.bn
+    gw = g // 8
+    groups = k // g
+    ng = max(1, STEP_WORDS // gw)  # groups per K step
+    steps = _common.cdiv(groups, ng)
+    ns = [int(w.packed.shape[-1]) for w in weights]
+    tiles = [_common.cdiv(n, bn) for n in ns]
+    starts = [sum(tiles[:i]) for i in range(len(tiles))]
+    tiles_n = sum(tiles)
+    splits = _splits(t, r_rows, tiles_n, steps, bool(interpret))
+    sps = _common.cdiv(steps, splits)  # K steps per split
+    has_z = [w.zeros is not None for w in weights]
+    g_x = steps * ng if interpret else groups  # group rows per nibble plane of the permuted x
+    f32 = jnp.float32
+
+    def kernel(*refs):
+        wid_ref, xrow_ref, x_ref = refs[:3]
+        o_ref = refs[-1]
+        wrefs, pos = [], 3
+        for hz in has_z:
+            wrefs.append((refs[pos], refs[pos + 1], refs[pos + 2] if hz else None))
+            pos += 3 if hz else 2
+        r, nt, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        wid = wid_ref[r]
+        xr = xrow_ref[r]
+        lo = sp * sps
+        hi = jnp.minimum(lo + sps, steps)
+
+        def compute(i, local_nt):
+            p_ref, s_ref, z_ref = wrefs[i]
+            n = ns[i]
+            n0 = local_nt * bn
+            cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+            cmask = cols < n
+            dst = o_ref.at[sp, r, pl.ds((starts[i] + local_nt) * bn, bn)]
+
+            @pl.when(wid < 0)
+            def _zero():
+                pltriton.store(dst, jnp.zeros((bn,), f32), mask=cmask)
+
+            @pl.when(wid >= 0)
+            def _compute():
+                def body(st, acc):
+                    g0 = st * ng
+                    gmask = (g0 + jax.lax.broadcasted_iota(jnp.int32, (ng,), 0)) < groups
+                    m2 = jnp.logical_and(gmask[:, None], cmask[None, :])
+                    m3 = jnp.broadcast_to(m2[:, None, :], (ng, gw, bn))
+                    words = pltriton.load(p_ref.at[wid, pl.ds(g0, ng), :, pl.ds(n0, bn)], mask=m3, other=0)
+                    s = pltriton.load(s_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0).astype(f32)
+                    if z_ref is not None:
+                        z = pltriton.load(z_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0)
+                        zf = z.astype(f32) + MAGIC_F
+                    else:
+                        zf = jnp.full((ng, bn), MAGIC_F + 8.0, f32)
+                    zf = zf[:, None, :]
+                    xm = jnp.broadcast_to(gmask[:, None], (ng, gw))
+                    part = jnp.zeros((ng, gw, bn), f32)
+                    for j in range(8):
+                        xj = pltriton.load(x_ref.at[xr, pl.ds(j * g_x + g0, ng), :], mask=xm, other=0)
+                        code = ((words >> (4 * j)) & 0xF) | MAGIC
+                        val = jax.lax.bitcast_convert_type(code, f32) - zf  # q - z, exact
+                        part = part + xj[:, :, None] * val
+                    return acc + part * s[:, None, :]
+
+                acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ng, gw, bn), f32))
+                pltriton.store(dst, jnp.sum(jnp.sum(acc, axis=0), axis=0), mask=cmask)
+
+        if len(weights) == 1:
+            compute(0, nt)
+        else:
+            for i in range(len(weights)):
+                a, b = starts[i], starts[i] + tiles[i]
+
+                @pl.when(jnp.logical_and(nt >= a, nt < b))
+                def _(i=i, a=a):
+                    compute(i, nt - a)
+
+    # x in nibble-plane order, float32: xp[m, j, G, r] = x[m, 8 (G gw + r) + j]
+    xp = jnp.swapaxes(x.astype(f32).reshape(m, k // 8, 8), 1, 2).reshape(m, 8, groups, gw)
+    wargs = []
+    for w in weights:
+        wn = w.packed.shape[0]
+        arrs = [w.packed.reshape(wn, groups, gw, -1), w.scales] + ([w.zeros] if w.zeros is not None else [])
+        wargs.append(arrs)
+    n_alloc = tiles_n * bn
+    gpad = steps * ng - groups if interpret else 0
+    if interpret:
+        # The interpreter clamps out-of-range dynamic slices instead of masking pointers as Triton does: pad every
+        # operand to whole tiles there (the kernel still masks against the true sizes).
+        xp = jnp.pad(xp, ((0, 0), (0, 0), (0, gpad), (0, 0)))
+        for arrs, n in zip(wargs, ns):
+            npad = _common.cdiv(n, bn) * bn - n
+            arrs[0] = jnp.pad(arrs[0], ((0, 0), (0, gpad), (0, 0), (0, npad)))
+            for a in range(1, len(arrs)):
+                arrs[a] = jnp.pad(arrs[a], ((0, 0), (0, gpad), (0, npad)))
+    xp = xp.reshape(m, -1, gw)  # plane j at rows [j · g_x, (j + 1) · g_x)
+    args = [wids.astype(jnp.int32), xrows.astype(jnp.int32), xp] + [a for arrs in wargs for a in arrs]
+    kwargs = {}
+    if not interpret:
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, r_rows, n_alloc), f32),
+        grid=(r_rows, tiles_n, splits),
+        interpret=interpret,
+        name="int4_rowwise_gemv",
+        **kwargs,
+    )(*args)
+    # One fusion per weight: sum the K splits, add each row's bias, epilogue, cast (zero rows stay zero).
+    y = jnp.sum(out, axis=0) if splits > 1 else out[0]
+    live = (wids >= 0)[:, None]
+    res = []
+    for i, (n, b) in enumerate(zip(ns, biases)):
+        yi = y[:, starts[i] * bn:starts[i] * bn + n]
+        if b is not None:
+            yi = yi + jnp.where(live, jnp.take(b, jnp.maximum(wids, 0), axis=0).astype(f32), 0.0)
+        if epilogue == "swiglu":
+            yi = jnp.where(live, clamped_swiglu_parts(*split_interleaved(yi), alpha, limit), 0.0)
+        res.append(yi.astype(out_dtype))
+    return tuple(res)
+
+
+
+def _flat(a, layer_count_axis: bool):
+    """[L, E, ...] -> [L·E, ...] (a free reshape) when stacked over layers, else a."""
+    return a.reshape(-1, *a.shape[2:]) if layer_count_axis and a is not None else a
+
+
+def routed_int4_gpu(x, w, expert_ids, rows, bias=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
+                    layer=None, tiling=None, interpret=False):
+    """Row r = x[rows[r]] @ w[expert_ids[r]] (+ bias): the MoE straight from the router's ids (module docstring).
+
+    w: Int4Tensor [E, K, N] (or [L, E, K, N] with ``layer``, read in place); expert_ids int32 [R] (ids outside
+    [0, E) give zero rows); rows int32 [R]; bias None or [E, N] ([L, E, N])."""
+    stacked = layer is not None
+    e = w.packed.shape[1 if stacked else 0]
+    ids = expert_ids.astype(jnp.int32)
+    live = jnp.logical_and(ids >= 0, ids < e)
+    wids = jnp.where(live, ids + (jnp.asarray(layer, jnp.int32) * e if stacked else 0), -1)
+    from .int4_layout import Int4Tensor  # noqa: PLC0415
+
+    wf = Int4Tensor(_flat(w.packed, stacked), _flat(w.scales, stacked), _flat(w.zeros, stacked), w.group_size)
+    return rowwise_int4_gpu(x, [wf], wids, rows, [_flat(bias, stacked)], out_dtype=out_dtype, epilogue=epilogue,
+                            alpha=alpha, limit=limit, tiling=tiling, interpret=interpret)[0]
+
+
+def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None, interpret=False):
+    """x [M, K] @ each int4 weight ([K, N_i], or [L, K, N_i] with ``layer``) + bias_i -> tuple of [M, N_i]: one
+    launch, every row a GEMV (decode at batch 1; each row re-reads the weights, so only for tiny M)."""
+    from .int4_layout import Int4Tensor  # noqa: PLC0415
+
+    m = x.shape[0]
+    stacked = layer is not None
+    ws, bs = [], []
+    for w, b in zip(weights, biases if biases is not None else [None] * len(weights)):
+        if not stacked:
+            w = Int4Tensor(w.packed[None], w.scales[None], None if w.zeros is None else w.zeros[None], w.group_size)
+            b = None if b is None else b[None]
+        ws.append(w)
+        bs.append(b)
+    wid = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    wids = jnp.full((m,), wid, jnp.int32)
+    return rowwise_int4_gpu(x, ws, wids, jnp.arange(m, dtype=jnp.int32), bs, out_dtype=out_dtype, tiling=tiling,
+                            interpret=interpret)

@@ -1,0 +1,148 @@
+"""The row-wise int4 GEMV kernel (gptoss_jax.kernels._gpu_gemv) and the op that exposes it (routed_matmul): every
+variant against the float64 reference, in Pallas' interpreter on CPU (the same kernel body Triton compiles on the
+GPU; bench/bench_gemv.py repeats the checks compiled on an H200)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gptoss_jax.kernels import (Int4Tensor, UnsupportedCallError, dense_matmul, dense_matmul_fused, quantize,
+                                routed_matmul)
+from gptoss_jax.kernels import _gpu_gemv
+from gptoss_jax.kernels.reference import dequantize_f64, max_rel_err, routed_matmul_f64
+
+ALPHA, LIMIT = 1.702, 7.0
+
+
+def _int4(rng, lead, k, n, g, sym):
+    w = rng.standard_normal((*lead, k, n)).astype(np.float32)
+    t = quantize(w, group_size=g, symmetric=sym)
+    return Int4Tensor(jnp.asarray(t.packed), jnp.asarray(t.scales), None if t.zeros is None else jnp.asarray(t.zeros),
+                      g)
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("g,sym,dtype,epilogue", [
+    (32, False, jnp.float32, None),
+    (32, True, jnp.bfloat16, "swiglu"),
+    (16, False, jnp.float32, "swiglu"),  # 8 groups per K step, K tail masked
+    (64, True, jnp.float32, None),
+    (256, False, jnp.float32, None),  # one group per step
+])
+def test_routed_kernel_matches_float64(g, sym, dtype, epilogue):
+    rng = np.random.default_rng(g + sym)
+    e, k, n = 5, 768, 96  # 96 columns: a partial N tile (bn 128)
+    w = _int4(rng, (e,), k, n, g, sym)
+    b = jnp.asarray(rng.standard_normal((e, n)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, k)), dtype)
+    ids = np.array([4, 0, -1, 2, 7, 4], np.int32)  # -1 and 7 (>= E) are dead rows: zeros
+    rows = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    y = routed_matmul(x, w, jnp.asarray(ids), rows=jnp.asarray(rows), bias=b, epilogue=epilogue,
+                      swiglu_alpha=ALPHA, swiglu_limit=LIMIT, implementation="gpu", interpret=True)
+    ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids, rows, _f64(b), epilogue, ALPHA, LIMIT)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert np.all(np.asarray(y[2].astype(jnp.float32)) == 0) and np.all(np.asarray(y[4].astype(jnp.float32)) == 0)
+    # the sorted grouped path (what other platforms run) agrees; bf16 is judged against that path's own bf16 error
+    yx = routed_matmul(x, w, jnp.asarray(ids), rows=jnp.asarray(rows), bias=b, epilogue=epilogue,
+                       swiglu_alpha=ALPHA, swiglu_limit=LIMIT, implementation="xla")
+    if dtype == jnp.float32:
+        assert max_rel_err(y, ref) <= 1e-5 and max_rel_err(yx, ref) <= 1e-5
+    else:
+        assert max_rel_err(yx, ref) <= 0.05
+        assert max_rel_err(y, ref) <= 2 * max_rel_err(yx, ref) + 1e-3
+
+
+def test_routed_kernel_reads_stacked_layers_in_place():
+    rng = np.random.default_rng(1)
+    layers, e, k, n = 3, 4, 256, 64
+    w = _int4(rng, (layers, e), k, n, 32, False)
+    b = jnp.asarray(rng.standard_normal((layers, e, n)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((4, k)), jnp.float32)
+    ids = np.array([3, 1, 0, 2], np.int32)
+    for layer in (0, 2):
+        y = jax.jit(lambda x_, w_, b_, l_: routed_matmul(x_, w_, jnp.asarray(ids), bias=b_, layer=l_,
+                                                        implementation="gpu", interpret=True))(x, w, b, layer)
+        wl = jax.tree.map(lambda a: a[layer], w)
+        ref = routed_matmul_f64(_f64(x), dequantize_f64(wl), ids, None, _f64(b[layer]))
+        assert max_rel_err(y, ref) <= 1e-5
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(1, 5), st.sampled_from([16, 32, 64]), st.integers(1, 3), st.booleans(), st.integers(0, 2**31 - 1))
+def test_routed_kernel_property(rows_n, g, kgroups_steps, sym, seed):
+    """Any number of rows, group sizes, K lengths (whole and partial K steps) and N: equals the float64 reference."""
+    rng = np.random.default_rng(seed)
+    e = 3
+    k = g * max(1, (kgroups_steps * 256) // g - 1)  # K not a multiple of the 256-row step
+    n = int(rng.integers(1, 5)) * 16
+    w = _int4(rng, (e,), k, n, g, sym)
+    x = jnp.asarray(rng.standard_normal((rows_n, k)), jnp.float32)
+    ids = rng.integers(-1, e, rows_n).astype(np.int32)
+    y = routed_matmul(x, w, jnp.asarray(ids), implementation="gpu", interpret=True)
+    ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids)
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert np.max(np.abs(np.asarray(y) - ref)) <= 1e-5 * max(1.0, float(np.max(np.abs(ref))))
+
+
+def test_dense_rowwise_for_one_row_matches_float64():
+    """At M = 1 the dense int4 projections take the row-wise kernel (q/k/v in one launch, o alone)."""
+    rng = np.random.default_rng(2)
+    layers, k = 2, 512
+    ws = [_int4(rng, (layers,), k, n, 32, sym) for n, sym in ((256, False), (64, True), (64, False))]
+    bs = [jnp.asarray(rng.standard_normal((layers, w.shape[-1])), jnp.float32) for w in ws]
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+    assert _gpu_gemv.dense_eligible(1, k, ws) and not _gpu_gemv.dense_eligible(2, k, ws)
+    ys = dense_matmul_fused(x, ws, bs, layer=jnp.int32(1), implementation="gpu", interpret=True)
+    for y, w, b in zip(ys, ws, bs):
+        wl = jax.tree.map(lambda a: a[1], w)
+        assert max_rel_err(y, _f64(x) @ dequantize_f64(wl) + _f64(b[1])) <= 1e-5
+    y = dense_matmul(x, ws[0], bs[0], layer=jnp.int32(0), implementation="gpu", interpret=True)
+    w0 = jax.tree.map(lambda a: a[0], ws[0])
+    assert max_rel_err(y, _f64(x) @ dequantize_f64(w0) + _f64(bs[0][0])) <= 1e-5
+
+
+def test_routed_matmul_errors_name_the_argument():
+    rng = np.random.default_rng(3)
+    w = _int4(rng, (2,), 96, 32, 96 // 4, False)  # group 24: 24 / 8 = 3 is not a power of two
+    x = jnp.ones((2, 96), jnp.float32)
+    with pytest.raises(UnsupportedCallError, match="group size 24"):
+        routed_matmul(x, w, jnp.array([0, 1]), implementation="gpu", interpret=True)
+    assert routed_matmul(x, w, jnp.array([0, 1]), implementation="xla").shape == (2, 32)  # others still run it
+    with pytest.raises(ValueError, match="expert_ids"):
+        routed_matmul(x, w, jnp.array([[0, 1]]))
+    with pytest.raises(ValueError, match="one row per id"):
+        routed_matmul(x, w, jnp.array([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"rows must be \[3\]"):
+        routed_matmul(x, w, jnp.array([0, 1, 1]), rows=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="x K=64"):
+        routed_matmul(jnp.ones((2, 64)), w, jnp.array([0, 1]))
+
+
+def test_auto_limits_env_override(monkeypatch):
+    monkeypatch.setenv(_gpu_gemv.ENV_VAR, "0,0")
+    assert _gpu_gemv.auto_limits() == (0, 0)
+    monkeypatch.setenv(_gpu_gemv.ENV_VAR, "many")
+    with pytest.raises(ValueError, match="GPTOSS_GEMV_MAX_ROWS"):
+        _gpu_gemv.auto_limits()
+    monkeypatch.delenv(_gpu_gemv.ENV_VAR)
+    assert _gpu_gemv.auto_limits() == (_gpu_gemv.AUTO_MAX_ROWS, _gpu_gemv.AUTO_MAX_DENSE_ROWS)
+
+
+def test_routed_kernel_lowers_to_triton_for_cuda():
+    """The compiled (non-interpreted) kernel lowers from this CPU host for cuda: one Triton call."""
+    e, k, n, g = 4, 512, 256, 32
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+
+    def f(x, p, s, z, ids):
+        return routed_matmul(x, Int4Tensor(p, s, z, g), ids, implementation="gpu", interpret=False)
+
+    low = jax.jit(f).trace(spec((4, k), jnp.bfloat16), spec((e, k // 8, n), jnp.int32),
+                           spec((e, k // g, n), jnp.bfloat16), spec((e, k // g, n), jnp.uint8),
+                           spec((4,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert low.as_text().count("__gpu$xla.gpu.triton") == 1
