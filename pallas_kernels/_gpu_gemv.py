@@ -18,13 +18,15 @@ Dequantization without conversion instructions: a code ``q`` (4 bits) OR-ed into
 ``2^23`` (bits ``0x4B000000``) is the float ``2^23 + q`` exactly, so ``(bits(q | 0x4B000000) - (2^23 + z))`` is
 ``q - z`` exactly with one integer OR and one float subtract (the "magic number" conversion of
 `LOP3/PRMT`-style int4 kernels, e.g. FasterTransformer / Marlin). The products with x are float32 FMAs into a
-``[groups, group/8, bn]`` accumulator; each K step multiplies its partial sum by the scale row once per group
+``[groups, group/8, bn]`` accumulator (x is read in place, in its own dtype: plane ``j`` of a group is a
+stride-8 load); each K step multiplies its partial sum by the scale row once per group
 (``acc += part · s``), and the accumulator is reduced to ``[bn]`` once at the end. Exact for any input: bf16 x is
 exact in float32, and the accumulation is float32 as in the other kernels.
 
 Layout (``int4_layout``): ``packed [W, K/8, N]`` int32, word row ``kw`` holds K rows ``8·kw + j`` in nibble ``j``;
-viewed (a free reshape) as ``[W, K/g, g/8, N]`` so a K step loads whole quantization groups as a 3-D tile. x is
-permuted once outside (a few KB): ``xp[m, j·K/g + G, r] = x[m, 8·(G·g/8 + r) + j]``, float32.
+viewed (a free reshape) as ``[W, K/g, g/8, N]`` so a K step loads whole quantization groups as a 3-D tile; x is
+viewed as ``[M, K/g, g/8, 8]`` and nibble plane ``j`` of group ``G`` reads column ``j`` of it (every 8th) (no permuted
+copy of x, no conversion kernel before the launch).
 
 Grid = (R rows, N tiles of all weights, K splits); every program writes a float32 partial ``[splits, R, N]`` and one
 XLA fusion sums the splits, adds each row's bias, applies the SwiGLU epilogue and casts (``rowwise_int4_gpu``).
@@ -153,7 +155,6 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     splits = _splits(t, r_rows, tiles_n, steps, bool(interpret))
     sps = _common.cdiv(steps, splits)  # K steps per split
     has_z = [w.zeros is not None for w in weights]
-    g_x = steps * ng if interpret else groups  # group rows per nibble plane of the permuted x
     f32 = jnp.float32
 
     def kernel(*refs):
@@ -196,13 +197,15 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                     else:
                         zf = jnp.full((ng, bn), MAGIC_F + 8.0, f32)
                     zf = zf[:, None, :]
-                    xm = jnp.broadcast_to(gmask[:, None], (ng, gw))
+                    xm = jnp.broadcast_to(gmask[:, None, None], (ng, gw, 1))
                     part = jnp.zeros((ng, gw, bn), f32)
                     for j in range(8):
-                        xj = pltriton.load(x_ref.at[xr, pl.ds(j * g_x + g0, ng), :], mask=xm, other=0)
+                        # K rows 8·(G·gw + r) + j of x ([ng, gw, 1]: a stride-8 load of the unpermuted row)
+                        xj = pltriton.load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], mask=xm,
+                                           other=0).astype(f32)
                         code = ((words >> (4 * j)) & 0xF) | MAGIC
                         val = jax.lax.bitcast_convert_type(code, f32) - zf  # q - z, exact
-                        part = part + xj[:, :, None] * val
+                        part = part + xj * val
                     return acc + part * s[:, None, :]
 
                 acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ng, gw, bn), f32))
@@ -218,8 +221,8 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                 def _(i=i, a=a):
                     compute(i, nt - a)
 
-    # x in nibble-plane order, float32: xp[m, j, G, r] = x[m, 8 (G gw + r) + j]
-    xp = jnp.swapaxes(x.astype(f32).reshape(m, k // 8, 8), 1, 2).reshape(m, 8, groups, gw)
+    # x as [M, K/g, g] (a free reshape): group G's K rows; plane j of it is every 8th column from j
+    xp = x.reshape(m, groups, gw, 8)
     wargs = []
     for w in weights:
         wn = w.packed.shape[0]
@@ -230,13 +233,12 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     if interpret:
         # The interpreter clamps out-of-range dynamic slices instead of masking pointers as Triton does: pad every
         # operand to whole tiles there (the kernel still masks against the true sizes).
-        xp = jnp.pad(xp, ((0, 0), (0, 0), (0, gpad), (0, 0)))
+        xp = jnp.pad(xp, ((0, 0), (0, gpad), (0, 0), (0, 0)))
         for arrs, n in zip(wargs, ns):
             npad = _common.cdiv(n, bn) * bn - n
             arrs[0] = jnp.pad(arrs[0], ((0, 0), (0, gpad), (0, 0), (0, npad)))
             for a in range(1, len(arrs)):
                 arrs[a] = jnp.pad(arrs[a], ((0, 0), (0, gpad), (0, npad)))
-    xp = xp.reshape(m, -1, gw)  # plane j at rows [j · g_x, (j + 1) · g_x)
     args = [wids.astype(jnp.int32), xrows.astype(jnp.int32), xp] + [a for arrs in wargs for a in arrs]
     kwargs = {}
     if not interpret:
