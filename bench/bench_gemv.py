@@ -47,6 +47,11 @@ RES: dict = dict(rows=[], checks=[], errors=[])
 E, H, I, Q, KV, NL = (8, 256, 192, 256, 64, 2) if SMALL else (128, 2880, 2880, 4096, 512, 8)
 GROUP, TOPK = 32, 4
 KIMPL = dict(implementation="gpu", interpret=True) if SMALL else dict(implementation="gpu")
+# Tiling sweep of the row-wise kernel at 1 token (gate_up); the fastest (with the default) is written to
+# $OUT/gemv_best.json as a JSON object of GemvTiling fields (bench/run_gemv.sh passes it on as GPTOSS_GEMV_TILING).
+SWEEP = [dict(dequant="exact"), dict(bn=64), dict(bn=256), dict(num_warps=8), dict(bn=256, num_warps=8),
+         dict(step_words=64), dict(num_stages=4), dict(splits=2), dict(splits=12)]
+BEST: dict = {}
 
 
 def log(*a):
@@ -135,8 +140,15 @@ def main():
 
     # ------------------------------------------------------------------ correctness (compiled, vs float64)
     f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
+
+    def ref_of(x, w, ids, rows, b, epi):
+        # dequantize only the touched experts (all 128 in float64 would be ~17 GB)
+        touched = sorted({int(i) for i in ids if i >= 0})
+        sub = jax.tree.map(lambda a: a[np.asarray(touched)], w)
+        remap = np.array([touched.index(int(i)) if i >= 0 else -1 for i in ids], np.int32)
+        return routed_matmul_f64(f64(x), dequantize_f64(sub), remap, rows, f64(b)[np.asarray(touched)], epi)
     for dt in (jnp.bfloat16, jnp.float32):
-        for tokens in (1, 8):
+        for tokens in ((1, 8) if dt == jnp.bfloat16 else (1,)):
             try:
                 ids, rows = route(tokens)
                 ids[1] = -1  # a dead row (an expert on another shard)
@@ -144,18 +156,22 @@ def main():
                 fn = jax.jit(lambda x_, w_, i_, r_, b_: routed_matmul(x_, w_, i_, rows=r_, bias=b_,
                                                                       epilogue="swiglu", **KIMPL))
                 y = fn(x, w_gu, jnp.asarray(ids), jnp.asarray(rows), b_gu)
-                ref = routed_matmul_f64(f64(x), dequantize_f64(w_gu), ids, rows, f64(b_gu), "swiglu")
-                yx = routed_matmul(x, w_gu, jnp.asarray(ids), rows=jnp.asarray(rows), bias=b_gu, epilogue="swiglu",
-                                   implementation="xla")
+                ref = ref_of(x, w_gu, ids, rows, b_gu, "swiglu")
+                yx = jax.jit(lambda x_, w_, i_, r_, b_: routed_matmul(x_, w_, i_, rows=r_, bias=b_, epilogue="swiglu",
+                                                                      implementation="xla"))(
+                    x, w_gu, jnp.asarray(ids), jnp.asarray(rows), b_gu)
                 check(f"routed gate_up tokens={tokens}", dt, y, ref, yx)
                 h = jnp.asarray(rng.standard_normal((tokens * TOPK, I)), dt)
                 y = jax.jit(lambda h_, w_, i_, b_: routed_matmul(h_, w_, i_, bias=b_, **KIMPL))(
                     h, w_dn, jnp.asarray(ids), b_dn)
-                ref = routed_matmul_f64(f64(h), dequantize_f64(w_dn), ids, None, f64(b_dn))
-                yx = routed_matmul(h, w_dn, jnp.asarray(ids), bias=b_dn, implementation="xla")
+                ref = ref_of(h, w_dn, ids, None, b_dn, None)
+                yx = jax.jit(lambda h_, w_, i_, b_: routed_matmul(h_, w_, i_, bias=b_, implementation="xla"))(
+                    h, w_dn, jnp.asarray(ids), b_dn)
                 check(f"routed down tokens={tokens}", dt, y, ref, yx)
             except Exception as e:
                 err(f"routed check {dt} tokens={tokens}", e)
+        if dt == jnp.float32:
+            continue
         try:
             layer = NL - 1
             x = jnp.asarray(rng.standard_normal((1, H)), dt)
@@ -196,10 +212,11 @@ def main():
 
             variants = [("sort + grouped kernel + unsort (before)", mk()),
                         ("row-wise kernel", mk(**KIMPL))]
-            if sweep:
-                for tl in (dict(bn=64), dict(bn=256), dict(num_warps=2), dict(num_warps=8), dict(num_stages=2),
-                           dict(num_stages=4), dict(splits=1), dict(splits=2), dict(bn=256, num_warps=8)):
-                    variants.append((f"row-wise {tl}", mk(tiling=_gpu_gemv.GemvTiling(**tl), **KIMPL)))
+            if sweep and epi:
+                for tl in SWEEP:
+                    variants.append((f"row-wise {json.dumps(tl)}", mk(tiling=_gpu_gemv.GemvTiling(**tl), **KIMPL)))
+            if BEST and not (sweep and epi):
+                variants.append((f"row-wise best {json.dumps(BEST)}", mk(tiling=_gpu_gemv.GemvTiling(**BEST), **KIMPL)))
             for vname, fn in variants:
                 if time.time() - T0 > BUDGET:
                     log("budget: skipped", name, tokens, vname)
@@ -220,9 +237,10 @@ def main():
         sets = [(jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16), lay[i]) for i in range(NL)]
         qkv_bytes = sum(w.nbytes / NL for w in (wq, wk, wv)) + H * act + (Q + 2 * KV) * act
         p = ((wq, wk, wv), (bq, bk_, bv))
-        for vname, env, tl in (("fused dense kernel (before)", "16,0", None), ("row-wise", "16,1", None),
-                               ("row-wise bn=64", "16,1", dict(bn=64)), ("row-wise bn=256", "16,1", dict(bn=256)),
-                               ("row-wise warps=8", "16,1", dict(num_warps=8))):
+        variants = [("fused dense kernel (before)", "16,0", None), ("row-wise", "16,1", None)]
+        if BEST:
+            variants.append((f"row-wise best {json.dumps(BEST)}", "16,1", BEST))
+        for vname, env, tl in variants:
             try:
                 os.environ[_gpu_gemv.ENV_VAR] = env
                 if tl is None:
@@ -272,9 +290,18 @@ def main():
                 except Exception as e:
                     err(f"time router {vname} m={m}", e)
 
-    moe_rows(1, sweep=not SMALL)
+    moe_rows(1, sweep=True)
+    sweep = [r for r in RES["rows"] if r["op"].startswith("gate_up") and r["tokens"] == 1 and
+             r["variant"].startswith("row-wise")]
+    if sweep:
+        best = min(sweep, key=lambda r: r["us"])
+        BEST.update({} if best["variant"] == "row-wise kernel" else json.loads(best["variant"][len("row-wise "):]))
+        RES["best_tiling"] = dict(BEST)
+        log(f"best row-wise tiling at 1 token: {BEST or 'default'} ({best['us']:.1f} us)")
+        with open(os.path.join(OUT, "gemv_best.json"), "w") as f:
+            json.dump(BEST, f)
     dense_rows()
-    for tokens in ((2,) if SMALL else (2, 4, 8)):
+    for tokens in ((2,) if SMALL else (4, 8)):
         moe_rows(tokens, sweep=False)
     router_rows()
 

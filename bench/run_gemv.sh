@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Issue 11 on ONE H200: the row-wise int4 GEMV (bench/bench_gemv.py: correctness vs float64 + kernel timings), then
-# the 120b decode through `gptoss-jax bench` at batch 1 and 8 (prompt 1024, 64 new tokens, int4 g32 asymmetric)
-# with the row-wise paths off (GPTOSS_GEMV_MAX_ROWS=0,0: the sorted grouped MoE and the fused dense kernel, as
-# before) and on (default; profiled at batch 1: kernels per step), and on + XLA command buffers around while loops.
-# Results under $OUT (default ./bench_out): gemv.json/.log, e2e_<variant>.json.
+# Issues 11 and 15 on ONE H200 in one call (≈ 8 min): the row-wise int4 GEMV, the 120b decode, the server.
+#   K  bench/bench_gemv.py: correctness vs float64 (compiled) + kernel timings + a tiling sweep at 1 token; the
+#      fastest tiling goes on as GPTOSS_GEMV_TILING for the next stages ($OUT/gemv_best.json)
+#   A  gptoss-jax bench, gpt-oss-120b random int4 g32 asymmetric: batch 1 at prompt 1024 + 64 new tokens (profiled:
+#      kernels per step), batch 64 and 256 at prompt 128 + 128 new tokens (the serve benchmark's shape)
+#   S  bench/bench_serve.py, the same weights scheme: 64 and 256 concurrent streaming clients, 256 slots
+#   OFF  stage A's batch-1 run with the row-wise paths off (GPTOSS_GEMV_MAX_ROWS=0,0), for a same-run ratio
+# STAGES="K A S" by default; results under $OUT (default ./bench_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -12,20 +15,26 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-STAGES=${STAGES:-"K OFF ON CB"}
-for s in $STAGES; do
+BENCH=(--preset gpt-oss-120b --random-weights --dtype bfloat16 --group-size 32 --asymmetric)
+for s in ${STAGES:-K A S}; do
+  echo "=== stage $s ($(date +%T))"
   case $s in
-    K) BENCH_BUDGET_S=${BENCH_K_S:-170} timeout ${BENCH_K_TIMEOUT:-230} "$PY" bench/bench_gemv.py > "$OUT/gemv.stdout" 2>&1
-       grep -v '^ROW' "$OUT/gemv.stdout" | tail -60 ;;
-    OFF|ON|CB)
-       env=(); prof=()
-       [ "$s" = OFF ] && env=(GPTOSS_GEMV_MAX_ROWS=0,0)
-       [ "$s" = ON ] && prof=(--profile 1)
-       [ "$s" = CB ] && env=(XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE")
-       echo "=== e2e $s ${env[*]}"
-       env "${env[@]}" timeout ${E2E_TIMEOUT:-150} "$PY" -m gptoss_jax.cli bench --preset gpt-oss-120b --random-weights \
-         --dtype bfloat16 --group-size 32 --asymmetric --batch 1,8 --prompt-len 1024 --gen-len 64 "${prof[@]}" \
-         --time-budget $(( ${E2E_TIMEOUT:-150} - 25 )) --json "$OUT/e2e_$s.json" --force > "$OUT/e2e_$s.log" 2>&1
-       tail -12 "$OUT/e2e_$s.log" ;;
+    K) BENCH_BUDGET_S=${BENCH_K_S:-80} timeout "${BENCH_K_TIMEOUT:-120}" "$PY" bench/bench_gemv.py \
+         > "$OUT/gemv.stdout" 2>&1
+       grep -v '^ROW' "$OUT/gemv.stdout" | tail -45
+       if [ -s "$OUT/gemv_best.json" ]; then export GPTOSS_GEMV_TILING; GPTOSS_GEMV_TILING=$(cat "$OUT/gemv_best.json"); fi
+       echo "GPTOSS_GEMV_TILING=${GPTOSS_GEMV_TILING:-}" ;;
+    A) timeout "${BENCH_A_TIMEOUT:-200}" "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" \
+         --runs 1x1024x64,64x128x128,256x128x128 --profile 1 --time-budget $(( ${BENCH_A_TIMEOUT:-200} - 20 )) \
+         --json "$OUT/e2e_A.json" --force > "$OUT/e2e_A.log" 2>&1
+       tail -8 "$OUT/e2e_A.log" ;;
+    OFF) GPTOSS_GEMV_MAX_ROWS=0,0 timeout 120 "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" --runs 1x1024x64 \
+         --time-budget 100 --json "$OUT/e2e_OFF.json" --force > "$OUT/e2e_OFF.log" 2>&1
+       tail -4 "$OUT/e2e_OFF.log" ;;
+    S) timeout "${BENCH_S_TIMEOUT:-220}" "$PY" bench/bench_serve.py --random-preset gpt-oss-120b --group-size 32 \
+         --asymmetric --clients 64,256 --max-batch 256 --prompt-len 128 --max-tokens 128 \
+         > "$OUT/serve.log" 2>&1
+       tail -15 "$OUT/serve.log" ;;
+    *) echo "unknown stage $s" >&2 ;;
   esac
 done

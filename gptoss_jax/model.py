@@ -125,8 +125,14 @@ class Router(nnx.Module):
         self.bias = layers.param(spec["bias"], rngs)
 
     def __call__(self, x):
-        logits = jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST) + self.bias[...].astype(jnp.float32)
+        w = self.weight[...]
+        if x.dtype == w.dtype == jnp.bfloat16:
+            # bf16 x bf16 products are exact in float32, so this equals the f32 HIGHEST dot up to summation order;
+            # on the GPU it is a GEMM fusion instead of a slow f32 reduce at decode (BENCHMARKS.md)
+            logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        logits = logits + self.bias[...].astype(jnp.float32)
         top_logits, experts = jax.lax.top_k(logits, self.top_k)
         return experts, jax.nn.softmax(top_logits, axis=-1)
 

@@ -48,6 +48,8 @@ from .swiglu import clamped_swiglu_parts, split_interleaved
 
 MAGIC = 0x4B000000  # float32 bits of 2^23: OR a 4-bit code into the mantissa to get 2^23 + code
 MAGIC_F = float(2 ** 23)
+ONE = 0x3F800000  # float32 bits of 1.0: a code in mantissa bits 19..22 gives 1 + code/16
+FOLD_MASK = 0xF << 19
 STEP_WORDS = 32  # word rows (K/8) per K step when groups are smaller: [32, bn] int32 = 16 KB at bn = 128
 TARGET_PROGRAMS = 1024
 INTERPRET_TARGET_PROGRAMS = 2
@@ -75,16 +77,38 @@ def auto_limits() -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class GemvTiling:
     """Launch shape of the row-wise kernel. bn: output columns per program (power of two >= 16). splits: split-K
-    factor (None: about TARGET_PROGRAMS programs). num_warps / num_stages: Triton launch parameters."""
+    factor (None: about TARGET_PROGRAMS programs). num_warps / num_stages: Triton launch parameters. step_words: K/8
+    word rows per K step (power of two; whole groups). dequant: "fold" (3 integer/float ops per nibble, zero point
+    applied once per group, ~1e-7 relative rounding) or "exact" (q − z exactly per nibble, one more op)."""
 
     bn: int = 128
     splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    step_words: int = STEP_WORDS
+    dequant: str = "fold"
 
     @classmethod
     def coerce(cls, tiling) -> "GemvTiling":
         return _common.coerce_tiling(cls, tiling, "gemv")
+
+
+TILING_ENV_VAR = "GPTOSS_GEMV_TILING"  # JSON object of GemvTiling fields: the default tiling (tuning runs)
+
+
+def default_tiling() -> GemvTiling:
+    """GemvTiling() with the fields of ``GPTOSS_GEMV_TILING`` (a JSON object, read at trace time) applied."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(TILING_ENV_VAR) or "").strip()
+    if not value:
+        return GemvTiling()
+    try:
+        fields = json.loads(value)
+        return GemvTiling.coerce(fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{TILING_ENV_VAR}={value!r}: expected a JSON object of GemvTiling fields ({e})") from None
 
 
 def _pow2(v) -> bool:
@@ -104,9 +128,13 @@ def why_not(k: int, group_sizes, tiling=None) -> str | None:
         return f"group size {g}: g/8 must be a power of two"
     if k % g:
         return f"group size {g} does not divide K={k}"
-    t = GemvTiling.coerce(tiling)
+    t = default_tiling() if tiling is None else GemvTiling.coerce(tiling)
     if not _pow2(t.bn) or t.bn < 16:
         return f"bn={t.bn} must be a power of two >= 16"
+    if not _pow2(t.step_words):
+        return f"step_words={t.step_words} must be a power of two"
+    if t.dequant not in ("fold", "exact"):
+        return f"dequant={t.dequant!r} must be 'fold' or 'exact'"
     return None
 
 
@@ -142,11 +170,11 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     reason = why_not(k, [w.group_size for w in weights], tiling)
     if reason is not None:
         raise ValueError(reason)
-    t = GemvTiling.coerce(tiling)
+    t = default_tiling() if tiling is None else GemvTiling.coerce(tiling)
     bn = t.bn
     gw = g // 8
     groups = k // g
-    ng = max(1, STEP_WORDS // gw)  # groups per K step
+    ng = max(1, t.step_words // gw)  # groups per K step
     steps = _common.cdiv(groups, ng)
     ns = [int(w.packed.shape[-1]) for w in weights]
     tiles = [_common.cdiv(n, bn) for n in ns]
@@ -155,6 +183,7 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     splits = _splits(t, r_rows, tiles_n, steps, bool(interpret))
     sps = _common.cdiv(steps, splits)  # K steps per split
     has_z = [w.zeros is not None for w in weights]
+    exact = t.dequant == "exact"
     f32 = jnp.float32
 
     def kernel(*refs):
@@ -191,22 +220,31 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                     m3 = jnp.broadcast_to(m2[:, None, :], (ng, gw, bn))
                     words = pltriton.load(p_ref.at[wid, pl.ds(g0, ng), :, pl.ds(n0, bn)], mask=m3, other=0)
                     s = pltriton.load(s_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0).astype(f32)
-                    if z_ref is not None:
-                        z = pltriton.load(z_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0)
-                        zf = z.astype(f32) + MAGIC_F
-                    else:
-                        zf = jnp.full((ng, bn), MAGIC_F + 8.0, f32)
-                    zf = zf[:, None, :]
+                    z = None if z_ref is None else pltriton.load(
+                        z_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0).astype(f32)
                     xm = jnp.broadcast_to(gmask[:, None, None], (ng, gw, 1))
+                    xs = [pltriton.load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], mask=xm, other=0).astype(f32)
+                          for j in range(8)]  # plane j: K rows 8·(G·gw + r) + j, [ng, gw, 1] (stride-8 loads)
                     part = jnp.zeros((ng, gw, bn), f32)
+                    if exact:
+                        # 2^23 + q (code OR-ed into the mantissa of 2^23) minus 2^23 + z: q - z exactly
+                        zf = (jnp.full((ng, bn), 8.0, f32) if z is None else z) + MAGIC_F
+                        for j in range(8):
+                            code = ((words >> (4 * j)) & 0xF) | MAGIC
+                            part = part + xs[j] * (jax.lax.bitcast_convert_type(code, f32) - zf[:, None, :])
+                        return acc + part * s[:, None, :]
+                    # fold: 1 + q/16 (code shifted to the top of the mantissa of 1.0), so each nibble costs a shift,
+                    # one LOP3 and one FMA; the zero point leaves once per group: sum x·(1 + q/16) − (1 + z/16)·sum x
+                    # = sum x·(q − z)/16 (float32; terms of size |x|, so the rounding stays ~1e-7 relative).
+                    sx = jnp.zeros((ng, gw, 1), f32)
                     for j in range(8):
-                        # K rows 8·(G·gw + r) + j of x ([ng, gw, 1]: a stride-8 load of the unpermuted row)
-                        xj = pltriton.load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], mask=xm,
-                                           other=0).astype(f32)
-                        code = ((words >> (4 * j)) & 0xF) | MAGIC
-                        val = jax.lax.bitcast_convert_type(code, f32) - zf  # q - z, exact
-                        part = part + xj * val
-                    return acc + part * s[:, None, :]
+                        sh = 19 - 4 * j
+                        shifted = (words << sh) if sh >= 0 else (words >> -sh)
+                        code = (shifted & FOLD_MASK) | ONE
+                        part = part + xs[j] * jax.lax.bitcast_convert_type(code, f32)
+                        sx = sx + xs[j]
+                    zf = (jnp.full((ng, bn), 1.5, f32) if z is None else 1.0 + z * 0.0625)[:, None, :]
+                    return acc + (part - sx * zf) * (s * 16.0)[:, None, :]
 
                 acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ng, gw, bn), f32))
                 pltriton.store(dst, jnp.sum(jnp.sum(acc, axis=0), axis=0), mask=cmask)

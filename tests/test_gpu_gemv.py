@@ -28,14 +28,16 @@ def _f64(a):
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
-@pytest.mark.parametrize("g,sym,dtype,epilogue", [
-    (32, False, jnp.float32, None),
-    (32, True, jnp.bfloat16, "swiglu"),
-    (16, False, jnp.float32, "swiglu"),  # 8 groups per K step, K tail masked
-    (64, True, jnp.float32, None),
-    (256, False, jnp.float32, None),  # one group per step
+@pytest.mark.parametrize("g,sym,dtype,epilogue,dequant", [
+    (32, False, jnp.float32, None, "fold"),
+    (32, False, jnp.float32, "swiglu", "exact"),
+    (64, True, jnp.bfloat16, None, "exact"),
+    (32, True, jnp.bfloat16, "swiglu", "fold"),
+    (16, False, jnp.float32, "swiglu", "fold"),  # 8 groups per K step, K tail masked
+    (64, True, jnp.float32, None, "fold"),
+    (256, False, jnp.float32, None, "fold"),  # one group per step
 ])
-def test_routed_kernel_matches_float64(g, sym, dtype, epilogue):
+def test_routed_kernel_matches_float64(g, sym, dtype, epilogue, dequant):
     rng = np.random.default_rng(g + sym)
     e, k, n = 5, 768, 96  # 96 columns: a partial N tile (bn 128)
     w = _int4(rng, (e,), k, n, g, sym)
@@ -44,7 +46,8 @@ def test_routed_kernel_matches_float64(g, sym, dtype, epilogue):
     ids = np.array([4, 0, -1, 2, 7, 4], np.int32)  # -1 and 7 (>= E) are dead rows: zeros
     rows = np.array([0, 0, 1, 1, 2, 2], np.int32)
     y = routed_matmul(x, w, jnp.asarray(ids), rows=jnp.asarray(rows), bias=b, epilogue=epilogue,
-                      swiglu_alpha=ALPHA, swiglu_limit=LIMIT, implementation="gpu", interpret=True)
+                      swiglu_alpha=ALPHA, swiglu_limit=LIMIT, implementation="gpu", interpret=True,
+                      tiling=_gpu_gemv.GemvTiling(dequant=dequant, step_words=64 if g == 16 else 32))
     ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids, rows, _f64(b), epilogue, ALPHA, LIMIT)
     assert y.shape == ref.shape and y.dtype == dtype
     assert np.all(np.asarray(y[2].astype(jnp.float32)) == 0) and np.all(np.asarray(y[4].astype(jnp.float32)) == 0)
@@ -122,6 +125,17 @@ def test_routed_matmul_errors_name_the_argument():
         routed_matmul(x, w, jnp.array([0, 1, 1]), rows=jnp.array([0, 1]))
     with pytest.raises(ValueError, match="x K=64"):
         routed_matmul(jnp.ones((2, 64)), w, jnp.array([0, 1]))
+
+
+def test_default_tiling_env_override(monkeypatch):
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"bn": 64, "dequant": "exact"}')
+    assert _gpu_gemv.default_tiling() == _gpu_gemv.GemvTiling(bn=64, dequant="exact")
+    for bad in ("{bn: 64}", '{"bm": 16}', "[1]"):
+        monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, bad)
+        with pytest.raises(ValueError, match="GPTOSS_GEMV_TILING"):
+            _gpu_gemv.default_tiling()
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"dequant": "fast"}')
+    assert "dequant" in _gpu_gemv.why_not(256, [32])
 
 
 def test_auto_limits_env_override(monkeypatch):
