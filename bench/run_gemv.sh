@@ -24,10 +24,14 @@ for s in ${STAGES:-K A S}; do
        grep -v '^ROW' "$OUT/gemv.stdout" | tail -45
        if [ -s "$OUT/gemv_best.json" ]; then export GPTOSS_GEMV_TILING; GPTOSS_GEMV_TILING=$(cat "$OUT/gemv_best.json"); fi
        echo "GPTOSS_GEMV_TILING=${GPTOSS_GEMV_TILING:-}" ;;
-    A) timeout "${BENCH_A_TIMEOUT:-200}" "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" \
+    A) # the optimized HLO of the decode programs too (which small XLA kernels remain: for the next profile-driven fix)
+       XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*" \
+       timeout "${BENCH_A_TIMEOUT:-200}" "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" \
          --runs 1x1024x64,64x128x128,256x128x128 --profile 1 --time-budget $(( ${BENCH_A_TIMEOUT:-200} - 20 )) \
          --json "$OUT/e2e_A.json" --force > "$OUT/e2e_A.log" 2>&1
-       tail -8 "$OUT/e2e_A.log" ;;
+       tail -8 "$OUT/e2e_A.log"
+       find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
+       ls "$OUT/hlo" 2>/dev/null | head ;;
     OFF) GPTOSS_GEMV_MAX_ROWS=0,0 timeout 120 "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" --runs 1x1024x64 \
          --time-budget 100 --json "$OUT/e2e_OFF.json" --force > "$OUT/e2e_OFF.log" 2>&1
        tail -4 "$OUT/e2e_OFF.log" ;;

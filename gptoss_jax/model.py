@@ -165,12 +165,13 @@ class Experts(nnx.Module):
         """Whether :meth:`routed` can run ``rows`` rows in auto mode on cuda (static; layers.routed_eligible)."""
         return layers.routed_eligible(self.gate_up, rows) and layers.routed_eligible(self.down, rows)
 
-    def routed(self, x, expert_ids, rows, layer=None):
+    def routed(self, x, expert_ids, rows, layer=None, interpret=False):
         """x [N, H] tokens, expert_ids / rows int32 [R] (an id outside [0, E): zero row) → [R, H]: the same MLPs
         without grouping the rows, straight from the router's ids (the row-wise GPU kernel, decode sizes)."""
         h = layers.routed_linear(x, self.gate_up, expert_ids, rows, self.gate_up_bias[...],
-                                 swiglu=(self.alpha, self.limit), layer=layer)
-        return layers.routed_linear(h, self.down, expert_ids, None, self.down_bias[...], layer=layer)
+                                 swiglu=(self.alpha, self.limit), layer=layer, interpret=interpret)
+        return layers.routed_linear(h, self.down, expert_ids, None, self.down_bias[...], layer=layer,
+                                    interpret=interpret)
 
 
 class MoE(nnx.Module):

@@ -129,17 +129,23 @@ def local_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=No
 
     if not experts_mod.routed_eligible(n * k):
         return grouped(x)
+    # Decode on cuda: the row-wise kernel straight from the router's ids (routed_experts_forward)
+    return jax.lax.platform_dependent(
+        x, cuda=lambda x: routed_experts_forward(experts_mod, x, expert_ids, weights, first, layer), default=grouped)
 
-    def routed(x):
-        # Decode on cuda: the row-wise kernel reads each assignment's expert straight from the router's ids — no
-        # sort, bincount, group metadata, gather or un-sort (≈15 small kernels per layer at batch 1).
-        ids = expert_ids.reshape(n * k).astype(jnp.int32) - first
-        ids = jnp.where(jnp.logical_and(ids >= 0, ids < count), ids, -1)
-        y = experts_mod.routed(x, ids, jnp.arange(n * k, dtype=jnp.int32) // k, layer=layer)
-        return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32),
-                          weights.reshape(n, k).astype(jnp.float32))
 
-    return jax.lax.platform_dependent(x, cuda=routed, default=grouped)
+def routed_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=None, interpret=False):
+    """:func:`local_experts_forward` without grouping: the row-wise int4 kernel reads each (token, expert)
+    assignment's expert straight from the router's ids — no sort, bincount, group metadata, gather or un-sort
+    (≈15 small kernels per layer at batch 1 on the GPU). Same arguments and result; ``interpret`` runs the kernel
+    in Pallas' interpreter (tests). Used by local_experts_forward when lowering for cuda at decode sizes."""
+    n, h = x.shape
+    k = expert_ids.shape[-1]
+    count = _num_local_experts(experts_mod)
+    ids = expert_ids.reshape(n * k).astype(jnp.int32) - first
+    ids = jnp.where(jnp.logical_and(ids >= 0, ids < count), ids, -1)  # other shards' experts: zero rows
+    y = experts_mod.routed(x, ids, jnp.arange(n * k, dtype=jnp.int32) // k, layer=layer, interpret=interpret)
+    return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights.reshape(n, k).astype(jnp.float32))
 
 
 def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=None):
