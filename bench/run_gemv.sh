@@ -19,7 +19,7 @@ BENCH=(--preset gpt-oss-120b --random-weights --dtype bfloat16 --group-size 32 -
 for s in ${STAGES:-K A S}; do
   echo "=== stage $s ($(date +%T))"
   case $s in
-    K) BENCH_BUDGET_S=${BENCH_K_S:-80} timeout "${BENCH_K_TIMEOUT:-120}" "$PY" bench/bench_gemv.py \
+    K) BENCH_BUDGET_S=${BENCH_K_S:-75} timeout "${BENCH_K_TIMEOUT:-100}" "$PY" bench/bench_gemv.py \
          > "$OUT/gemv.stdout" 2>&1
        grep -v '^ROW' "$OUT/gemv.stdout" | tail -45
        if [ -s "$OUT/gemv_best.json" ]; then export GPTOSS_GEMV_TILING; GPTOSS_GEMV_TILING=$(cat "$OUT/gemv_best.json"); fi
@@ -27,7 +27,7 @@ for s in ${STAGES:-K A S}; do
     A) # the optimized HLO of the decode programs too (which small XLA kernels remain: for the next profile-driven fix)
        XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*" \
        timeout "${BENCH_A_TIMEOUT:-200}" "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" \
-         --runs 1x1024x64,64x128x128,256x128x128 --profile 1 --time-budget $(( ${BENCH_A_TIMEOUT:-200} - 20 )) \
+         --runs 1x1024x64,64x128x128,256x128x128 --profile 1,256 --time-budget $(( ${BENCH_A_TIMEOUT:-200} - 20 )) \
          --json "$OUT/e2e_A.json" --force > "$OUT/e2e_A.log" 2>&1
        tail -8 "$OUT/e2e_A.log"
        find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
