@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None,
                    help="new folder to keep the converted int4 checkpoints (default: a temporary folder); an "
                         "existing non-empty folder is refused, never overwritten")
-    d.add_argument("--prompt", default='The "for" statement is used')
-    d.add_argument("--max-new-tokens", type=_int_type(1), default=48)
+    # the opening words of the "try" help topic (training text): a reader sees whether the continuation is on topic
+    d.add_argument("--prompt", default='The "try" statement specifies')
+    d.add_argument("--max-new-tokens", type=_int_type(1), default=64)
     d.add_argument("--group-size", type=_int_type(1), default=64, help="int4 group size of the conversions")
     d.add_argument("--eval-tokens", type=_int_type(2), default=4096,
                    help="held-out tokens scored per model in the perplexity table")
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also plot perplexity vs int4 group size (32/64/128, RTN and AWQ) as a new PNG file (needs "
                         "matplotlib: pip install 'gptoss-jax[plot]')")
-    d.add_argument("--temperature", type=_float_type(0.0), default=0.7, help="the streamed sample's temperature")
+    # 0.5: a tiny model's samples at 0.7 or more drift into made-up words; greedy (0) loops
+    d.add_argument("--temperature", type=_float_type(0.0), default=0.5, help="the streamed sample's temperature")
     d.add_argument("--top-p", type=_float_type(0.0, 1.0, minimum_open=True), default=0.9,
                    help="the streamed sample's top-p")
     d.add_argument("--seed", type=_int_type(0, SEED_MAX), default=0, help="the streamed sample's seed")

@@ -60,7 +60,7 @@ def _say(msg: str = "") -> None:
 
 
 def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: int, eval_tokens: int,
-             awq: str = "auto", plot: Path | None = None, temperature: float = 0.7, top_p: float = 0.9,
+             awq: str = "auto", plot: Path | None = None, temperature: float = 0.5, top_p: float = 0.9,
              seed: int = 0) -> int:
     """The demo (module docstring); returns the exit status (0, or 1 if the greedy check fails).
 
