@@ -297,6 +297,10 @@ def test_chat_printer_streams_final_and_optionally_analysis():
     (["bench", "{ckpt}", "--batch", "0"], "--batch"),
     (["demo", "--eval-tokens", "1"], "--eval-tokens"),
     (["demo", "--awq", "maybe"], "--awq"),
+    (["demo", "--temperature", "-0.5"], "--temperature"),
+    (["demo", "--top-p", "0"], "--top-p"),
+    (["demo", "--seed", "-1"], "--seed"),
+    (["eval", "groups", "{ckpt}", "f.txt", "--group-sizes", "0,64"], "--group-sizes"),
     (["eval", "perplexity", "{ckpt}", "f.txt", "--stride", "0"], "--stride"),
     (["eval", "perplexity", "{ckpt}", "f.txt", "--max-length", "x"], "--max-length"),
 ])
@@ -330,6 +334,8 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["bench", "{ckpt}", "--json", "{two}"], "exists; pass --force"),
     (["eval", "perplexity", "{ckpt}", "{latin1}"], "not UTF-8 text"),
     (["eval", "perplexity", "{ckpt}", "{two}", "--json", "{two}"], "exists; pass --force"),
+    (["eval", "groups", "{tmp}", "{two}"], "not a Hugging Face folder"),
+    (["eval", "groups", "{ckpt}", "{latin1}", "--no-awq"], "not UTF-8 text"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil
