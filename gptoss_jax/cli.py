@@ -172,13 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None,
                    help="new folder to keep the converted int4 checkpoints (default: a temporary folder); an "
                         "existing non-empty folder is refused, never overwritten")
-    d.add_argument("--prompt", default='The "for" statement is used')
-    d.add_argument("--max-new-tokens", type=_int_type(1), default=48)
+    # the opening words of the "try" help topic (training text): a reader sees whether the continuation is on topic
+    d.add_argument("--prompt", default='The "try" statement specifies')
+    d.add_argument("--max-new-tokens", type=_int_type(1), default=64)
     d.add_argument("--group-size", type=_int_type(1), default=64, help="int4 group size of the conversions")
     d.add_argument("--eval-tokens", type=_int_type(2), default=4096,
                    help="held-out tokens scored per model in the perplexity table")
     d.add_argument("--awq", choices=("auto", "on", "off"), default="auto",
                    help="add an AWQ int4 row (auto: when gptoss-convert has --awq)")
+    d.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also plot perplexity vs int4 group size (32/64/128, RTN and AWQ) as a new PNG file (needs "
+                        "matplotlib: pip install 'gptoss-jax[plot]')")
+    # 0.5: a tiny model's samples at 0.7 or more drift into made-up words; greedy (0) loops
+    d.add_argument("--temperature", type=_float_type(0.0), default=0.5, help="the streamed sample's temperature")
+    d.add_argument("--top-p", type=_float_type(0.0, 1.0, minimum_open=True), default=0.9,
+                   help="the streamed sample's top-p")
+    d.add_argument("--seed", type=_int_type(0, SEED_MAX), default=0, help="the streamed sample's seed")
     evaluation.add_eval_parser(sub, _add_model_args)
     __import__("gptoss_jax.bench").bench.add_parser(sub)  # gptoss-jax bench (gptoss_jax/bench.py)
     __import__("gptoss_jax.serve.cli", fromlist=["add_parser"]).add_parser(sub, _add_model_args)  # serve
@@ -602,13 +611,20 @@ def cmd_demo(args) -> int:
         raise CliError("--prompt is empty")
     if args.awq == "on" and not demo.awq_available():
         raise CliError("--awq on: this gptoss-convert has no --awq option yet (use --awq auto or off)")
+    plot = None
+    if args.plot is not None:
+        evaluation.check_new_file("--plot", args.plot, force=False)  # before any work: one line naming --plot
+        if not evaluation._plot_available():
+            raise CliError("--plot needs matplotlib: pip install 'gptoss-jax[plot]'")
+        plot = fsutil.user_path(args.plot)
     out = None
     if args.out is not None:
         out = fsutil.user_path(args.out)
         if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
             raise CliError(f"--out {out}: exists and is not an empty folder; the demo writes only into a new folder")
     return demo.run_demo(out=out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, group_size=args.group_size,
-                         eval_tokens=args.eval_tokens, awq=args.awq)
+                         eval_tokens=args.eval_tokens, awq=args.awq, plot=plot, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
         → perplexity table on held-out text (bf16 / int4 …)
         → streamed generation from the int4 model
         → greedy decoding checked token for token against transformers (fp32; our own full forward without torch)
+        (→ with --plot FILE.png: perplexity vs int4 group size 32/64/128, RTN and AWQ curves and the bf16 line)
 
 The shipped model (``gptoss_jax/tiny_model/``) is made by :mod:`gptoss_jax.train_tiny`; its card (README.md there)
 gives the corpus (Python's ``pydoc_data`` help topics, PSF licence), the training run and the held-out split, whose
@@ -59,8 +60,12 @@ def _say(msg: str = "") -> None:
 
 
 def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: int, eval_tokens: int,
-             awq: str = "auto") -> int:
-    """The demo (module docstring); returns the exit status (0, or 1 if the greedy check fails)."""
+             awq: str = "auto", plot: Path | None = None, temperature: float = 0.5, top_p: float = 0.9,
+             seed: int = 0) -> int:
+    """The demo (module docstring); returns the exit status (0, or 1 if the greedy check fails).
+
+    plot: also write perplexity vs group size (PLOT_GROUP_SIZES) as a PNG there (needs matplotlib).
+    temperature, top_p, seed: the streamed sample's seeded sampling (the greedy check is always greedy)."""
     import numpy as np
 
     import gptoss_jax
@@ -129,10 +134,12 @@ def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: 
 
         int4_name = rows[-1][0]
         int4 = models[int4_name]
-        _say(f"4. streaming from the {int4_name} model (temperature 0.7, top-p 0.9, seed 0)")
+        _say(f"4. streaming from the {int4_name} model (seeded sampling: temperature {temperature}, top-p {top_p}, "
+             f"seed {seed})")
         sys.stdout.write(f"   {prompt}")
         sys.stdout.flush()
-        result, stats = int4.generate(prompt, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0,
+        result, stats = int4.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      seed=seed,
                                       on_chunk=lambda c: (sys.stdout.write(c.text[0].replace("\n", "\n   ")),
                                                           sys.stdout.flush()),
                                       return_stats=True)
@@ -140,6 +147,9 @@ def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: 
         _say(f"\n   time to first token {stats.time_to_first_token_s * 1e3:.0f} ms (includes compiling), {rate}")
 
         ok = _greedy_check(src, prompt, max_new_tokens, np)
+        if plot is not None:
+            _plot_step(src, held, work, plot, table, rows, group_size, eval_tokens,
+                       work / "calibration.txt" if use_awq else None)
         if out is not None:
             (work / fsutil.OWNER_FILE).unlink(missing_ok=True)
             if out.is_dir():
@@ -155,6 +165,34 @@ def run_demo(*, out: Path | None, prompt: str, max_new_tokens: int, group_size: 
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
+
+
+PLOT_GROUP_SIZES = (32, 64, 128)
+
+
+def _plot_step(src: Path, held: str, work: Path, plot: Path, table, rows, group_size: int, eval_tokens: int,
+               calib: Path | None) -> None:
+    """Step 6 (--plot): the perplexity table at every group size of PLOT_GROUP_SIZES (the rows measured above are
+    reused), written as a PNG curve by :func:`gptoss_jax.evaluation.plot_group_sweep`."""
+    from gptoss_jax.evaluation import SweepRow, group_size_sweep, plot_group_sweep
+    t0 = time.perf_counter()
+    _say(f"6. perplexity vs int4 group size ({', '.join(map(str, PLOT_GROUP_SIZES))}; RTN"
+         f"{' and AWQ' if calib is not None else ''}) → {plot}")
+    known = {}
+    for (name, _, _), (_, r, nbytes, secs) in zip(rows, table):
+        method = "bf16" if name.startswith("bf16") else ("awq" if "AWQ" in name else "rtn")
+        key = (method, None if method == "bf16" else group_size)
+        known[key] = SweepRow(method, key[1], r.perplexity, r.nll_mean, r.num_scored, nbytes, round(secs, 2))
+    (work / "groups").mkdir()
+    sweep = group_size_sweep(src, held, work / "groups", group_sizes=PLOT_GROUP_SIZES, awq_calib=calib,
+                             max_length=256, stride=128, eval_tokens=eval_tokens, known=known)
+    base = sweep[0].perplexity
+    for g in PLOT_GROUP_SIZES:
+        cells = [f"{r.method.upper()} {r.perplexity:.2f} ({100 * (r.perplexity / base - 1):+.1f}%)"
+                 for r in sweep if r.group_size == g]
+        _say(f"   g{g:<4} " + "   ".join(cells))
+    plot_group_sweep(sweep, plot, title="tiny gpt-oss: held-out perplexity vs int4 group size")
+    _say(f"   wrote {plot} in {time.perf_counter() - t0:.1f}s")
 
 
 def _unigram_perplexity(model, held: str, eval_tokens: int) -> float:

@@ -5,6 +5,7 @@ The checkpoint is the scripted "bigram" chat model of test_api (it answers every
 cache in the session's tmp folder, so only the first of them pays for compiling a shape.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -150,8 +151,9 @@ def test_score(ckpt, env, tmp_path):
 def test_demo(tmp_path, capsys):
     """The README's main job, shortened: shipped model → int4 RTN → perplexity table → streamed text → greedy check."""
     out_dir = tmp_path / "demo"
+    plot = tmp_path / "groups.png" if importlib.util.find_spec("matplotlib") else None
     assert cli.main(["demo", "--max-new-tokens", "6", "--eval-tokens", "300", "--awq", "off", "--out",
-                     str(out_dir)]) == 0
+                     str(out_dir), *(["--plot", str(plot)] if plot else [])]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out and "tokens/s" in out and "time to first token" in out
     import re
@@ -160,6 +162,12 @@ def test_demo(tmp_path, capsys):
     bf16, rtn = float(rows["bf16 (shipped)"]), float(rows["int4 RTN g64"])
     assert 1 < bf16 < 200 and 1 < rtn < 1.5 * bf16, out  # trained: far below the vocabulary size; int4 close
     assert (out_dir / "int4-rtn-g64" / "config.json").exists()  # --out keeps the converted checkpoint
+    assert "seeded sampling: temperature 0.5, top-p 0.9, seed 0" in out
+    if plot:  # step 6: perplexity vs group size 32/64/128 as a PNG (its IHDR: 640 x 420 pixels)
+        assert re.search(r"^\s+g32\s+RTN [\d.]+ .*\n\s+g64\s+RTN " + re.escape(rows["int4 RTN g64"]), out, re.M), out
+        data = plot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:24] == b"IHDR" + (640).to_bytes(4, "big") + \
+            (420).to_bytes(4, "big")
 
 
 # ---------------------------------------------------------------------------------------------------------- bad input
@@ -289,6 +297,10 @@ def test_chat_printer_streams_final_and_optionally_analysis():
     (["bench", "{ckpt}", "--batch", "0"], "--batch"),
     (["demo", "--eval-tokens", "1"], "--eval-tokens"),
     (["demo", "--awq", "maybe"], "--awq"),
+    (["demo", "--temperature", "-0.5"], "--temperature"),
+    (["demo", "--top-p", "0"], "--top-p"),
+    (["demo", "--seed", "-1"], "--seed"),
+    (["eval", "groups", "{ckpt}", "f.txt", "--group-sizes", "0,64"], "--group-sizes"),
     (["eval", "perplexity", "{ckpt}", "f.txt", "--stride", "0"], "--stride"),
     (["eval", "perplexity", "{ckpt}", "f.txt", "--max-length", "x"], "--max-length"),
 ])
@@ -322,6 +334,8 @@ def test_every_numeric_option_is_checked_when_parsed(argv, option, ckpt, capsys)
     (["bench", "{ckpt}", "--json", "{two}"], "exists; pass --force"),
     (["eval", "perplexity", "{ckpt}", "{latin1}"], "not UTF-8 text"),
     (["eval", "perplexity", "{ckpt}", "{two}", "--json", "{two}"], "exists; pass --force"),
+    (["eval", "groups", "{tmp}", "{two}"], "not a Hugging Face folder"),
+    (["eval", "groups", "{ckpt}", "{latin1}", "--no-awq"], "not UTF-8 text"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, match, ckpt, tmp_path, capsys, monkeypatch):
     import shutil
