@@ -556,8 +556,9 @@ def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
     from gptoss_jax.generate import TRACE_COUNTS
     from gptoss_jax.serve import engine as engine_mod
     widths = []
-    real = engine_mod._decode_rows
-    monkeypatch.setattr(engine_mod, "_decode_rows", lambda *a, **k: widths.append(len(a[3])) or real(*a, **k))
+    real = engine_mod._decode
+    monkeypatch.setattr(engine_mod, "_decode",
+                        lambda *a, **k: widths.append(len(a[6]) if k["compact"] else len(a[5])) or real(*a, **k))
     engine = Engine(model, max_batch=6, chunk_size=4)  # not a power of two: buckets 1, 2, 4, then all 6 rows
     engine.warmup(prompt_len=12)
     graph = model.generator.graph
@@ -574,3 +575,67 @@ def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
         engine.shutdown()
     assert widths and max(widths) <= 4, widths  # ≤ 3 live rows: bucket 4 at most, never the 6-row step
     assert TRACE_COUNTS[("serve_decode", graph)] == before
+
+
+# ---------------------------------------------------------------------------------------------------------- overlap
+def test_overlap_reads_a_chunk_while_the_next_one_runs(model):
+    """With overlap the host reads decode chunk k's tokens after chunk k + 1 was dispatched (the device has work
+    while the host delivers); without it nothing is in flight when the host reads. Greedy answers are the same in
+    both modes and equal each prompt run alone through generate."""
+    prompts = [list(range(20, 20 + n)) for n in (6, 11, 3)]
+    want = [model.generate(p, max_new_tokens=12, temperature=0.0).tokens for p in prompts]
+    for overlap in (True, False):
+        engine = Engine(model, max_batch=4, chunk_size=4, prefill_chunk=64, overlap=overlap)
+        in_flight = []
+        real = engine._process
+        engine._process = lambda call: in_flight.append((call.kind, len(engine._pending))) or real(call)
+        engine.start()
+        try:
+            jobs = [_collect(engine, prompt=p, max_new_tokens=12, temperature=0.0) for p in prompts]
+            for w, (_, events, done) in zip(want, jobs):
+                assert done.wait(120)
+                assert events[-1].tokens == [t for e in events if isinstance(e, Delta) for t in e.tokens] == w
+        finally:
+            engine.shutdown()
+        decode_reads = [n for kind, n in in_flight if kind == "decode"]
+        assert decode_reads, in_flight
+        if overlap:
+            assert max(decode_reads) >= 1, in_flight
+            assert engine.metrics.starved < engine.metrics.dispatches
+        else:
+            assert max(n for _, n in in_flight) == 0, in_flight
+
+
+def test_tokens_past_a_stop_string_in_the_overlapped_chunk_are_dropped(model):
+    """A stop string found in chunk k ends the row although chunk k + 1 already ran for it: nothing of chunk k + 1
+    is streamed (streamed tokens and text equal generate with the same stop string), and the request that takes the
+    slot next is unaffected (equals generate alone)."""
+    prompt = [31, 7, 200, 45, 9, 300]
+    full = model.generate(prompt, max_new_tokens=40, temperature=0.0)
+    dec = model._decode_lenient
+    stop = None
+    for k in range(3, 12):  # a stop string that starts at token k's text and occurs nowhere before
+        at = len(dec(full.tokens[:k]))
+        cand = full.text[at:at + 3]
+        if len(cand) == 3 and "\ufffd" not in cand and full.text.find(cand) == at:
+            stop = cand
+            break
+    assert stop is not None, full.text
+    ref = model.generate(prompt, max_new_tokens=40, temperature=0.0, stop_strings=[stop])
+    assert ref.finish_reason == "stop_string" and len(full.tokens) > len(ref.tokens) + 8  # it would have gone on
+    others = [list(range(40, 40 + n)) for n in (5, 8, 4, 7)]
+    engine = Engine(model, max_batch=4, chunk_size=4, prefill_chunk=64).start()
+    try:
+        a, ev_a, done_a = _collect(engine, prompt=prompt, max_new_tokens=40, temperature=0.0, stop_strings=(stop,))
+        jobs = [_collect(engine, prompt=p, max_new_tokens=10, temperature=0.0) for p in others]  # the 4th waits
+        assert done_a.wait(120)
+        fin = ev_a[-1]
+        deltas = [e for e in ev_a if isinstance(e, Delta)]
+        assert fin.reason == "stop_string" and fin.tokens == ref.tokens
+        assert [t for e in deltas for t in e.tokens] == ref.tokens
+        assert "".join(e.text for e in deltas) == fin.text == ref.text
+        for p, (_, events, done) in zip(others, jobs):
+            assert done.wait(120)
+            assert events[-1].tokens == model.generate(p, max_new_tokens=10, temperature=0.0).tokens
+    finally:
+        engine.shutdown()
