@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 import gptoss_jax  # noqa: E402
 from gptoss_jax import harmony  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
+from gptoss_jax.generate import SamplingParams  # noqa: E402
 from gptoss_jax.hf_loader import save_hf_checkpoint  # noqa: E402
 from gptoss_jax.model import GptOss, params_of  # noqa: E402
 from gptoss_jax.serve.cli import build  # noqa: E402
@@ -314,12 +315,42 @@ def test_responses_minimal(model, client):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-5"}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi " * 800}]}, 413, None),
+    # sampling fields: checked by SamplingParams.checked, the error names the OpenAI field
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": True}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2.5}, 400, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": {"a": 1}}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
 ])
 def test_bad_chat_requests(server, body, status, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    assert param is None or err["message"].startswith(param), err["message"]
+
+
+def test_engine_checks_sampling_params_in_one_place(model):
+    """Engine.submit validates a Request's SamplingParams with SamplingParams.checked (no second rule set): an
+    invalid field is an InvalidParams naming it, before anything is queued; a valid one is normalised."""
+    from gptoss_jax.serve.engine import InvalidParams
+    engine = Engine(model, max_batch=1)  # not started: nothing runs
+    for bad, field in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                       (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_strings=("",)), "stop_strings"),
+                       (dict(stop_token_ids=(10**9,)), "stop_token_ids"), (dict(seed=2**64), "seed")):
+        with pytest.raises(InvalidParams) as e:
+            engine.submit(Request([1, 2], lambda ev: None, params=SamplingParams(**bad)))
+        assert e.value.field == field and field in str(e.value)
+    assert engine.queue_length == 0
+    req = Request([1, 2], lambda ev: None, params=SamplingParams(top_k=10**9, stop_strings="x"))
+    engine.submit(req)
+    assert req.params.top_k == model.config.vocab_size and req.params.stop_strings == ("x",)
 
 
 def test_bad_requests_other(server, client):
@@ -349,7 +380,7 @@ def test_engine_refusals_become_status_codes(model, fail, status):
 
 
 # ---------------------------------------------------------------------------------------------------------- scheduler
-def _collect(engine, **kw):
+def _collect(engine, prompt, *, logprobs=None, deadline=None, **sampling):
     events, done = [], threading.Event()
 
     def emit(ev):
@@ -357,7 +388,7 @@ def _collect(engine, **kw):
         if isinstance(ev, Finished):
             done.set()
 
-    req = Request(emit=emit, **kw)
+    req = Request(prompt, emit, params=SamplingParams(**sampling), logprobs=logprobs, deadline=deadline)
     engine.submit(req)
     return req, events, done
 
@@ -394,7 +425,7 @@ def test_scheduler_mixed_batch_equals_generate_alone(model):
             assert done.wait(300)
             fin = events[-1]
             streamed = [t for e in events if isinstance(e, Delta) for t in e.tokens]
-            ref = model.generate(prompt, max_new_tokens=req.max_new_tokens, **kw)
+            ref = model.generate(prompt, max_new_tokens=req.params.max_new_tokens, **kw)
             assert fin.tokens == streamed == ref.tokens
     finally:
         engine.shutdown()

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.errors import GptOssError
-from gptoss_jax.generate import (DEFAULT_PREFILL_CHUNK, MAX_STOP_TOKEN_IDS, NO_TOKEN, TRACE_COUNTS, TextStreamer,
-                                 batch_bucket, length_bucket)
+from gptoss_jax.generate import (DEFAULT_PREFILL_CHUNK, MAX_STOP_TOKEN_IDS, NO_TOKEN, TRACE_COUNTS, GenerationError,
+                                 SamplingParams, TextStreamer, batch_bucket, length_bucket)
 from gptoss_jax.kv_cache import init_cache
 from gptoss_jax.sampling import _sample as _sample_rows
 from gptoss_jax.sampling import greedy
@@ -63,6 +63,15 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 class EngineError(GptOssError, RuntimeError):
     """Base of the scheduler's admission errors."""
     status = 500
+
+
+class InvalidParams(EngineError):
+    """A request's sampling parameters failed ``SamplingParams.checked``; ``field`` names the field."""
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class QueueFull(EngineError):
@@ -106,23 +115,18 @@ class Finished:
 class Request:
     """One generation request. `emit(event)` is called on the scheduler thread (must not block).
 
-    prompt: token ids; max_new_tokens ≥ 1; temperature 0 = greedy; top_k 0 / top_p 1 disable truncation; seed in
-    [0, 2**64); stop_token_ids end the row (kept as the last token); stop_strings end it on the decoded text;
-    logprobs: None (off) or the number of top alternatives (0..20) returned per token; text: False when the consumer
-    reads token ids only (chat parses harmony from ids), which spares the incremental detokenization; deadline:
+    prompt: token ids; params: how to sample and when to stop (:class:`gptoss_jax.generate.SamplingParams`, checked
+    by :meth:`Engine.submit` with ``SamplingParams.checked`` — the one place sampling arguments are validated; stop
+    token ids end the row and are kept as its last token, stop strings end it on the decoded text); logprobs: None
+    (off) or the number of top alternatives (0..20) returned per token; text: False when the consumer reads token
+    ids only (chat parses harmony from ids), which spares the incremental detokenization; deadline:
     time.monotonic() after which the request is ended with reason "timeout".
     """
     prompt: list[int]
     emit: Callable[[object], None]
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     logprobs: int | None = None
-    text: bool = True  # False: the consumer reads token ids only (no detokenization unless stop_strings need it)
+    text: bool = True  # False: the consumer reads token ids only (no detokenization unless stop strings need it)
     deadline: float | None = None
     request_id: str = ""
     arrival: float = dataclasses.field(default_factory=time.monotonic)
@@ -407,16 +411,25 @@ class Engine:
         return self
 
     def submit(self, req: Request) -> None:
-        """Queues a request (thread-safe). Raises PromptTooLong (prompt + max_new_tokens over the context),
-        QueueFull (max_queue waiting) or ShuttingDown."""
-        need = len(req.prompt) + req.max_new_tokens
+        """Queues a request (thread-safe). Raises EngineError for an empty prompt or ids outside the vocabulary,
+        InvalidParams (a GenerationError from ``SamplingParams.checked``; ``field`` names the bad field),
+        PromptTooLong (prompt + max_new_tokens over the context), QueueFull (max_queue waiting) or ShuttingDown.
+        ``req.params`` is replaced by its checked (normalised) copy."""
         if not req.prompt:
             raise EngineError("empty prompt")
         vocab = self.model.config.vocab_size
         if min(req.prompt) < 0 or max(req.prompt) >= vocab:
             raise EngineError(f"prompt token ids must lie in [0, {vocab})")
-        if need > self.max_seq_len:
-            raise PromptTooLong(f"prompt of {len(req.prompt)} tokens + max_tokens {req.max_new_tokens} exceeds the "
+        try:
+            req.params = req.params.checked(vocab)
+        except GenerationError as e:
+            raise InvalidParams(str(e), field=e.field) from None
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParams(f"logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}",
+                                field="logprobs")
+        max_new = req.params.max_new_tokens
+        if len(req.prompt) + max_new > self.max_seq_len:
+            raise PromptTooLong(f"prompt of {len(req.prompt)} tokens + max_tokens {max_new} exceeds the "
                                 f"context of {self.max_seq_len} tokens")
         with self._cv:
             if self._stopping:
@@ -535,24 +548,22 @@ class Engine:
                                          error="the request timed out while queued"))
                 self.metrics.requests_finished["timeout"] += 1
                 continue
-            key = np.array([req.seed >> 32, req.seed & 0xFFFFFFFF], np.uint32)
-            streamer = TextStreamer(self.model._decode_lenient, req.stop_strings) \
-                if req.text or req.stop_strings else _NoText()
+            p = req.params
+            key = np.array([p.seed >> 32, p.seed & 0xFFFFFFFF], np.uint32)
+            streamer = TextStreamer(self.model._decode_lenient, p.stop_strings) \
+                if req.text or p.stop_strings else _NoText()
             i = free.pop(0)
             self._slots[i] = _Slot(req, streamer, key)
             max_new, stop, keys, temp, top_k, top_p = self._params
-            max_new[i], keys[i], temp[i], top_k[i], top_p[i] = (req.max_new_tokens, key, req.temperature, req.top_k,
-                                                                 req.top_p)
+            max_new[i], keys[i], temp[i], top_k[i], top_p[i] = p.max_new_tokens, key, p.temperature, p.top_k, p.top_p
             stop[i] = NO_TOKEN
-            stop[i, :len(req.stop_token_ids)] = req.stop_token_ids
+            stop[i, :len(p.stop_token_ids)] = p.stop_token_ids
 
     def _mode(self, slots) -> tuple[bool, bool, bool]:
-        reqs = [s.req for s in slots]
-        all_greedy = all(r.temperature == 0 for r in reqs)
-        if all_greedy:
+        modes = [s.req.params.mode for s in slots]  # (greedy, top-k on, top-p on) per row
+        if all(m[0] for m in modes):
             return True, False, False
-        return False, any(r.top_k > 0 for r in reqs if r.temperature > 0), any(r.top_p < 1 for r in reqs
-                                                                               if r.temperature > 0)
+        return False, any(m[1] for m in modes), any(m[2] for m in modes)
 
     def _top(self, slots) -> int:
         return MAX_TOP_LOGPROBS if any(s.req.logprobs is not None for s in slots) else 0
@@ -718,9 +729,9 @@ class Engine:
         s.tokens.extend(new)
         self.metrics.generation_tokens += len(new)
         reason = None
-        if new and new[-1] in r.stop_token_ids:
+        if new and new[-1] in r.params.stop_token_ids:
             reason = "stop_token"
-        elif len(s.tokens) >= r.max_new_tokens:  # the device stops the row on the same two conditions
+        elif len(s.tokens) >= r.params.max_new_tokens:  # the device stops the row on the same two conditions
             reason = "length"
         text_ids = new[:-1] if reason == "stop_token" else new
         keep = s.streamer.add(text_ids)
