@@ -38,7 +38,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 BLOCKED = [0.0]
-METRICS = ("host_s", "wait_s", "idle_s", "device_idle_s", "dispatches", "starved", "decode_calls", "decode_steps", "prefill_calls")
+METRICS = ("host_s", "wait_s", "idle_s", "device_idle_s", "dispatches", "starved", "decode_calls", "decode_steps",
+           "prefill_calls")
 _real_get = jax.device_get
 
 
@@ -115,8 +116,8 @@ def run(mod, model, args, overlap: bool, seed: int) -> dict:
             before = {k: getattr(m, k) for k in METRICS if hasattr(m, k)}
             t0 = time.perf_counter()
             for _ in range(args.requests):
-                engine.submit(make_request(mod, rng.integers(16, model.config.vocab_size, size=args.prompt_len).tolist(), emit,
-                                           args.max_tokens))
+                prompt = rng.integers(16, model.config.vocab_size, size=args.prompt_len).tolist()
+                engine.submit(make_request(mod, prompt, emit, args.max_tokens))
             for _ in range(args.requests):
                 done.acquire()
             wall = time.perf_counter() - t0

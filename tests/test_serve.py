@@ -566,19 +566,38 @@ def test_client_disconnect_cancels_the_request(server, client):
 
 
 def test_warmup_compiles_what_greedy_traffic_needs(model):
+    """After warmup, greedy traffic neither traces nor compiles anything (an argument placed differently from
+    warmup's — say an uncommitted first cache — would compile again without tracing)."""
+    import copy
+
     from gptoss_jax.generate import TRACE_COUNTS
     engine = Engine(model, max_batch=4, chunk_size=4)
+    # weights committed to a device, as a checkpoint loaded for a GPU (or onto a mesh) has them: then the calls'
+    # outputs are committed too, and the first cache must be placed the same way
+    engine.gen = copy.copy(engine.gen)
+    engine.gen.state_leaves = jax.device_put(engine.gen.state_leaves, jax.devices()[0])
     engine.warmup(prompt_len=12)
+    # the first call's cache and carry are placed like the calls' outputs (committed to the weights' device), else
+    # the first call after warmup compiles again for them (seen with random int4 weights in bench_serve.py)
+    for leaf in jax.tree.leaves((engine._new_cache(), engine._initial_carry())):
+        assert leaf.committed and leaf.sharding == jax.tree.leaves(engine.gen.state_leaves)[0].sharding
     graph = model.generator.graph
     before = (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        and threading.current_thread().name == "gptoss-serve-scheduler" else None)
     engine.start()
     try:
-        jobs = [_collect(engine, prompt=list(range(10, 10 + n)), max_new_tokens=6, temperature=0.0) for n in (5, 9)]
-        for _, events, done in jobs:
-            assert done.wait(120) and len(events[-1].tokens) >= 1
+        for group in ((7,), (5, 9)):  # a lone request (the 1-row prefill: the first call on the fresh cache), two
+            jobs = [_collect(engine, prompt=list(range(10, 10 + n)), max_new_tokens=6, temperature=0.0)
+                    for n in group]
+            for _, events, done in jobs:
+                assert done.wait(120) and len(events[-1].tokens) >= 1
     finally:
         engine.shutdown()
     assert (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)]) == before
+    assert compiles == []  # XLA compilations on the scheduler thread
 
 
 def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
@@ -670,3 +689,33 @@ def test_tokens_past_a_stop_string_in_the_overlapped_chunk_are_dropped(model):
             assert events[-1].tokens == model.generate(p, max_new_tokens=10, temperature=0.0).tokens
     finally:
         engine.shutdown()
+
+
+def test_metrics_expose_scheduler_timing(server, client):
+    """/metrics carries the scheduler's timing counters, and they move with the work: a 12-token completion adds
+    ≥ 11 model decode steps (the first token comes from the prefill), host and wait seconds, and dispatches."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        out = {}
+        for fam in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    before = scrape()
+    client.completions.create(model=NAME, prompt=[40, 41, 42], max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = scrape()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("gptoss_decode_steps_total") >= 11
+    assert delta("gptoss_decode_calls_total") >= 3  # chunk_size 4
+    assert delta("gptoss_prefill_calls_total") >= 1
+    assert delta("gptoss_scheduler_dispatches_total") >= 4
+    assert delta("gptoss_scheduler_seconds_total", state="host") > 0
+    assert delta("gptoss_scheduler_seconds_total", state="wait") > 0
+    assert 0 <= delta("gptoss_scheduler_seconds_total", state="device_idle")

@@ -342,10 +342,10 @@ class Metrics:
         self.generation_tokens = 0
         self.ttft: list[float] = []  # seconds, appended by the scheduler; the server drains it into a histogram
         self.active = 0
-        self.decode_steps = 0  # decode calls (chunks)
-        self.decode_token_steps = 0  # model steps those calls ran (≤ chunk_size each: the loop exits early)
+        self.decode_calls = 0  # decode calls (chunks)
+        self.decode_steps = 0  # model steps those calls ran (≤ chunk_size each: the loop exits early)
         self.prefill_calls = 0
-        self.occupancy_sum = 0.0  # summed active/max_batch over decode calls
+        self.occupancy_sum = 0.0  # summed live rows / max_batch over decode calls
         self.host_s = 0.0
         self.wait_s = 0.0
         self.idle_s = 0.0
@@ -401,10 +401,7 @@ class Engine:
     # -------------------------------------------------------------------------------------------------- public
     def start(self) -> "Engine":
         if self._thread is None:
-            cache = init_cache(self.model.config, self.max_batch, self.max_seq_len, self.gen.cache_dtype)
-            if self.gen.cache_constraint is not None:
-                cache = jax.jit(self.gen.cache_constraint)(cache)
-            self._cache = cache
+            self._cache = self._new_cache()
             self._carry = self._initial_carry()
             self._thread = threading.Thread(target=self._loop, name="gptoss-serve-scheduler", daemon=True)
             self._thread.start()
@@ -461,10 +458,26 @@ class Engine:
             self._thread.join(timeout)
 
     # -------------------------------------------------------------------------------------------------- loop
+    def _new_cache(self):
+        """The KV cache, placed like the outputs of the compiled calls that replace it (committed to the model's
+        device, or laid out by the mesh's rules): an uncommitted first cache would compile the first call twice,
+        once for it and once for the calls' own outputs."""
+        cache = init_cache(self.model.config, self.max_batch, self.max_seq_len, self.gen.cache_dtype)
+        if self.gen.cache_constraint is not None:
+            return jax.jit(self.gen.cache_constraint)(cache)
+        return self._place(cache)
+
+    def _place(self, tree):
+        """Commits arrays to the model's device (one device) or replicates them over its mesh."""
+        mesh = getattr(self.model, "mesh", None)
+        if mesh is not None:
+            return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return jax.device_put(tree, min(jax.tree.leaves(self.gen.state_leaves)[0].devices(), key=lambda d: d.id))
+
     def _initial_carry(self):
-        """The slot-space decode carry with every slot finished (built by a compiled call, so its arrays are
-        placed like the outputs of the calls that replace it)."""
-        return _initial_carry(self.max_batch)
+        """The slot-space decode carry with every slot finished, placed like the outputs of the calls that replace
+        it (see _new_cache)."""
+        return self._place(_initial_carry(self.max_batch))
 
     def _loop(self) -> None:
         m = self.metrics
@@ -578,9 +591,7 @@ class Engine:
         bucket. Call before :meth:`start` (the calls write nothing: every row is padding or not live)."""
         if self._thread is not None:
             raise EngineError("warmup() must run before start()")
-        cache = init_cache(self.model.config, self.max_batch, self.max_seq_len, self.gen.cache_dtype)
-        if self.gen.cache_constraint is not None:
-            cache = jax.jit(self.gen.cache_constraint)(cache)
+        cache = self._new_cache()
         carry = self._initial_carry()
         width, b, n = self._width(prompt_len), self.max_batch, 1
         while True:
@@ -678,7 +689,7 @@ class Engine:
         slot_ids[:len(rows)] = rows
         mask = np.zeros((self.max_batch,), bool)
         mask[live_ids] = True
-        self.metrics.decode_steps += 1
+        self.metrics.decode_calls += 1
         self.metrics.occupancy_sum += len(live) / self.max_batch
         self._cache, out, lp, self._carry = _decode(
             self.gen.graph, self.gen.state_leaves, self._cache, self._carry, self._params, mask, slot_ids,
@@ -710,7 +721,7 @@ class Engine:
                 self._deliver(i, [int(first[r])], lps)
             return
         out = first
-        self.metrics.decode_token_steps += int((out != NO_TOKEN).any(axis=0).sum())
+        self.metrics.decode_steps += int((out != NO_TOKEN).any(axis=0).sum())
         for r, i, s in call.rows:
             if self._slots[i] is not s:
                 continue

@@ -824,9 +824,26 @@ class _Metrics:
         g = GaugeMetricFamily("gptoss_batch_occupancy", "Occupied decode slots / max_batch (now)")
         g.add_metric([], self.engine.active_slots / self.engine.max_batch)
         yield g
-        g = GaugeMetricFamily("gptoss_batch_occupancy_mean", "Mean occupied fraction over decode calls")
-        g.add_metric([], m.occupancy_sum / m.decode_steps if m.decode_steps else 0.0)
+        g = GaugeMetricFamily("gptoss_batch_occupancy_mean", "Mean decoding fraction of the slots over decode calls")
+        g.add_metric([], m.occupancy_sum / m.decode_calls if m.decode_calls else 0.0)
         yield g
+        for name, value, doc in (
+                ("gptoss_decode_calls", m.decode_calls, "Decode calls (chunks of up to --chunk-size steps)"),
+                ("gptoss_decode_steps", m.decode_steps, "Model decode steps run (each over the whole decode batch)"),
+                ("gptoss_prefill_calls", m.prefill_calls, "Prefill calls"),
+                ("gptoss_scheduler_dispatches", m.dispatches, "Compiled calls dispatched"),
+                ("gptoss_scheduler_device_starved", m.starved,
+                 "Dispatches that found the device done with every earlier call (it waited for the host)")):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        c = CounterMetricFamily(
+            "gptoss_scheduler_seconds", "Scheduler thread time by state: host (working: admissions, dispatch, "
+            "delivering tokens, detokenizing), wait (blocked on device results), idle (no work); device_idle: an "
+            "upper bound of the time the device waited for the host while there was work", labels=["state"])
+        for state, v in (("host", m.host_s), ("wait", m.wait_s), ("idle", m.idle_s), ("device_idle", m.device_idle_s)):
+            c.add_metric([state], v)
+        yield c
         g = GaugeMetricFamily("gptoss_max_batch", "Decode slots")
         g.add_metric([], self.engine.max_batch)
         yield g
