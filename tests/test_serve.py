@@ -719,3 +719,30 @@ def test_metrics_expose_scheduler_timing(server, client):
     assert delta("gptoss_scheduler_seconds_total", state="host") > 0
     assert delta("gptoss_scheduler_seconds_total", state="wait") > 0
     assert 0 <= delta("gptoss_scheduler_seconds_total", state="device_idle")
+
+
+# ---------------------------------------------------------------------------------------------------------- mesh
+@pytest.mark.multidevice
+@pytest.mark.slow  # 15–80 s: a fresh process compiles the sharded steps
+def test_serve_on_a_virtual_mesh_equals_generate_alone():
+    """The scheduler on a (data 2, expert 2, tensor 2) mesh of 8 virtual CPU devices (tests/serve_mesh_worker.py,
+    in its own process): 3 slots are padded to 4 (the data axis); greedy and seeded requests, prompts longer than
+    the prefill chunk, more requests than slots — each served answer equals the prompt run alone through generate
+    on the same model; after warmup the scheduler compiles only for new shapes or sampling modes (as many XLA
+    compilations as traces: every call's outputs are laid out as warmup saw them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "tests.serve_mesh_worker", "2,2,2"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert out["mesh"] == {"data": 2, "expert": 2, "tensor": 2} and out["max_batch"] == 4
+    assert len(out["results"]) == 5
+    for r in out["results"]:
+        assert r["served"] == r["streamed"] == r["alone"] and r["reason"] == "length", r
+    assert out["scheduler_compiles_after_warmup"] == out["scheduler_traces_after_warmup"], out

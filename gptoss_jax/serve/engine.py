@@ -178,7 +178,7 @@ def _scatter_rows(tree, slots, rows):
 
 
 def _prefill_step_impl(graph, state, cache, carry, params, slots, tokens, start, lengths, done, *, first: bool, mode,
-                       top: int):
+                       top: int, placement=(None, None)):
     """Advances rows `slots` [b] (index ≥ batch: padding, untouched) by one prompt chunk tokens [b, C] written at
     positions start … start + lengths - 1. ``first``: the rows' prompts start here (their cache rows are cleared and
     the chunk attends only to itself, as generate's one-shot prefill); else it attends to the cache too (as its
@@ -205,7 +205,20 @@ def _prefill_step_impl(graph, state, cache, carry, params, slots, tokens, start,
 
     token, pos, finished, n = carry
     carry = (put(token, tok), put(pos, start + lengths), put(finished, stopped), put(n, jnp.ones_like(n[slots])))
+    cache, carry = _pin(cache, carry, placement)
     return cache, carry, tok, lp
+
+
+def _pin(cache, carry, placement):
+    """Pins the layouts of the outputs the next call takes: ``placement`` = (cache constraint function or None,
+    carry sharding or None). On a mesh, without it each call's outputs would be laid out as the compiler's
+    propagation found for that call, and the next call would compile again for a layout warmup did not see."""
+    constrain, carry_sharding = placement
+    if constrain is not None:
+        cache = constrain(cache)
+    if carry_sharding is not None:
+        carry = jax.lax.with_sharding_constraint(carry, carry_sharding)
+    return cache, carry
 
 
 def _decode_step_impl(graph, state, cache, last_token, positions, finished, num_generated, max_new_tokens, stop_ids,
@@ -249,7 +262,8 @@ def _decode_step_impl(graph, state, cache, last_token, positions, finished, num_
     return cache, out, lp_out, (token, pos, finished, n)
 
 
-def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int, mode, top: int, compact: bool):
+def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int, mode, top: int, compact: bool,
+                 placement=(None, None)):
     """One decode chunk whose inputs stay on the device: ``carry`` = (last token, position, finished, tokens so far),
     each [max_batch] in *slot space* (row i = slot i), is what the previous prefill / decode call returned, so call
     k + 1 can be dispatched before the host has read call k's tokens. ``params`` = (max_new_tokens, stop ids, key
@@ -264,6 +278,7 @@ def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int,
     if not compact:
         cache, out, lp, carry = _decode_step_impl(graph, state, cache, token, pos, finished, n, *params, steps=steps,
                                                   mode=mode, top=top)
+        cache, carry = _pin(cache, carry, placement)
         return cache, out, lp, carry
     take = functools.partial(jnp.take, indices=slots, axis=0, mode="clip")
     rows_in = (take(token), take(pos), jnp.take(finished, slots, mode="fill", fill_value=True), take(n))
@@ -271,6 +286,7 @@ def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int,
                                                 *(take(p) for p in params), steps=steps, mode=mode, top=top)
     cache = _scatter_rows(cache, slots, rows)
     carry = tuple(a.at[slots].set(r, mode="drop") for a, r in zip((token, pos, finished, n), rows_out))
+    cache, carry = _pin(cache, carry, placement)
     return cache, out, lp, carry
 
 
@@ -280,9 +296,9 @@ def _initial_carry(batch: int):
     return z, z, jnp.ones((batch,), bool), z
 
 
-_prefill_step = jax.jit(_prefill_step_impl, static_argnums=0, static_argnames=("first", "mode", "top"),
+_prefill_step = jax.jit(_prefill_step_impl, static_argnums=0, static_argnames=("first", "mode", "top", "placement"),
                         donate_argnames=("cache",))
-_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode", "top", "compact"),
+_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode", "top", "compact", "placement"),
                   donate_argnames=("cache",))
 
 
@@ -392,6 +408,11 @@ class Engine:
         self.overlap = bool(overlap)
         self._pending: collections.deque[_Call] = collections.deque()  # dispatched, results not read yet
         self._busy_mark = 0.0  # perf_counter time until which the device is known to have been busy
+        mesh = getattr(model, "mesh", None)
+        # (cache layout, carry layout) every call's outputs are pinned to (see _pin): the mesh's cache rules and a
+        # replicated carry; on one device the outputs follow the committed inputs
+        self._placement = (self.gen.cache_constraint, None if mesh is None else
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         b, k = self.max_batch, MAX_STOP_TOKEN_IDS
         # slot-space sampling parameters (host copies, set at admission): max_new, stop ids, key data, temperature,
         # top_k, top_p
@@ -600,7 +621,7 @@ class Engine:
             cache, carry, _, _ = _prefill_step(self.gen.graph, self.gen.state_leaves, cache, carry, self._params,
                                                np.full((rows,), b, np.int32), np.zeros((rows, width), np.int32), z,
                                                z, np.zeros((rows,), bool), first=True, mode=(True, False, False),
-                                               top=0)
+                                               top=0, placement=self._placement)
             if rows >= self.max_prefill_rows:
                 break
             n = rows * 2
@@ -610,7 +631,8 @@ class Engine:
             rows = min(rows, b)
             cache, _, _, carry = _decode(self.gen.graph, self.gen.state_leaves, cache, carry, self._params, live,
                                          np.full((rows,), b, np.int32), steps=self.chunk_size,
-                                         mode=(True, False, False), top=0, compact=rows < b)
+                                         mode=(True, False, False), top=0, compact=rows < b,
+                                         placement=self._placement)
             if rows >= b:
                 break
             rows = batch_bucket(rows * 2, self.gen.batch_multiple)
@@ -667,7 +689,8 @@ class Engine:
                 done[r] = not s.prefilling
             self._cache, self._carry, tok, lp = _prefill_step(
                 self.gen.graph, self.gen.state_leaves, self._cache, self._carry, self._params, slot_ids, tokens,
-                start, lengths, done, first=first, mode=self._mode(slots), top=self._top(slots))
+                start, lengths, done, first=first, mode=self._mode(slots), top=self._top(slots),
+                placement=self._placement)
             self.metrics.prefill_calls += 1
             self._dispatch(_Call("prefill", [(r, i, s) for r, (i, s) in enumerate(zip(idx, slots)) if done[r]],
                                  (tok, lp)))
@@ -693,7 +716,8 @@ class Engine:
         self.metrics.occupancy_sum += len(live) / self.max_batch
         self._cache, out, lp, self._carry = _decode(
             self.gen.graph, self.gen.state_leaves, self._cache, self._carry, self._params, mask, slot_ids,
-            steps=self.chunk_size, mode=self._mode(live), top=self._top(live), compact=compact)
+            steps=self.chunk_size, mode=self._mode(live), top=self._top(live), compact=compact,
+            placement=self._placement)
         self._dispatch(_Call("decode", [(r, i, self._slots[i]) for r, i in enumerate(rows) if mask[i]], (out, lp)))
         return True
 
