@@ -746,3 +746,37 @@ def test_serve_on_a_virtual_mesh_equals_generate_alone():
     for r in out["results"]:
         assert r["served"] == r["streamed"] == r["alone"] and r["reason"] == "length", r
     assert out["scheduler_compiles_after_warmup"] == out["scheduler_traces_after_warmup"], out
+
+
+def test_newcomers_prefill_within_the_budget_while_rows_decode(model, monkeypatch):
+    """While a row decodes, newcomers' prompts go in calls of at most --prefill-chunk tokens (rows × chunk length)
+    with decode chunks in between, so the decoding row is never held up by a large prefill; every answer still
+    equals generate alone."""
+    from gptoss_jax.serve import engine as engine_mod
+    calls = []
+    real_prefill, real_decode = engine_mod._prefill_step, engine_mod._decode
+    monkeypatch.setattr(engine_mod, "_prefill_step",
+                        lambda *a, **k: calls.append(("prefill", a[6].shape)) or real_prefill(*a, **k))
+    monkeypatch.setattr(engine_mod, "_decode", lambda *a, **k: calls.append(("decode", None)) or real_decode(*a, **k))
+    engine = Engine(model, max_batch=4, chunk_size=2, prefill_chunk=8).start()
+    first = list(range(60, 65))
+    others = [list(range(70 + 9 * j, 70 + 9 * j + n)) for j, n in enumerate((8, 7, 19))]  # the last: 3 chunks
+    try:
+        a = _collect(engine, prompt=first, max_new_tokens=40, temperature=0.0)
+        while not any(isinstance(e, Delta) for e in a[1]):  # a is decoding
+            time.sleep(0.01)
+        jobs = [_collect(engine, prompt=p, max_new_tokens=6, temperature=0.0) for p in others]
+        for p, (_, events, done) in zip([first] + others, [a] + jobs):
+            assert done.wait(120)
+            n = 40 if p is first else 6
+            assert events[-1].tokens == model.generate(p, max_new_tokens=n, temperature=0.0).tokens
+    finally:
+        engine.shutdown()
+    prefills = [i for i, (kind, _) in enumerate(calls) if kind == "prefill"]
+    later = [i for i in prefills if i > calls.index(("decode", None))]  # while a decodes
+    assert len(later) >= 5, calls  # 3 newcomers, the 19-token prompt in 3 chunks of ≤ 8
+    for i in later:
+        rows, width = calls[i][1]
+        assert rows * width <= 8, calls
+    for i, j in zip(later, later[1:]):  # one prefill call per iteration: a decode chunk between any two
+        assert any(kind == "decode" for kind, _ in calls[i + 1:j]), calls
