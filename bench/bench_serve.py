@@ -8,7 +8,9 @@ time per output token (TPOT) and aggregate generated tokens/s.
 
 Each client sends --requests-per-client completions (token-id prompts of --prompt-len random ids, greedy, exactly
 --max-tokens tokens: no stop ids) through the openai client with stream=True; the first round is a warm-up
-(compilations) and is not timed. Results (JSON) go to $OUT/bench_serve.json (or ./bench_out). Compare the
+(compilations) and is not timed. Results (JSON) go to $OUT/bench_serve.json (or ./bench_out); each round's
+"engine" entry has the server's scheduler timing over the round (from /metrics: host ms and device-wait ms per
+decode call, the device's idle fraction, decode steps/s). Compare the
 aggregate decode rate with `gptoss-jax bench` at the same batch (the issue's target: within 80 %).
 """
 
@@ -35,15 +37,22 @@ def start_server(model, args, max_batch: int):
     from gptoss_jax.serve.cli import build
     t0 = time.perf_counter()
     _, app = build(model, max_batch=max_batch, max_queue=4096, chunk_size=args.chunk_size, model_name="bench",
-                   request_timeout=3600, warmup_prompt_len=args.prompt_len)
+                   request_timeout=3600, warmup_prompt_len=args.prompt_len, overlap=not args.no_overlap)
     print(f"server with {max_batch} slots compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    server.thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    server.thread.start()
     while not server.started:
         time.sleep(0.05)
     return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def stop_server(server) -> None:
+    """Stops uvicorn and waits for it (its lifespan shuts the engine down) before the interpreter exits."""
+    server.should_exit = True
+    server.thread.join(60)
 
 
 def random_model(preset: str, max_seq_len: int):
@@ -64,6 +73,37 @@ def random_model(preset: str, max_seq_len: int):
     module = make_model(config, params, dtype=jnp.bfloat16, quant=quant)
     return InferenceModel(module, tokenizer=build_tiny_tokenizer(1024), max_seq_len=max_seq_len,
                           default_stop_token_ids=())
+
+
+def scrape(url: str) -> dict:
+    """The server's /metrics as {name or name{label=value}: value} (Prometheus text, parsed by prometheus_client)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def engine_timing(before: dict, after: dict, wall: float) -> dict:
+    """Where the scheduler's time went during a round (deltas of the /metrics counters): per decode call, the host's
+    work and the time blocked on the device; the device's idle time (upper bound) as a fraction of the wall time;
+    model decode steps per second."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    calls = d.get("gptoss_decode_calls_total", 0.0)
+    sec = {s: d.get(f"gptoss_scheduler_seconds_total{{state={s}}}", 0.0) for s in ("host", "wait", "idle",
+                                                                                     "device_idle")}
+    if not calls:
+        return {}
+    dispatches = d.get("gptoss_scheduler_dispatches_total", 0.0)
+    return {"decode_calls": int(calls), "decode_steps": int(d.get("gptoss_decode_steps_total", 0)),
+            "decode_steps_per_s": d.get("gptoss_decode_steps_total", 0.0) / wall,
+            "prefill_calls": int(d.get("gptoss_prefill_calls_total", 0)),
+            "host_ms_per_decode_call": 1e3 * sec["host"] / calls, "wait_ms_per_decode_call": 1e3 * sec["wait"] / calls,
+            "device_idle_fraction": sec["device_idle"] / wall,
+            "starved_dispatch_fraction": d.get("gptoss_scheduler_device_starved_total", 0.0) / max(dispatches, 1)}
 
 
 def run_round(url: str, clients: int, args, vocab: int, seed: int) -> dict:
@@ -87,17 +127,19 @@ def run_round(url: str, clients: int, args, vocab: int, seed: int) -> dict:
             last = time.perf_counter()
         return ttft if ttft is not None else last - t0, n, last - t0
 
+    before = scrape(url)
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [r for _ in range(args.requests_per_client) for r in pool.map(one, range(clients))]
     wall = time.perf_counter() - t0
+    timing = engine_timing(before, scrape(url), wall)
     ttft = np.array([r[0] for r in results])
     tokens = sum(r[1] for r in results)
     tpot = np.array([(r[2] - r[0]) / max(r[1] - 1, 1) for r in results])
     return {"clients": clients, "requests": len(results), "generated_tokens": int(tokens), "wall_s": wall,
             "aggregate_tokens_per_s": tokens / wall, "ttft_p50_s": float(np.percentile(ttft, 50)),
             "ttft_p99_s": float(np.percentile(ttft, 99)), "tpot_p50_s": float(np.percentile(tpot, 50)),
-            "tpot_p99_s": float(np.percentile(tpot, 99))}
+            "tpot_p99_s": float(np.percentile(tpot, 99)), "engine": timing}
 
 
 def main():
@@ -113,6 +155,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=0,
                     help="decode slots of an in-process server (default 0: one server per level, slots = clients)")
     ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="in-process server: read each call before dispatching the next (the pre-overlap behaviour)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the model's)")
     args = ap.parse_args()
@@ -135,8 +179,7 @@ def main():
         try:
             if model is not None and (server is None or not args.max_batch):
                 if server is not None:
-                    server.should_exit = True
-                    time.sleep(2)
+                    stop_server(server)
                 server, url = start_server(model, args, args.max_batch or n)
             url = url or out.get("url")
             out["url"] = url
@@ -151,7 +194,7 @@ def main():
             print(f"level {n}: {type(e).__name__}: {e}", flush=True)
             out["rounds"].append({"clients": n, "error": f"{type(e).__name__}: {e}"})
     if server is not None:
-        server.should_exit = True
+        stop_server(server)
     folder = os.environ.get("OUT") or os.path.join(ROOT, "bench_out")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "bench_serve.json"), "w") as f:

@@ -49,7 +49,9 @@ NO_TOKEN = -1  # marks "nothing emitted here" in the device → host token buffe
 
 
 class GenerationError(GptOssError, ValueError):
-    """Invalid arguments to generation or scoring (the message names the argument)."""
+    """Invalid arguments to generation or scoring (the message names the argument; ``field``, when set, is the
+    argument's name, e.g. a :class:`SamplingParams` field)."""
+    field: str | None = None
 
 
 def length_bucket(n: int, *, minimum: int = DEFAULT_MIN_BUCKET, cap: int | None = None) -> int:
@@ -101,14 +103,15 @@ class SamplingParams:
         self.checked(vocab_size)
 
     def checked(self, vocab_size: int) -> "SamplingParams":
-        """A copy with every field checked and normalised (Python ints/floats, top_k clipped to the vocabulary)."""
+        """A copy with every field checked and normalised (Python ints/floats, top_k clipped to the vocabulary).
+        Raises GenerationError whose ``field`` is the name of the first invalid field."""
         from gptoss_jax import validation as V
         nums = V.check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                                 top_p=self.top_p, seed=self.seed, vocab_size=vocab_size)
         return dataclasses.replace(
-            self, **nums, stop_token_ids=V.check_stop_token_ids(self.stop_token_ids, vocab_size,
-                                                                limit=MAX_STOP_TOKEN_IDS),
-            stop_strings=V.check_stop_strings(self.stop_strings))
+            self, **nums, stop_token_ids=V.named("stop_token_ids", V.check_stop_token_ids, self.stop_token_ids,
+                                                 vocab_size, limit=MAX_STOP_TOKEN_IDS),
+            stop_strings=V.named("stop_strings", V.check_stop_strings, self.stop_strings))
 
     @property
     def mode(self) -> tuple[bool, bool, bool]:

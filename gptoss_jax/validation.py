@@ -110,14 +110,31 @@ def check_text(text: Any, name: str, *, allow_empty: bool = True, error=None) ->
     return text
 
 
+def named(field: str, check, *args, **kwargs):
+    """``check(*args, **kwargs)``; an error it raises gets ``.field = field`` (the argument's name), so a caller that
+    exposes the argument under another name (an HTTP API's field) can say which one was wrong."""
+    try:
+        return check(*args, **kwargs)
+    except Exception as e:
+        if getattr(e, "field", None) is None:
+            try:
+                e.field = field
+            except AttributeError:
+                pass
+        raise
+
+
 def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed, vocab_size: int | None = None) -> dict:
-    """The scalar sampling arguments, checked and normalised (Python int/float; top_k clipped to the vocabulary)."""
+    """The scalar sampling arguments, checked and normalised (Python int/float; top_k clipped to the vocabulary).
+    An error's ``.field`` names the argument."""
     out = dict(
-        max_new_tokens=check_int(max_new_tokens, "max_new_tokens", minimum=1),
-        temperature=check_real(temperature, "temperature", minimum=0.0, hint=" (0 means greedy)"),
-        top_k=check_int(top_k, "top_k", minimum=0),
-        top_p=check_real(top_p, "top_p", minimum=0.0, maximum=1.0, minimum_open=True, hint=" (1 disables top-p)"),
-        seed=check_seed(seed),
+        max_new_tokens=named("max_new_tokens", check_int, max_new_tokens, "max_new_tokens", minimum=1),
+        temperature=named("temperature", check_real, temperature, "temperature", minimum=0.0,
+                          hint=" (0 means greedy)"),
+        top_k=named("top_k", check_int, top_k, "top_k", minimum=0),
+        top_p=named("top_p", check_real, top_p, "top_p", minimum=0.0, maximum=1.0, minimum_open=True,
+                    hint=" (1 disables top-p)"),
+        seed=named("seed", check_seed, seed),
     )
     if vocab_size is not None and out["top_k"] > vocab_size:
         out["top_k"] = int(vocab_size)  # keeping more tokens than exist keeps them all

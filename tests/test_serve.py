@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 import gptoss_jax  # noqa: E402
 from gptoss_jax import harmony  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
+from gptoss_jax.generate import SamplingParams  # noqa: E402
 from gptoss_jax.hf_loader import save_hf_checkpoint  # noqa: E402
 from gptoss_jax.model import GptOss, params_of  # noqa: E402
 from gptoss_jax.serve.cli import build  # noqa: E402
@@ -314,12 +315,42 @@ def test_responses_minimal(model, client):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-5"}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi " * 800}]}, 413, None),
+    # sampling fields: checked by SamplingParams.checked, the error names the OpenAI field
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": True}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2.5}, 400, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": {"a": 1}}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
 ])
 def test_bad_chat_requests(server, body, status, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    assert param is None or err["message"].startswith(param), err["message"]
+
+
+def test_engine_checks_sampling_params_in_one_place(model):
+    """Engine.submit validates a Request's SamplingParams with SamplingParams.checked (no second rule set): an
+    invalid field is an InvalidParams naming it, before anything is queued; a valid one is normalised."""
+    from gptoss_jax.serve.engine import InvalidParams
+    engine = Engine(model, max_batch=1)  # not started: nothing runs
+    for bad, field in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                       (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop_strings=("",)), "stop_strings"),
+                       (dict(stop_token_ids=(10**9,)), "stop_token_ids"), (dict(seed=2**64), "seed")):
+        with pytest.raises(InvalidParams) as e:
+            engine.submit(Request([1, 2], lambda ev: None, params=SamplingParams(**bad)))
+        assert e.value.field == field and field in str(e.value)
+    assert engine.queue_length == 0
+    req = Request([1, 2], lambda ev: None, params=SamplingParams(top_k=10**9, stop_strings="x"))
+    engine.submit(req)
+    assert req.params.top_k == model.config.vocab_size and req.params.stop_strings == ("x",)
 
 
 def test_bad_requests_other(server, client):
@@ -349,7 +380,7 @@ def test_engine_refusals_become_status_codes(model, fail, status):
 
 
 # ---------------------------------------------------------------------------------------------------------- scheduler
-def _collect(engine, **kw):
+def _collect(engine, prompt, *, logprobs=None, deadline=None, **sampling):
     events, done = [], threading.Event()
 
     def emit(ev):
@@ -357,7 +388,7 @@ def _collect(engine, **kw):
         if isinstance(ev, Finished):
             done.set()
 
-    req = Request(emit=emit, **kw)
+    req = Request(prompt, emit, params=SamplingParams(**sampling), logprobs=logprobs, deadline=deadline)
     engine.submit(req)
     return req, events, done
 
@@ -394,7 +425,7 @@ def test_scheduler_mixed_batch_equals_generate_alone(model):
             assert done.wait(300)
             fin = events[-1]
             streamed = [t for e in events if isinstance(e, Delta) for t in e.tokens]
-            ref = model.generate(prompt, max_new_tokens=req.max_new_tokens, **kw)
+            ref = model.generate(prompt, max_new_tokens=req.params.max_new_tokens, **kw)
             assert fin.tokens == streamed == ref.tokens
     finally:
         engine.shutdown()
@@ -535,19 +566,38 @@ def test_client_disconnect_cancels_the_request(server, client):
 
 
 def test_warmup_compiles_what_greedy_traffic_needs(model):
+    """After warmup, greedy traffic neither traces nor compiles anything (an argument placed differently from
+    warmup's — say an uncommitted first cache — would compile again without tracing)."""
+    import copy
+
     from gptoss_jax.generate import TRACE_COUNTS
     engine = Engine(model, max_batch=4, chunk_size=4)
+    # weights committed to a device, as a checkpoint loaded for a GPU (or onto a mesh) has them: then the calls'
+    # outputs are committed too, and the first cache must be placed the same way
+    engine.gen = copy.copy(engine.gen)
+    engine.gen.state_leaves = jax.device_put(engine.gen.state_leaves, jax.devices()[0])
     engine.warmup(prompt_len=12)
+    # the first call's cache and carry are placed like the calls' outputs (committed to the weights' device), else
+    # the first call after warmup compiles again for them (seen with random int4 weights in bench_serve.py)
+    for leaf in jax.tree.leaves((engine._new_cache(), engine._initial_carry())):
+        assert leaf.committed and leaf.sharding == jax.tree.leaves(engine.gen.state_leaves)[0].sharding
     graph = model.generator.graph
     before = (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        and threading.current_thread().name == "gptoss-serve-scheduler" else None)
     engine.start()
     try:
-        jobs = [_collect(engine, prompt=list(range(10, 10 + n)), max_new_tokens=6, temperature=0.0) for n in (5, 9)]
-        for _, events, done in jobs:
-            assert done.wait(120) and len(events[-1].tokens) >= 1
+        for group in ((7,), (5, 9)):  # a lone request (the 1-row prefill: the first call on the fresh cache), two
+            jobs = [_collect(engine, prompt=list(range(10, 10 + n)), max_new_tokens=6, temperature=0.0)
+                    for n in group]
+            for _, events, done in jobs:
+                assert done.wait(120) and len(events[-1].tokens) >= 1
     finally:
         engine.shutdown()
     assert (TRACE_COUNTS[("serve_prefill", graph)], TRACE_COUNTS[("serve_decode", graph)]) == before
+    assert compiles == []  # XLA compilations on the scheduler thread
 
 
 def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
@@ -556,8 +606,9 @@ def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
     from gptoss_jax.generate import TRACE_COUNTS
     from gptoss_jax.serve import engine as engine_mod
     widths = []
-    real = engine_mod._decode_rows
-    monkeypatch.setattr(engine_mod, "_decode_rows", lambda *a, **k: widths.append(len(a[3])) or real(*a, **k))
+    real = engine_mod._decode
+    monkeypatch.setattr(engine_mod, "_decode",
+                        lambda *a, **k: widths.append(len(a[6]) if k["compact"] else len(a[5])) or real(*a, **k))
     engine = Engine(model, max_batch=6, chunk_size=4)  # not a power of two: buckets 1, 2, 4, then all 6 rows
     engine.warmup(prompt_len=12)
     graph = model.generator.graph
@@ -574,3 +625,158 @@ def test_light_load_decodes_only_the_live_rows(model, monkeypatch):
         engine.shutdown()
     assert widths and max(widths) <= 4, widths  # ≤ 3 live rows: bucket 4 at most, never the 6-row step
     assert TRACE_COUNTS[("serve_decode", graph)] == before
+
+
+# ---------------------------------------------------------------------------------------------------------- overlap
+def test_overlap_reads_a_chunk_while_the_next_one_runs(model):
+    """With overlap the host reads decode chunk k's tokens after chunk k + 1 was dispatched (the device has work
+    while the host delivers); without it nothing is in flight when the host reads. Greedy answers are the same in
+    both modes and equal each prompt run alone through generate."""
+    prompts = [list(range(20, 20 + n)) for n in (6, 11, 3)]
+    want = [model.generate(p, max_new_tokens=12, temperature=0.0).tokens for p in prompts]
+    for overlap in (True, False):
+        engine = Engine(model, max_batch=4, chunk_size=4, prefill_chunk=64, overlap=overlap)
+        in_flight = []
+        real = engine._process
+        engine._process = lambda call: in_flight.append((call.kind, len(engine._pending))) or real(call)
+        engine.start()
+        try:
+            jobs = [_collect(engine, prompt=p, max_new_tokens=12, temperature=0.0) for p in prompts]
+            for w, (_, events, done) in zip(want, jobs):
+                assert done.wait(120)
+                assert events[-1].tokens == [t for e in events if isinstance(e, Delta) for t in e.tokens] == w
+        finally:
+            engine.shutdown()
+        decode_reads = [n for kind, n in in_flight if kind == "decode"]
+        assert decode_reads, in_flight
+        if overlap:
+            assert max(decode_reads) >= 1, in_flight
+            assert engine.metrics.starved < engine.metrics.dispatches
+        else:
+            assert max(n for _, n in in_flight) == 0, in_flight
+
+
+def test_tokens_past_a_stop_string_in_the_overlapped_chunk_are_dropped(model):
+    """A stop string found in chunk k ends the row although chunk k + 1 already ran for it: nothing of chunk k + 1
+    is streamed (streamed tokens and text equal generate with the same stop string), and the request that takes the
+    slot next is unaffected (equals generate alone)."""
+    prompt = [31, 7, 200, 45, 9, 300]
+    full = model.generate(prompt, max_new_tokens=40, temperature=0.0)
+    dec = model._decode_lenient
+    stop = None
+    for k in range(3, 12):  # a stop string that starts at token k's text and occurs nowhere before
+        at = len(dec(full.tokens[:k]))
+        cand = full.text[at:at + 3]
+        if len(cand) == 3 and "\ufffd" not in cand and full.text.find(cand) == at:
+            stop = cand
+            break
+    assert stop is not None, full.text
+    ref = model.generate(prompt, max_new_tokens=40, temperature=0.0, stop_strings=[stop])
+    assert ref.finish_reason == "stop_string" and len(full.tokens) > len(ref.tokens) + 8  # it would have gone on
+    others = [list(range(40, 40 + n)) for n in (5, 8, 4, 7)]
+    engine = Engine(model, max_batch=4, chunk_size=4, prefill_chunk=64).start()
+    try:
+        a, ev_a, done_a = _collect(engine, prompt=prompt, max_new_tokens=40, temperature=0.0, stop_strings=(stop,))
+        jobs = [_collect(engine, prompt=p, max_new_tokens=10, temperature=0.0) for p in others]  # the 4th waits
+        assert done_a.wait(120)
+        fin = ev_a[-1]
+        deltas = [e for e in ev_a if isinstance(e, Delta)]
+        assert fin.reason == "stop_string" and fin.tokens == ref.tokens
+        assert [t for e in deltas for t in e.tokens] == ref.tokens
+        assert "".join(e.text for e in deltas) == fin.text == ref.text
+        for p, (_, events, done) in zip(others, jobs):
+            assert done.wait(120)
+            assert events[-1].tokens == model.generate(p, max_new_tokens=10, temperature=0.0).tokens
+    finally:
+        engine.shutdown()
+
+
+def test_metrics_expose_scheduler_timing(server, client):
+    """/metrics carries the scheduler's timing counters, and they move with the work: a 12-token completion adds
+    ≥ 11 model decode steps (the first token comes from the prefill), host and wait seconds, and dispatches."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        out = {}
+        for fam in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    before = scrape()
+    client.completions.create(model=NAME, prompt=[40, 41, 42], max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = scrape()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("gptoss_decode_steps_total") >= 11
+    assert delta("gptoss_decode_calls_total") >= 3  # chunk_size 4
+    assert delta("gptoss_prefill_calls_total") >= 1
+    assert delta("gptoss_scheduler_dispatches_total") >= 4
+    assert delta("gptoss_scheduler_seconds_total", state="host") > 0
+    assert delta("gptoss_scheduler_seconds_total", state="wait") > 0
+    assert 0 <= delta("gptoss_scheduler_seconds_total", state="device_idle")
+
+
+# ---------------------------------------------------------------------------------------------------------- mesh
+@pytest.mark.multidevice
+@pytest.mark.slow  # 15–80 s: a fresh process compiles the sharded steps
+def test_serve_on_a_virtual_mesh_equals_generate_alone():
+    """The scheduler on a (data 2, expert 2, tensor 2) mesh of 8 virtual CPU devices (tests/serve_mesh_worker.py,
+    in its own process): 3 slots are padded to 4 (the data axis); greedy and seeded requests, prompts longer than
+    the prefill chunk, more requests than slots — each served answer equals the prompt run alone through generate
+    on the same model; after warmup the scheduler compiles only for new shapes or sampling modes (as many XLA
+    compilations as traces: every call's outputs are laid out as warmup saw them)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "tests.serve_mesh_worker", "2,2,2"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert out["mesh"] == {"data": 2, "expert": 2, "tensor": 2} and out["max_batch"] == 4
+    assert len(out["results"]) == 5
+    for r in out["results"]:
+        assert r["served"] == r["streamed"] == r["alone"] and r["reason"] == "length", r
+    assert out["scheduler_compiles_after_warmup"] == out["scheduler_traces_after_warmup"], out
+
+
+def test_newcomers_prefill_within_the_budget_while_rows_decode(model, monkeypatch):
+    """While a row decodes, newcomers' prompts go in calls of at most --prefill-chunk tokens (rows × chunk length)
+    with decode chunks in between, so the decoding row is never held up by a large prefill; every answer still
+    equals generate alone."""
+    from gptoss_jax.serve import engine as engine_mod
+    calls = []
+    real_prefill, real_decode = engine_mod._prefill_step, engine_mod._decode
+    monkeypatch.setattr(engine_mod, "_prefill_step",
+                        lambda *a, **k: calls.append(("prefill", a[6].shape)) or real_prefill(*a, **k))
+    monkeypatch.setattr(engine_mod, "_decode", lambda *a, **k: calls.append(("decode", None)) or real_decode(*a, **k))
+    engine = Engine(model, max_batch=4, chunk_size=2, prefill_chunk=8).start()
+    first = list(range(60, 65))
+    others = [list(range(70 + 9 * j, 70 + 9 * j + n)) for j, n in enumerate((8, 7, 19))]  # the last: 3 chunks
+    try:
+        a = _collect(engine, prompt=first, max_new_tokens=40, temperature=0.0)
+        while not any(isinstance(e, Delta) for e in a[1]):  # a is decoding
+            time.sleep(0.01)
+        jobs = [_collect(engine, prompt=p, max_new_tokens=6, temperature=0.0) for p in others]
+        for p, (_, events, done) in zip([first] + others, [a] + jobs):
+            assert done.wait(120)
+            n = 40 if p is first else 6
+            assert events[-1].tokens == model.generate(p, max_new_tokens=n, temperature=0.0).tokens
+    finally:
+        engine.shutdown()
+    prefills = [i for i, (kind, _) in enumerate(calls) if kind == "prefill"]
+    later = [i for i in prefills if i > calls.index(("decode", None))]  # while a decodes
+    assert len(later) >= 5, calls  # 3 newcomers, the 19-token prompt in 3 chunks of ≤ 8
+    for i in later:
+        rows, width = calls[i][1]
+        assert rows * width <= 8, calls
+    for i, j in zip(later, later[1:]):  # one prefill call per iteration: a decode chunk between any two
+        assert any(kind == "decode" for kind, _ in calls[i + 1:j]), calls

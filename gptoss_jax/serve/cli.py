@@ -40,17 +40,20 @@ def add_parser(sub, add_model_args) -> None:
     p.add_argument("--warmup-prompt-len", type=int, default=0,
                    help="compile the greedy prefill (every batch bucket) and decode for prompts of about this many "
                         "tokens before listening (default 0: compile on first use)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read each compiled call's results before dispatching the next (slower; for measuring what "
+                        "overlapping the host's work with the device gains)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def build(model, *, max_batch=16, max_queue=256, chunk_size=8, prefill_chunk=2048, request_timeout=600.0,
-          model_name="gpt-oss", warmup_prompt_len: int = 0):
+          model_name="gpt-oss", warmup_prompt_len: int = 0, overlap: bool = True):
     """(engine, app) for a loaded model: the scheduler started (after compiling for prompts of about
     `warmup_prompt_len` tokens, when > 0), the FastAPI app that shuts it down."""
     from gptoss_jax.serve.engine import Engine
     from gptoss_jax.serve.openai_api import create_app
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, chunk_size=chunk_size,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, overlap=overlap)
     if warmup_prompt_len > 0:
         engine.warmup(warmup_prompt_len)
     engine.start()
@@ -74,6 +77,6 @@ def run(args, load) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     _, app = build(model, max_batch=args.max_batch, max_queue=args.max_queue, chunk_size=args.chunk_size,
                    prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout, model_name=name,
-                   warmup_prompt_len=args.warmup_prompt_len)
+                   warmup_prompt_len=args.warmup_prompt_len, overlap=not args.no_overlap)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -19,6 +19,7 @@ shutting down, 504 on a request timeout, 500 with the request id for internal er
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -34,10 +35,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptoss_jax import harmony
-from gptoss_jax.generate import _holdback
-from gptoss_jax.serve.engine import (MAX_TOP_LOGPROBS, Delta, EngineError, Finished, PromptTooLong, QueueFull,
-                                     Request, ShuttingDown)
-from gptoss_jax.validation import SEED_MAX
+from gptoss_jax.generate import GenerationError, SamplingParams, _holdback
+from gptoss_jax.serve.engine import (MAX_TOP_LOGPROBS, Delta, EngineError, Finished, InvalidParams, PromptTooLong,
+                                     QueueFull, Request, ShuttingDown)
 
 log = logging.getLogger("gptoss_jax.serve")
 
@@ -89,39 +89,58 @@ def _kind_names(kinds) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _sampling(body: dict, *, max_tokens_names=("max_tokens",), logprobs: int | None) -> dict:
-    """Common sampling fields → Request keyword arguments (max_new_tokens None = up to the context)."""
-    max_new = None
+def _sampling(body: dict, vocab_size: int, *, max_tokens_names=("max_tokens",)) -> tuple[SamplingParams, str | None]:
+    """The OpenAI sampling fields mapped onto a :class:`SamplingParams` and checked by ``SamplingParams.checked``
+    (the one place sampling arguments are validated; its errors become 400s naming the OpenAI field: ``max_tokens``
+    for ``max_new_tokens``, ``stop`` for ``stop_strings``). OpenAI's own limits come on top: temperature ≤ 2, at
+    most 4 stop strings, n = 1, no penalties, no logit_bias; ``top_k`` (vLLM's extension) -1 means off; no ``seed``
+    draws a random one.
+
+    Returns the params and the name of the max-tokens field the body gave, or None when it gave none (then
+    ``max_new_tokens`` is a placeholder that :func:`create_app`'s ``start`` replaces by the rest of the context)."""
+    max_field = None
     for name in max_tokens_names:
-        v = _check(body, name, int, minimum=1)
-        if v is not None:
-            max_new = v
-    temperature = float(_check(body, "temperature", (int, float), 1.0, minimum=0, maximum=2))
-    top_p = float(_check(body, "top_p", (int, float), 1.0, minimum=0, maximum=1))
-    if top_p <= 0:
-        raise APIError(400, "top_p must be in (0, 1]", param="top_p")
-    top_k = _check(body, "top_k", int, 0, minimum=-1)  # vLLM's extension (-1 or 0: off)
-    seed = _check(body, "seed", int, minimum=0, maximum=SEED_MAX)
+        if body.get(name) is not None:
+            max_field = name
+    names = {"max_new_tokens": max_field or max_tokens_names[0], "stop_strings": "stop"}
+
+    def get(name, default):
+        v = body.get(name)
+        return default if v is None else v
+
+    top_k = get("top_k", 0)
+    if type(top_k) is int and top_k == -1:
+        top_k = 0
+    seed = body.get("seed")
+    params = SamplingParams(max_new_tokens=body[max_field] if max_field else 1, temperature=get("temperature", 1.0),
+                            top_k=top_k, top_p=get("top_p", 1.0), seed=secrets.randbits(63) if seed is None else seed,
+                            stop_strings=get("stop", ()))
+    try:
+        params = params.checked(vocab_size)
+    except GenerationError as e:
+        raise _param_error(str(e), e.field, names) from None
+    if params.temperature > 2:
+        raise APIError(400, f"temperature must be in [0, 2], got {params.temperature}", param="temperature")
+    if len(params.stop_strings) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(params.stop_strings)}",
+                       param="stop")
     n = _check(body, "n", int, 1)
     if n != 1:
         raise APIError(400, f"n must be 1 (this server returns one choice per request), got {n}", param="n")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a non-empty string or an array of non-empty strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
     for name in ("presence_penalty", "frequency_penalty"):
         if _check(body, name, (int, float), 0, minimum=-2, maximum=2) != 0:
             raise APIError(400, f"{name} is not supported (only 0)", param=name)
     if body.get("logit_bias"):
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    return dict(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=max(int(top_k), 0),
-                seed=secrets.randbits(63) if seed is None else int(seed), stop_strings=tuple(stop),
-                logprobs=logprobs)
+    return params, max_field
+
+
+def _param_error(message: str, field: str | None, names: dict) -> APIError:
+    """A SamplingParams error (``field``: its field) as a 400 naming the API's field instead."""
+    api = names.get(field, field)
+    if field and api != field and message.startswith(field):
+        message = api + message[len(field):]
+    return APIError(400, message, param=api)
 
 
 def _content_text(content, where: str) -> str:
@@ -380,18 +399,20 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                            param="model", code="model_not_found")
         return body
 
-    def start(request: HTTPRequest, prompt: list[int], kw: dict, stop_token_ids,
-              text: bool = True) -> tuple[Request, asyncio.Queue]:
-        """Submits to the engine; returns the Request and the queue its events arrive on."""
+    def start(request: HTTPRequest, prompt: list[int], params: SamplingParams, max_field: str | None,
+              stop_token_ids, *, logprobs: int | None = None, text: bool = True) -> tuple[Request, asyncio.Queue]:
+        """Submits to the engine (max_new_tokens: the rest of the context when no max-tokens field was given);
+        returns the Request and the queue its events arrive on."""
         if len(prompt) >= model.max_seq_len:
             raise APIError(413, f"the prompt has {len(prompt)} tokens; the context holds {model.max_seq_len} "
                                 f"(prompt + max_tokens must fit)", code="context_length_exceeded")
-        if kw["max_new_tokens"] is None:
-            kw["max_new_tokens"] = model.max_seq_len - len(prompt)
-        elif len(prompt) + kw["max_new_tokens"] > model.max_seq_len:
-            raise APIError(400, f"max_tokens {kw['max_new_tokens']} + the prompt's {len(prompt)} tokens exceed the "
-                                f"context of {model.max_seq_len} tokens", param="max_tokens",
+        if max_field is None:
+            params = dataclasses.replace(params, max_new_tokens=model.max_seq_len - len(prompt))
+        elif len(prompt) + params.max_new_tokens > model.max_seq_len:
+            raise APIError(400, f"{max_field} {params.max_new_tokens} + the prompt's {len(prompt)} tokens exceed the "
+                                f"context of {model.max_seq_len} tokens", param=max_field,
                            code="context_length_exceeded")
+        params = dataclasses.replace(params, stop_token_ids=tuple(stop_token_ids))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -399,10 +420,13 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         deadline = None if request_timeout is None else time.monotonic() + request_timeout
-        req = Request(prompt, emit, stop_token_ids=tuple(stop_token_ids), deadline=deadline,
-                      request_id=rid(request), text=text, **kw)
+        req = Request(prompt, emit, params=params, logprobs=logprobs, deadline=deadline, request_id=rid(request),
+                      text=text)
         try:
             engine.submit(req)
+        except InvalidParams as e:
+            raise _param_error(str(e), e.field, {"max_new_tokens": max_field or "max_tokens",
+                                                 "stop_strings": "stop"}) from None
         except PromptTooLong as e:
             raise APIError(413, str(e), code="context_length_exceeded") from None
         except (QueueFull, ShuttingDown) as e:
@@ -488,8 +512,8 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
         top_n = _check(body, "top_logprobs", int, 0, minimum=0, maximum=MAX_TOP_LOGPROBS)
         if top_n and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        kw = _sampling(body, max_tokens_names=("max_tokens", "max_completion_tokens"),
-                       logprobs=top_n if want_lp else None)
+        params, max_field = _sampling(body, model.config.vocab_size,
+                                      max_tokens_names=("max_tokens", "max_completion_tokens"))
         include_reasoning = _check(body, "include_reasoning", bool, True)
         rf = _check(body, "response_format", dict)
         if rf is not None and rf.get("type") != "text":
@@ -502,8 +526,9 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                                                      tools=tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        req, q = start(request, prompt, kw, stop_chat, text=False)
-        conv = HarmonyToOpenAI(tok, include_reasoning, kw["stop_strings"])
+        req, q = start(request, prompt, params, max_field, stop_chat, logprobs=top_n if want_lp else None,
+                       text=False)
+        conv = HarmonyToOpenAI(tok, include_reasoning, params.stop_strings)
         cid, now = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
         def finish_reason(fin: Finished, has_calls: bool) -> str:
@@ -578,7 +603,7 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
             raise APIError(400, "suffix is not supported", param="suffix")
         if "max_tokens" not in body:
             body = {**body, "max_tokens": 16}  # OpenAI's default for completions
-        kw = _sampling(body, logprobs=top_n)
+        params, max_field = _sampling(body, model.config.vocab_size)
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]  # a batch of one
@@ -594,7 +619,8 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
             raise APIError(400, "prompt must be a non-empty string or array of token ids (one prompt per request)",
                            param="prompt")
         ignore_eos = _check(body, "ignore_eos", bool, False)  # vLLM's extension (benchmarks: exact lengths)
-        req, q = start(request, prompt, kw, () if ignore_eos else model.default_stop_token_ids)
+        req, q = start(request, prompt, params, max_field, () if ignore_eos else model.default_stop_token_ids,
+                       logprobs=top_n)
         cid, now = "cmpl-" + uuid.uuid4().hex, int(time.time())
 
         def legacy_logprobs(items, offset0: int) -> dict:
@@ -660,8 +686,8 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
         if body.get("previous_response_id"):
             raise APIError(400, "previous_response_id is not supported (the server stores no responses)",
                            param="previous_response_id")
-        kw = _sampling({k: v for k, v in body.items() if k not in ("stop", "max_tokens")},
-                       max_tokens_names=("max_output_tokens",), logprobs=None)
+        params, max_field = _sampling({k: v for k, v in body.items() if k not in ("stop", "max_tokens")},
+                                      model.config.vocab_size, max_tokens_names=("max_output_tokens",))
         messages, instructions = responses_input_to_harmony(body.get("input"))
         extra = _check(body, "instructions", str)
         instructions = "\n\n".join(s for s in (extra, instructions) if s) or None
@@ -672,8 +698,8 @@ def create_app(model, engine, *, model_name: str = "gpt-oss", request_timeout: f
                                                      tools=tools)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"input: {e}", param="input") from None
-        req, q = start(request, prompt, kw, stop_chat, text=False)
-        conv = HarmonyToOpenAI(tok, True, kw["stop_strings"])
+        req, q = start(request, prompt, params, max_field, stop_chat, text=False)
+        conv = HarmonyToOpenAI(tok, True, params.stop_strings)
         async for ev in events(request, req, q):
             if isinstance(ev, Delta):
                 conv.ids.extend(ev.tokens)
@@ -798,9 +824,26 @@ class _Metrics:
         g = GaugeMetricFamily("gptoss_batch_occupancy", "Occupied decode slots / max_batch (now)")
         g.add_metric([], self.engine.active_slots / self.engine.max_batch)
         yield g
-        g = GaugeMetricFamily("gptoss_batch_occupancy_mean", "Mean occupied fraction over decode calls")
-        g.add_metric([], m.occupancy_sum / m.decode_steps if m.decode_steps else 0.0)
+        g = GaugeMetricFamily("gptoss_batch_occupancy_mean", "Mean decoding fraction of the slots over decode calls")
+        g.add_metric([], m.occupancy_sum / m.decode_calls if m.decode_calls else 0.0)
         yield g
+        for name, value, doc in (
+                ("gptoss_decode_calls", m.decode_calls, "Decode calls (chunks of up to --chunk-size steps)"),
+                ("gptoss_decode_steps", m.decode_steps, "Model decode steps run (each over the whole decode batch)"),
+                ("gptoss_prefill_calls", m.prefill_calls, "Prefill calls"),
+                ("gptoss_scheduler_dispatches", m.dispatches, "Compiled calls dispatched"),
+                ("gptoss_scheduler_device_starved", m.starved,
+                 "Dispatches that found the device done with every earlier call (it waited for the host)")):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        c = CounterMetricFamily(
+            "gptoss_scheduler_seconds", "Scheduler thread time by state: host (working: admissions, dispatch, "
+            "delivering tokens, detokenizing), wait (blocked on device results), idle (no work); device_idle: an "
+            "upper bound of the time the device waited for the host while there was work", labels=["state"])
+        for state, v in (("host", m.host_s), ("wait", m.wait_s), ("idle", m.idle_s), ("device_idle", m.device_idle_s)):
+            c.add_metric([state], v)
+        yield c
         g = GaugeMetricFamily("gptoss_max_batch", "Decode slots")
         g.add_metric([], self.engine.max_batch)
         yield g
