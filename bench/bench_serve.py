@@ -55,9 +55,10 @@ def stop_server(server) -> None:
     server.thread.join(60)
 
 
-def random_model(preset: str, max_seq_len: int):
-    """A random-weight model of a preset's shape (int4 experts/attention as converted checkpoints hold them), with
-    the tiny tokenizer (prompts are token ids; ids past its vocabulary print as <|id:N|>)."""
+def random_model(preset: str, max_seq_len: int, group_size: int = 32, symmetric: bool = True):
+    """A random-weight model of a preset's shape (int4 experts/attention as converted checkpoints hold them: group
+    size and symmetric / asymmetric as given), with the tiny tokenizer (prompts are token ids; ids past its
+    vocabulary print as <|id:N|>)."""
     import jax
     import jax.numpy as jnp
 
@@ -67,7 +68,7 @@ def random_model(preset: str, max_seq_len: int):
     from gptoss_jax.params import QuantSpec
     from gptoss_jax.testing import build_tiny_tokenizer
     config = GptOssConfig.from_preset(preset)
-    quant = QuantSpec(group_size=32)
+    quant = QuantSpec(group_size=group_size, symmetric=symmetric)
     params = random_params(config, dtype=jnp.bfloat16, quant=quant,
                            shardings_of=lambda path, spec: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     module = make_model(config, params, dtype=jnp.bfloat16, quant=quant)
@@ -148,6 +149,8 @@ def main():
     src.add_argument("--url", help="a running server")
     src.add_argument("--checkpoint", help="load this checkpoint and serve it in-process")
     src.add_argument("--random-preset", help="random weights of this preset's shape (int4), served in-process")
+    ap.add_argument("--group-size", type=int, default=32, help="--random-preset: int4 group size")
+    ap.add_argument("--asymmetric", action="store_true", help="--random-preset: int4 with zero points (as AWQ)")
     ap.add_argument("--clients", default="64", help="comma-separated concurrency levels, e.g. 64,256")
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -170,7 +173,7 @@ def main():
             import gptoss_jax
             model = gptoss_jax.load(args.checkpoint, max_seq_len=args.max_seq_len)
         else:
-            model = random_model(args.random_preset, args.max_seq_len)
+            model = random_model(args.random_preset, args.max_seq_len, args.group_size, not args.asymmetric)
         vocab = vocab or min(model.config.vocab_size, model.tokenizer.vocab_size)
     out = {"args": vars(args), "rounds": []}
     server = None

@@ -35,7 +35,11 @@ for s in ${STAGES:-K A S}; do
     OFF) GPTOSS_GEMV_MAX_ROWS=0,0 timeout 120 "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" --runs 1x1024x64 \
          --time-budget 100 --json "$OUT/e2e_OFF.json" --force > "$OUT/e2e_OFF.log" 2>&1
        tail -4 "$OUT/e2e_OFF.log" ;;
-    S) timeout "${BENCH_S_TIMEOUT:-220}" "$PY" bench/bench_serve.py --random-preset gpt-oss-120b --group-size 32 \
+    S) if [ -d devwheels ]; then  # the device image lacks the server stack: wheels carried in the working tree
+         "$PY" -m pip install -q --no-index --find-links devwheels fastapi uvicorn openai httpx prometheus-client \
+           2>&1 | tail -2
+       fi
+       timeout "${BENCH_S_TIMEOUT:-220}" "$PY" bench/bench_serve.py --random-preset gpt-oss-120b --group-size 32 \
          --asymmetric --clients 64,256 --max-batch 256 --prompt-len 128 --max-tokens 128 \
          > "$OUT/serve.log" 2>&1
        tail -15 "$OUT/serve.log" ;;
