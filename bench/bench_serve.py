@@ -37,7 +37,8 @@ def start_server(model, args, max_batch: int):
     from gptoss_jax.serve.cli import build
     t0 = time.perf_counter()
     _, app = build(model, max_batch=max_batch, max_queue=4096, chunk_size=args.chunk_size, model_name="bench",
-                   request_timeout=3600, warmup_prompt_len=args.prompt_len, overlap=not args.no_overlap)
+                   request_timeout=3600, warmup_prompt_len=args.prompt_len, overlap=not args.no_overlap,
+                   prefill_budget=args.prefill_budget)
     print(f"server with {max_batch} slots compiled in {time.perf_counter() - t0:.1f}s", flush=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -158,6 +159,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=0,
                     help="decode slots of an in-process server (default 0: one server per level, slots = clients)")
     ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--prefill-budget", type=int, default=None,
+                    help="the server's --prefill-budget (prompt tokens per iteration while rows decode)")
     ap.add_argument("--no-overlap", action="store_true",
                     help="in-process server: read each call before dispatching the next (the pre-overlap behaviour)")
     ap.add_argument("--max-seq-len", type=int, default=1024)

@@ -749,16 +749,16 @@ def test_serve_on_a_virtual_mesh_equals_generate_alone():
 
 
 def test_newcomers_prefill_within_the_budget_while_rows_decode(model, monkeypatch):
-    """While a row decodes, newcomers' prompts go in calls of at most --prefill-chunk tokens (rows × chunk length)
-    with decode chunks in between, so the decoding row is never held up by a large prefill; every answer still
-    equals generate alone."""
+    """With a prefill budget, while a row decodes, newcomers' prompts go in calls of at most that many tokens
+    (rows × chunk length) with decode chunks in between, so the decoding row is never held up by a large prefill;
+    every answer still equals generate alone."""
     from gptoss_jax.serve import engine as engine_mod
     calls = []
     real_prefill, real_decode = engine_mod._prefill_step, engine_mod._decode
     monkeypatch.setattr(engine_mod, "_prefill_step",
                         lambda *a, **k: calls.append(("prefill", a[6].shape)) or real_prefill(*a, **k))
     monkeypatch.setattr(engine_mod, "_decode", lambda *a, **k: calls.append(("decode", None)) or real_decode(*a, **k))
-    engine = Engine(model, max_batch=4, chunk_size=2, prefill_chunk=8).start()
+    engine = Engine(model, max_batch=4, chunk_size=2, prefill_chunk=8, prefill_budget=8).start()
     first = list(range(60, 65))
     others = [list(range(70 + 9 * j, 70 + 9 * j + n)) for j, n in enumerate((8, 7, 19))]  # the last: 3 chunks
     try:

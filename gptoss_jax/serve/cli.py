@@ -35,6 +35,9 @@ def add_parser(sub, add_model_args) -> None:
                    help="decode steps per compiled call (a newcomer waits at most one chunk; default 8)")
     p.add_argument("--prefill-chunk", type=_positive(int), default=2048,
                    help="prompt tokens per prefill call and row (longer prompts interleave with decode)")
+    p.add_argument("--prefill-budget", type=_positive(int), default=None,
+                   help="while rows decode, prefill at most this many prompt tokens per scheduler iteration "
+                        "(lower TPOT for running requests, slower admission of bursts; default: unbounded)")
     p.add_argument("--request-timeout", type=_positive(float), default=600.0,
                    help="seconds from arrival after which a request is ended with 504 (default 600)")
     p.add_argument("--warmup-prompt-len", type=int, default=0,
@@ -47,13 +50,13 @@ def add_parser(sub, add_model_args) -> None:
 
 
 def build(model, *, max_batch=16, max_queue=256, chunk_size=8, prefill_chunk=2048, request_timeout=600.0,
-          model_name="gpt-oss", warmup_prompt_len: int = 0, overlap: bool = True):
+          model_name="gpt-oss", warmup_prompt_len: int = 0, overlap: bool = True, prefill_budget=None):
     """(engine, app) for a loaded model: the scheduler started (after compiling for prompts of about
     `warmup_prompt_len` tokens, when > 0), the FastAPI app that shuts it down."""
     from gptoss_jax.serve.engine import Engine
     from gptoss_jax.serve.openai_api import create_app
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, chunk_size=chunk_size,
-                    prefill_chunk=prefill_chunk, overlap=overlap)
+                    prefill_chunk=prefill_chunk, overlap=overlap, prefill_budget=prefill_budget)
     if warmup_prompt_len > 0:
         engine.warmup(warmup_prompt_len)
     engine.start()
@@ -77,6 +80,7 @@ def run(args, load) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     _, app = build(model, max_batch=args.max_batch, max_queue=args.max_queue, chunk_size=args.chunk_size,
                    prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout, model_name=name,
-                   warmup_prompt_len=args.warmup_prompt_len, overlap=not args.no_overlap)
+                   warmup_prompt_len=args.warmup_prompt_len, overlap=not args.no_overlap,
+                   prefill_budget=args.prefill_budget)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -14,7 +14,7 @@ prefill / decode):
   :mod:`gptoss_jax.generate`); rows that are empty or finished are masked (length 0: no cache write). When fewer
   than half the slots are busy, only the live rows are gathered into a batch bucket (a power of two) and scattered
   back, so a light load runs a small step instead of a ``max_batch`` one.
-  Prefill of newcomers is bounded (about ``prefill_chunk`` prompt tokens per iteration) while other rows decode.
+  Prefill of newcomers can be bounded (``prefill_budget`` prompt tokens per iteration) while other rows decode.
 * Host work is off the critical path (JAX's asynchronous dispatch): the decode state — each slot's last token,
   position, finished flag, tokens so far — stays on the device as a slot-indexed *carry* that every call returns
   and the next one takes, so decode chunk k + 1 is dispatched before chunk k's tokens are read. The host then
@@ -375,20 +375,26 @@ class Engine:
 
     max_batch: decode slots (rows of the KV cache); max_queue: waiting requests beyond which submit raises
     QueueFull; chunk_size: decode steps per call (the admission latency of a newcomer is at most one chunk);
-    prefill_chunk: prompt tokens per prefill call and row; also the budget of prompt tokens (rows × chunk
-    length, padded) one iteration prefills while other rows are decoding, so newcomers stall the decoding rows by
-    at most about one such call per chunk. overlap: dispatch decode chunk k + 1 before reading chunk k's tokens
+    prefill_chunk: prompt tokens per prefill call and row. prefill_budget: None (default) lets every waiting row (up
+    to max_prefill_rows) prefill in one iteration; an int bounds the prompt tokens (rows × chunk length, padded) one
+    iteration prefills while other rows are decoding, so newcomers stall the decoding rows by at most about one such
+    call per chunk — lower TPOT for running requests, but a burst of arrivals then takes many iterations to admit
+    (on the H200 a budget of 2,048 cut the aggregate tokens/s of 64 / 256 simultaneous clients, docs/SERVING.md).
+    overlap: dispatch decode chunk k + 1 before reading chunk k's tokens
     (the host's per-chunk work runs while the device computes; False: one call at a time, for measurements). The
     KV cache holds max_batch × model.max_seq_len positions per layer (sliding layers: the window).
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_queue: int = 256, chunk_size: int = 8,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_prefill_rows: int | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, prefill_budget: int | None = None):
         if model.tokenizer is None:
             raise EngineError("serving needs a tokenizer (tokenizer.json in the checkpoint folder)")
         if max_batch < 1 or max_queue < 0 or chunk_size < 1 or prefill_chunk < 1:
             raise EngineError("max_batch, chunk_size and prefill_chunk must be ≥ 1 and max_queue ≥ 0")
+        if prefill_budget is not None and prefill_budget < 1:
+            raise EngineError("prefill_budget must be ≥ 1 (or None: unbounded)")
+        self.prefill_budget = None if prefill_budget is None else int(prefill_budget)
         self.model = model
         self.gen = model.generator
         if self.gen.batch_multiple != 1:
@@ -653,11 +659,11 @@ class Engine:
     def _prefill(self) -> bool:
         """One prompt chunk for the prefilling rows: the rows starting their prompts (cache rows cleared) and the
         rows continuing one are separate calls (static `first`). While other rows are decoding, one iteration
-        prefills at most about `prefill_chunk` prompt tokens (rows × chunk length, padded), so the decoding rows
-        wait for at most one such call between their chunks; with nothing decoding, up to max_prefill_rows rows
+        prefills at most about `prefill_budget` prompt tokens (rows × chunk length, padded; when set), so the
+        decoding rows wait for at most one such call between their chunks; otherwise up to max_prefill_rows rows
         go at once. Returns whether a call was dispatched."""
         decoding = any(s is not None and not s.prefilling for s in self._slots)
-        budget = self.prefill_chunk if decoding else None
+        budget = self.prefill_budget if decoding else None
         dispatched = False
         for first in (False, True):  # continuing prompts first: they hold slots and are nearer their first token
             idx = [i for i, s in enumerate(self._slots) if s is not None and s.prefilling
