@@ -11,7 +11,9 @@ Each client sends --requests-per-client completions (token-id prompts of --promp
 (compilations) and is not timed. Results (JSON) go to $OUT/bench_serve.json (or ./bench_out); each round's
 "engine" entry has the server's scheduler timing over the round (from /metrics: host ms and device-wait ms per
 decode call, the device's idle fraction, decode steps/s). Compare the
-aggregate decode rate with `gptoss-jax bench` at the same batch (the issue's target: within 80 %).
+aggregate decode rate with `gptoss-jax bench` at the same batch (the issue's target: within 80 %): --random-preset
+serves the same random weights as `gptoss-jax bench --random-weights` with the same --group-size / --asymmetric
+(seed 0).
 """
 
 from __future__ import annotations
@@ -56,23 +58,27 @@ def stop_server(server) -> None:
     server.thread.join(60)
 
 
-def random_model(preset: str, max_seq_len: int, group_size: int = 32, symmetric: bool = True):
+def random_model(preset: str, max_seq_len: int, group_size: int = 32, symmetric: bool = True, seed: int = 0):
     """A random-weight model of a preset's shape (int4 experts/attention as converted checkpoints hold them: group
     size and symmetric / asymmetric as given), with the tiny tokenizer (prompts are token ids; ids past its
-    vocabulary print as <|id:N|>)."""
+    vocabulary print as <|id:N|>). The weights are those of `gptoss-jax bench --random-weights --seed SEED` with the
+    same scheme (gptoss_jax.bench.random_model_params): random weights route differently with every generator, so
+    only the same weights make the two benchmarks comparable."""
     import jax
     import jax.numpy as jnp
 
-    from bench.bench_sharded_decode import make_model, random_params
     from gptoss_jax.api import InferenceModel
+    from gptoss_jax.bench import random_model_params
     from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.model import build_model
     from gptoss_jax.params import QuantSpec
     from gptoss_jax.testing import build_tiny_tokenizer
     config = GptOssConfig.from_preset(preset)
     quant = QuantSpec(group_size=group_size, symmetric=symmetric)
-    params = random_params(config, dtype=jnp.bfloat16, quant=quant,
-                           shardings_of=lambda path, spec: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    module = make_model(config, params, dtype=jnp.bfloat16, quant=quant)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = random_model_params(config, dtype=jnp.bfloat16, quant=quant, sharding_of=lambda path, spec: device,
+                                 seed=seed)
+    module = build_model(config, params, dtype=jnp.bfloat16, quant=quant)
     return InferenceModel(module, tokenizer=build_tiny_tokenizer(1024), max_seq_len=max_seq_len,
                           default_stop_token_ids=())
 
