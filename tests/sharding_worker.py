@@ -2,7 +2,8 @@
 jax is imported — the test runs ``python -m tests.sharding_worker MODE`` with the environment prepared.
 
 Modes:
-  equivalence   one-device vs sharded meshes: logits of prefill + decode and greedy tokens; prints JSON lines.
+  equivalence [--full] [--part=I/N]  one-device vs sharded meshes: logits of prefill + decode and greedy tokens;
+                prints JSON lines (--part: only the I-th of N slices of the cases, for parallel processes).
   save PATH FMT     writes the random parameter tree used by `restore` (FMT: converter | tree, see save()).
   restore PATH FMT  (under jax.distributed, e.g. 4 processes × 2 CPU devices) sharded restore; prints JSON.
   multihost_forward (under jax.distributed, 2 processes × 4 CPU devices) sharded prefill + decode vs one device.
@@ -101,7 +102,24 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def equivalence(full: bool = False):
+def equivalence_cases(full: bool = False) -> list[tuple[str, tuple[int, int, int], str, str]]:
+    """(variant, mesh, strategy, rules) of every comparison, in a fixed order."""
+    cases = []
+    for vname in ("fp32", "int4-fp32", "bf16", "int4-bf16"):
+        vcases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
+        if vname == "fp32":
+            vcases = [((2, 2, 2), s, "experts_over_data") for s in ("replicated", "dispatch")] + (vcases if full else [])
+        if vname == "bf16" and not full:  # quick run: a subset (int4-fp32 covers every mesh × strategy)
+            vcases = [((2, 2, 2), "replicated", "default")]
+        if vname == "int4-bf16" and not full:
+            vcases = [((1, 4, 2), "dispatch", "default")]
+        cases += [(vname, *c) for c in vcases]
+    return cases
+
+
+def equivalence(full: bool = False, part: tuple[int, int] = (0, 1)):
+    """part (i, n): run the i-th of n contiguous slices of equivalence_cases (the test runs the slices in parallel
+    processes; a variant's one-device reference is computed in each slice that needs it)."""
     config = tiny_config()
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, config.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
@@ -114,7 +132,14 @@ def equivalence(full: bool = False):
     }
     experts_everywhere = dict(sharding.RULES)
     experts_everywhere[sharding.P_.EXPERTS] = (sharding.DATA, sharding.EXPERT, sharding.TENSOR)
+    all_cases = equivalence_cases(full)
+    i, n = part
+    bounds = [round(k * len(all_cases) / n) for k in range(n + 1)]
+    mine = all_cases[bounds[i]:bounds[i + 1]]
     for vname, kw in variants.items():
+        cases = [(m, s, r) for v, m, s, r in mine if v == vname]
+        if not cases:
+            continue
         base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
         # bigger router logits so top-k picks are not near-ties (bf16 and int4 rounding must not flip a choice)
         params = params_of(base_model)
@@ -122,13 +147,6 @@ def equivalence(full: bool = False):
         r["weight"] = (r["weight"].astype(jnp.float32) * 20).astype(r["weight"].dtype)
         base_model = build_model(config, params, **kw)
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
-        cases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
-        if vname == "fp32":
-            cases = [((2, 2, 2), s, "experts_over_data") for s in ("replicated", "dispatch")] + (cases if full else [])
-        if vname == "bf16" and not full:  # quick run: a subset (int4-fp32 covers every mesh × strategy)
-            cases = [((2, 2, 2), "replicated", "default")]
-        if vname == "int4-bf16" and not full:
-            cases = [((1, 4, 2), "dispatch", "default")]
         for mesh_shape, strategy, rules_name in cases:
             t0 = time.time()
             rules = experts_everywhere if rules_name == "experts_over_data" else sharding.RULES
@@ -284,7 +302,8 @@ def restore(path, fmt):
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "equivalence"
     if mode == "equivalence":
-        equivalence(full="--full" in sys.argv)
+        part = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "0/1")
+        equivalence(full="--full" in sys.argv, part=tuple(int(x) for x in part.split("/")))
     elif mode == "multihost_forward":
         multihost_forward()
     elif mode == "save":
