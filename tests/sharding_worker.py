@@ -2,8 +2,7 @@
 jax is imported — the test runs ``python -m tests.sharding_worker MODE`` with the environment prepared.
 
 Modes:
-  equivalence [--full] [--part=I/N]  one-device vs sharded meshes: logits of prefill + decode and greedy tokens;
-                prints JSON lines (--part: only the I-th of N slices of the cases, for parallel processes).
+  equivalence   one-device vs sharded meshes: logits of prefill + decode and greedy tokens; prints JSON lines.
   save PATH FMT     writes the random parameter tree used by `restore` (FMT: converter | tree, see save()).
   restore PATH FMT  (under jax.distributed, e.g. 4 processes × 2 CPU devices) sharded restore; prints JSON.
   multihost_forward (under jax.distributed, 2 processes × 4 CPU devices) sharded prefill + decode vs one device.
@@ -90,6 +89,13 @@ def generate(model, prompt, lengths, mesh=None, forced=None):
     return all_logits, np.stack(out_tokens, 1)
 
 
+def random_model(config, kw):
+    """GptOss(config, rngs=nnx.Rngs(1), **kw) initialized in one compiled program: eagerly, each parameter shape's
+    random draw compiles a program of its own (seconds per model). Deterministic, so every process builds the same
+    reference model."""
+    return nnx.jit(lambda: GptOss(config, rngs=nnx.Rngs(1), **kw))()
+
+
 def to_host(x) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -102,24 +108,7 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def equivalence_cases(full: bool = False) -> list[tuple[str, tuple[int, int, int], str, str]]:
-    """(variant, mesh, strategy, rules) of every comparison, in a fixed order."""
-    cases = []
-    for vname in ("fp32", "int4-fp32", "bf16", "int4-bf16"):
-        vcases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
-        if vname == "fp32":
-            vcases = [((2, 2, 2), s, "experts_over_data") for s in ("replicated", "dispatch")] + (vcases if full else [])
-        if vname == "bf16" and not full:  # quick run: a subset (int4-fp32 covers every mesh × strategy)
-            vcases = [((2, 2, 2), "replicated", "default")]
-        if vname == "int4-bf16" and not full:
-            vcases = [((1, 4, 2), "dispatch", "default")]
-        cases += [(vname, *c) for c in vcases]
-    return cases
-
-
-def equivalence(full: bool = False, part: tuple[int, int] = (0, 1)):
-    """part (i, n): run the i-th of n contiguous slices of equivalence_cases (the test runs the slices in parallel
-    processes; a variant's one-device reference is computed in each slice that needs it)."""
+def equivalence(full: bool = False):
     config = tiny_config()
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, config.vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
@@ -132,21 +121,21 @@ def equivalence(full: bool = False, part: tuple[int, int] = (0, 1)):
     }
     experts_everywhere = dict(sharding.RULES)
     experts_everywhere[sharding.P_.EXPERTS] = (sharding.DATA, sharding.EXPERT, sharding.TENSOR)
-    all_cases = equivalence_cases(full)
-    i, n = part
-    bounds = [round(k * len(all_cases) / n) for k in range(n + 1)]
-    mine = all_cases[bounds[i]:bounds[i + 1]]
     for vname, kw in variants.items():
-        cases = [(m, s, r) for v, m, s, r in mine if v == vname]
-        if not cases:
-            continue
-        base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
+        base_model = random_model(config, kw)
         # bigger router logits so top-k picks are not near-ties (bf16 and int4 rounding must not flip a choice)
         params = params_of(base_model)
         r = params["layers"]["mlp"]["router"]  # every layer (stacked)
         r["weight"] = (r["weight"].astype(jnp.float32) * 20).astype(r["weight"].dtype)
         base_model = build_model(config, params, **kw)
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
+        cases = [(m, s, "default") for m in MESHES for s in ("replicated", "dispatch")]
+        if vname == "fp32":
+            cases = [((2, 2, 2), s, "experts_over_data") for s in ("replicated", "dispatch")] + (cases if full else [])
+        if vname == "bf16" and not full:  # quick run: a subset (int4-fp32 covers every mesh × strategy)
+            cases = [((2, 2, 2), "replicated", "default")]
+        if vname == "int4-bf16" and not full:
+            cases = [((1, 4, 2), "dispatch", "default")]
         for mesh_shape, strategy, rules_name in cases:
             t0 = time.time()
             rules = experts_everywhere if rules_name == "experts_over_data" else sharding.RULES
@@ -181,7 +170,7 @@ def multihost_forward():
     lengths = np.array([PROMPT_LEN, 5, 3, PROMPT_LEN - 1], np.int32)
     kw = dict(dtype=jnp.float32, quant=QuantSpec(group_size=32))
     with jax.default_device(jax.local_devices()[0]):
-        base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
+        base_model = random_model(config, kw)
         params = jax.tree.map(np.asarray, params_of(base_model))
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
     for strategy in ("replicated", "dispatch"):
@@ -302,8 +291,7 @@ def restore(path, fmt):
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "equivalence"
     if mode == "equivalence":
-        part = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "0/1")
-        equivalence(full="--full" in sys.argv, part=tuple(int(x) for x in part.split("/")))
+        equivalence(full="--full" in sys.argv)
     elif mode == "multihost_forward":
         multihost_forward()
     elif mode == "save":

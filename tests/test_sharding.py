@@ -158,44 +158,11 @@ def _json_lines(proc, timeout=600):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-EQUIVALENCE_PARTS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def multidevice_workers(request):
-    """The worker processes of test_meshes_match_one_device (its cases in EQUIVALENCE_PARTS slices) and
-    test_two_processes_match_one_device, started together when the module starts (only those of the selected
-    tests): they overlap one another and the in-process tests instead of running one after the other. Each test
-    collects its own processes' output."""
-    selected = {getattr(item, "originalname", None) for item in request.session.items
-                if getattr(item, "module", None) is request.module}
-    procs = {}
-    if "test_meshes_match_one_device" in selected:
-        procs["equivalence"] = [_run_worker(["equivalence", f"--part={i}/{EQUIVALENCE_PARTS}"], 8)
-                                for i in range(EQUIVALENCE_PARTS)]
-    if "test_two_processes_match_one_device" in selected:
-        env = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2")
-        procs["multihost"] = [_run_worker(["multihost_forward"], 4, {**env, "JAX_PROCESS_ID": str(i)})
-                              for i in range(2)]
-    yield procs
-    for p in (p for group in procs.values() for p in group):
-        if p.poll() is None:  # a test failed before collecting it
-            p.kill()
-            p.communicate()
-
-
 @pytest.mark.multidevice
-def test_meshes_match_one_device(multidevice_workers):
+def test_meshes_match_one_device():
     """(1,8,1), (2,4,1), (1,4,2), (2,2,2) × both MoE strategies: prefill + decode logits and greedy tokens equal
     the one-device run (fp32 compute ≤ 1e-5 relative; bf16 fed the same tokens ≤ 1e-2), float and int4 experts."""
-    results = [r for p in multidevice_workers["equivalence"] for r in _json_lines(p)]
-    assert len(results) == 12  # fp32 2 + int4-fp32 8 + bf16 1 + int4-bf16 1 (sharding_worker.equivalence_cases)
+    results = _json_lines(_run_worker(["equivalence"], 8))
     seen = set()
     for r in results:
         label = f"{r['variant']} mesh={r['mesh']} {r['strategy']} {r['rules']}"
@@ -211,6 +178,12 @@ def test_meshes_match_one_device(multidevice_workers):
         for strategy in ("replicated", "dispatch"):
             assert ("int4-fp32", mesh, strategy) in seen
     assert {v for v, _, _ in seen} == {"int4-fp32", "fp32", "bf16", "int4-bf16"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.multidevice
@@ -249,11 +222,14 @@ def test_sharded_restore_reads_only_local_shards(tmp_path, fmt):
 
 
 @pytest.mark.multidevice
-def test_two_processes_match_one_device(multidevice_workers):
+def test_two_processes_match_one_device():
     """The multi-host code path on one machine: 2 processes × 4 CPU devices under jax.distributed
     (maybe_initialize_distributed from JAX_* env vars), a (2,2,2) mesh across both — prefill + decode with
     both MoE strategies equal each process's own one-device run."""
-    results = [r for p in multidevice_workers["multihost"] for r in _json_lines(p)]
+    port = _free_port()
+    env = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    procs = [_run_worker(["multihost_forward"], 4, {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    results = [r for p in procs for r in _json_lines(p)]
     assert sorted((r["process"], r["strategy"]) for r in results) == [
         (0, "dispatch"), (0, "replicated"), (1, "dispatch"), (1, "replicated")]
     for r in results:
