@@ -289,8 +289,8 @@ def test_cli_usage_errors(src, tmp_path):
 
 
 # `python -m gptoss_jax.convert.cli` with each source item read at a big model's pace: the conversion is still
-# running when the test signals it, however slowly the test process is scheduled (unslowed, the 1-second conversion
-# of this tiny model finished before the signal on a loaded CI machine).
+# running, most of its items unread, when the test signals it, even if the test process is scheduled late (unpaced,
+# the 1-second conversion of this tiny model once finished before the signal on the loaded 2-core machine).
 _PACED_CONVERT = """
 import runpy, sys, time
 import gptoss_jax.convert.sources as s
