@@ -89,13 +89,6 @@ def generate(model, prompt, lengths, mesh=None, forced=None):
     return all_logits, np.stack(out_tokens, 1)
 
 
-def random_model(config, kw):
-    """GptOss(config, rngs=nnx.Rngs(1), **kw) initialized in one compiled program: eagerly, each parameter shape's
-    random draw compiles a program of its own (seconds per model). Deterministic, so every process builds the same
-    reference model."""
-    return nnx.jit(lambda: GptOss(config, rngs=nnx.Rngs(1), **kw))()
-
-
 def to_host(x) -> np.ndarray:
     if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -122,7 +115,7 @@ def equivalence(full: bool = False):
     experts_everywhere = dict(sharding.RULES)
     experts_everywhere[sharding.P_.EXPERTS] = (sharding.DATA, sharding.EXPERT, sharding.TENSOR)
     for vname, kw in variants.items():
-        base_model = random_model(config, kw)
+        base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
         # bigger router logits so top-k picks are not near-ties (bf16 and int4 rounding must not flip a choice)
         params = params_of(base_model)
         r = params["layers"]["mlp"]["router"]  # every layer (stacked)
@@ -170,7 +163,7 @@ def multihost_forward():
     lengths = np.array([PROMPT_LEN, 5, 3, PROMPT_LEN - 1], np.int32)
     kw = dict(dtype=jnp.float32, quant=QuantSpec(group_size=32))
     with jax.default_device(jax.local_devices()[0]):
-        base_model = random_model(config, kw)
+        base_model = GptOss(config, rngs=nnx.Rngs(1), **kw)
         params = jax.tree.map(np.asarray, params_of(base_model))
         ref_logits, ref_tokens = generate(base_model, prompt, lengths)
     for strategy in ("replicated", "dispatch"):
