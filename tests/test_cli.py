@@ -234,16 +234,22 @@ def test_generate_on_a_mesh_matches_one_device(ckpt, env, tmp_path, capsys):
     gen, info = (subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", *map(str, a)], env=multi, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for a in ([*args, "--mesh", "2,2,1"], ["info", ckpt, "--json", "--mesh", "2,2,1"]))
-    assert cli.main(args) == 0
-    want = json.loads(capsys.readouterr().out)
-    out, err = gen.communicate(timeout=300)
-    assert gen.returncode == 0, err
-    got = json.loads(out)
-    assert got["tokens"] == want["tokens"]
-    out, err = info.communicate(timeout=300)
-    assert info.returncode == 0, err
-    assert json.loads(out)["mesh"] == {"data": 2, "expert": 2, "tensor": 1}
-    assert len(json.loads(out)["devices"]) == 4
+    try:
+        assert cli.main(args) == 0
+        want = json.loads(capsys.readouterr().out)
+        out, err = gen.communicate(timeout=300)
+        assert gen.returncode == 0, err
+        got = json.loads(out)
+        assert got["tokens"] == want["tokens"]
+        out, err = info.communicate(timeout=300)
+        assert info.returncode == 0, err
+        assert json.loads(out)["mesh"] == {"data": 2, "expert": 2, "tensor": 1}
+        assert len(json.loads(out)["devices"]) == 4
+    finally:
+        for p in (gen, info):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def test_chat_printer_streams_final_and_optionally_analysis():
