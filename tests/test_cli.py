@@ -237,16 +237,27 @@ def test_generate_on_a_mesh_matches_one_device(ckpt, env, tmp_path, capsys):
     padded to the data axis — same greedy tokens as one device."""
     args = ["generate", str(ckpt), "The quick brown fox", "--temperature", "0", "--max-new-tokens", "10",
             "--no-stop-ids", "--json", "--dtype", "float32"]
-    assert cli.main(args) == 0
-    want = json.loads(capsys.readouterr().out)
     multi = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    p = run(multi, *args, "--mesh", "2,2,1")
-    assert p.returncode == 0, p.stderr
-    got = json.loads(p.stdout)
-    assert got["tokens"] == want["tokens"]
-    p = run(multi, "info", ckpt, "--json", "--mesh", "2,2,1")
-    assert json.loads(p.stdout)["mesh"] == {"data": 2, "expert": 2, "tensor": 1}
-    assert len(json.loads(p.stdout)["devices"]) == 4
+    # both subprocesses start first and run while this process computes the one-device reference
+    gen, info = (subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", *map(str, a)], env=multi, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for a in ([*args, "--mesh", "2,2,1"], ["info", ckpt, "--json", "--mesh", "2,2,1"]))
+    try:
+        assert cli.main(args) == 0
+        want = json.loads(capsys.readouterr().out)
+        out, err = gen.communicate(timeout=300)
+        assert gen.returncode == 0, err
+        got = json.loads(out)
+        assert got["tokens"] == want["tokens"]
+        out, err = info.communicate(timeout=300)
+        assert info.returncode == 0, err
+        assert json.loads(out)["mesh"] == {"data": 2, "expert": 2, "tensor": 1}
+        assert len(json.loads(out)["devices"]) == 4
+    finally:
+        for p in (gen, info):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def test_chat_printer_streams_final_and_optionally_analysis():

@@ -104,7 +104,10 @@ def test_compilation_cache_can_be_turned_off(monkeypatch):
     from gptoss_jax import compilation
     monkeypatch.setenv(compilation.ENV, "off")
     import jax
-    if jax.config.jax_compilation_cache_dir:
-        pytest.skip("jax's cache was configured by the environment")
-    assert compilation.enable_compilation_cache() is None
-    assert not jax.config.jax_compilation_cache_dir
+    configured = jax.config.jax_compilation_cache_dir  # the suite's own cache (conftest.py), or the environment's
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert compilation.enable_compilation_cache() is None
+        assert not jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)

@@ -288,6 +288,19 @@ def test_cli_usage_errors(src, tmp_path):
     assert cli.main([str(tmp_path / "nowhere"), str(tmp_path / "d"), "--quiet"]) == cli.EXIT_ERROR
 
 
+# `python -m gptoss_jax.convert.cli` with each source item read at a big model's pace: the conversion is still
+# running, most of its items unread, when the test signals it, even if the test process is scheduled late (unpaced,
+# the 1-second conversion of this tiny model once finished before the signal on the loaded 2-core machine).
+_PACED_CONVERT = """
+import runpy, sys, time
+import gptoss_jax.convert.sources as s
+real = s.Source.read_item
+s.Source.read_item = lambda self, name: (time.sleep(0.1), real(self, name))[1]
+sys.argv[0] = "gptoss-convert"
+runpy.run_module("gptoss_jax.convert.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_ctrl_c_in_a_real_process(tmp_path):
     """SIGINT to a running `gptoss-convert`: exit code 130, no DST and no temporary folder; a rerun succeeds."""
     import signal
@@ -296,7 +309,7 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     config = CONFIG.replace(num_hidden_layers=8, layer_types=default_layer_types(8))
     src, dst = tmp_path / "src", tmp_path / "dst"
     writers.synthetic_source(config, src, group=32, symmetric=False)
-    cmd = [sys.executable, "-m", "gptoss_jax.convert.cli", str(src), str(dst), "--quiet", "--no-hash"]
+    cmd = [sys.executable, "-c", _PACED_CONVERT, str(src), str(dst), "--quiet", "--no-hash"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
