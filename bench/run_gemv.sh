@@ -30,8 +30,10 @@ for s in ${STAGES:-K A S}; do
          --runs 1x1024x64,64x128x128,256x128x128 --profile 1,256 --time-budget $(( ${BENCH_A_TIMEOUT:-200} - 20 )) \
          --json "$OUT/e2e_A.json" --force > "$OUT/e2e_A.log" 2>&1
        tail -8 "$OUT/e2e_A.log"
-       find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
-       ls "$OUT/hlo" 2>/dev/null | head ;;
+       # keep one decode program's optimized HLO (batch 1), gzipped: the device tool returns a limited file count
+       first=$(ls "$OUT"/hlo/*after_optimizations.txt 2>/dev/null | head -1)
+       [ -n "$first" ] && gzip -c "$first" > "$OUT/decode_hlo_after_optimizations.txt.gz"
+       rm -rf "$OUT/hlo" ;;
     OFF) GPTOSS_GEMV_MAX_ROWS=0,0 timeout 120 "$PY" -m gptoss_jax.cli bench "${BENCH[@]}" --runs 1x1024x64 \
          --time-budget 100 --json "$OUT/e2e_OFF.json" --force > "$OUT/e2e_OFF.log" 2>&1
        tail -4 "$OUT/e2e_OFF.log" ;;
