@@ -21,17 +21,20 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+import kernel_bench_util as _util  # noqa: E402
+from kernel_bench_util import time_op  # noqa: E402
 
 from gptoss_jax.kernels import GpuTiling, Int4Tensor, dense_matmul, dense_matmul_fused, grouped_matmul  # noqa: E402
 from gptoss_jax.kernels import _gpu, _gpu_grouped  # noqa: E402
@@ -63,42 +66,23 @@ def err(tag, e):
     RES["errors"].append(msg)
 
 
-def rand_int4(key, lead, k, n, g=GROUP, sym=False):
-    k1, k2, k3 = jax.random.split(key, 3)
-    packed = jax.lax.bitcast_convert_type(jax.random.bits(k1, (*lead, k // 8, n), jnp.uint32), jnp.int32)
-    scales = (jax.random.uniform(k2, (*lead, k // g, n), jnp.float32, 0.5, 1.5) * 0.01).astype(jnp.bfloat16)
-    zeros = None if sym else jax.random.randint(k3, (*lead, k // g, n), 0, 16, jnp.int32).astype(jnp.uint8)
-    return Int4Tensor(packed, scales, zeros, g)
 
 
 def nbytes1(w: Int4Tensor, lead: int) -> float:
     return w.nbytes / lead
 
 
-def time_op(fn, params, arg_sets, calls=3, repeats=5):
-    r = len(arg_sets)
-    jf = jax.jit(lambda p, sets: [fn(p, *a) for a in sets])
-    jax.block_until_ready(jf(params, arg_sets))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = [jf(params, arg_sets) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        samples.append((time.perf_counter() - t) / (calls * r))
-    return statistics.median(samples)
+
+
+
+
+
+def rand_int4(key, lead, k, n, g=GROUP, sym=False):
+    return _util.rand_int4(key, lead, k, n, g, sym)
 
 
 def copy_bw():
-    n = (1 << 22) if SMALL else (1 << 30)
-    a = jnp.zeros((n,), jnp.bfloat16)
-    f = jax.jit(lambda v: v + jnp.bfloat16(1))
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    return 4 * n / statistics.median(ts)
+    return _util.copy_bw(SMALL)
 
 
 def row(**kw):

@@ -21,19 +21,22 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gptoss_jax.kernels import Int4Tensor, dense_matmul, dense_matmul_fused, routed_matmul  # noqa: E402
+import kernel_bench_util as _util  # noqa: E402
+from kernel_bench_util import time_op  # noqa: E402
+
+from gptoss_jax.kernels import dense_matmul, dense_matmul_fused, routed_matmul  # noqa: E402
 from gptoss_jax.kernels import _gpu_gemv  # noqa: E402
 from gptoss_jax.kernels.reference import dequantize_f64, max_rel_err, routed_matmul_f64  # noqa: E402
 
@@ -68,38 +71,19 @@ def err(tag, e):
     RES["errors"].append(msg)
 
 
+
+
+
+
+
+
+
 def rand_int4(key, lead, k, n, g=GROUP, sym=False):
-    k1, k2, k3 = jax.random.split(key, 3)
-    packed = jax.lax.bitcast_convert_type(jax.random.bits(k1, (*lead, k // 8, n), jnp.uint32), jnp.int32)
-    scales = (jax.random.uniform(k2, (*lead, k // g, n), jnp.float32, 0.5, 1.5) * 0.01).astype(jnp.bfloat16)
-    zeros = None if sym else jax.random.randint(k3, (*lead, k // g, n), 0, 16, jnp.int32).astype(jnp.uint8)
-    return Int4Tensor(packed, scales, zeros, g)
-
-
-def time_op(fn, params, arg_sets, calls=3, repeats=5):
-    r = len(arg_sets)
-    jf = jax.jit(lambda p, sets: [fn(p, *a) for a in sets])
-    jax.block_until_ready(jf(params, arg_sets))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = [jf(params, arg_sets) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        samples.append((time.perf_counter() - t) / (calls * r))
-    return statistics.median(samples)
+    return _util.rand_int4(key, lead, k, n, g, sym)
 
 
 def copy_bw():
-    n = (1 << 22) if SMALL else (1 << 30)
-    a = jnp.zeros((n,), jnp.bfloat16)
-    f = jax.jit(lambda v: v + jnp.bfloat16(1))
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    return 4 * n / statistics.median(ts)
+    return _util.copy_bw(SMALL)
 
 
 def row(**kw):
@@ -241,33 +225,29 @@ def main():
         if BEST:
             variants.append((f"row-wise best {json.dumps(BEST)}", "16,1", BEST))
         for vname, env, tl in variants:
-            try:
-                os.environ[_gpu_gemv.ENV_VAR] = env
-                if tl is None:
-                    fn = lambda p_, x, l_: dense_matmul_fused(x, p_[0], p_[1], layer=l_)  # noqa: E731
-                else:
-                    fn = (lambda p_, x, l_, tl=tl: _gpu_gemv.dense_rowwise_gpu(  # noqa: E731
-                        x, p_[0], p_[1], out_dtype=jnp.float32, layer=l_, tiling=_gpu_gemv.GemvTiling(**tl),
-                        interpret=SMALL))
-                t = time_op(fn, p, sets)
-                row(op="dense q+k+v 2880->4096+512+512", m=1, variant=vname, us=t * 1e6, gbps=qkv_bytes / t / 1e9,
-                    pct_copy=100 * qkv_bytes / t / bw)
-            except Exception as e:
-                err(f"time qkv {vname}", e)
-            finally:
-                os.environ.pop(_gpu_gemv.ENV_VAR, None)
+            if tl is None:
+                fn = lambda p_, x, l_: dense_matmul_fused(x, p_[0], p_[1], layer=l_)  # noqa: E731
+            else:
+                fn = (lambda p_, x, l_, tl=tl: _gpu_gemv.dense_rowwise_gpu(  # noqa: E731
+                    x, p_[0], p_[1], out_dtype=jnp.float32, layer=l_, tiling=_gpu_gemv.GemvTiling(**tl),
+                    interpret=SMALL))
+            timed("dense q+k+v 2880->4096+512+512", vname, env, fn, p, sets, qkv_bytes)
         sets_o = [(jnp.asarray(rng.standard_normal((1, Q)), jnp.bfloat16), lay[i]) for i in range(NL)]
         o_bytes = wo.nbytes / NL + (Q + H) * act
         for vname, env in (("dense kernel (before)", "16,0"), ("row-wise", "16,1")):
-            try:
-                os.environ[_gpu_gemv.ENV_VAR] = env
-                t = time_op(lambda p_, x, l_: dense_matmul(x, p_[0], p_[1], layer=l_), (wo, bo), sets_o)
-                row(op="dense o 4096->2880", m=1, variant=vname, us=t * 1e6, gbps=o_bytes / t / 1e9,
-                    pct_copy=100 * o_bytes / t / bw)
-            except Exception as e:
-                err(f"time o {vname}", e)
-            finally:
-                os.environ.pop(_gpu_gemv.ENV_VAR, None)
+            timed("dense o 4096->2880", vname, env, lambda p_, x, l_: dense_matmul(x, p_[0], p_[1], layer=l_),
+                  (wo, bo), sets_o, o_bytes)
+
+    def timed(op, vname, env, fn, params, sets, nbytes):
+        """One M = 1 row of the table, with GPTOSS_GEMV_MAX_ROWS=env while the op is traced."""
+        try:
+            os.environ[_gpu_gemv.ENV_VAR] = env
+            t = time_op(fn, params, sets)
+            row(op=op, m=1, variant=vname, us=t * 1e6, gbps=nbytes / t / 1e9, pct_copy=100 * nbytes / t / bw)
+        except Exception as e:
+            err(f"time {op} {vname}", e)
+        finally:
+            os.environ.pop(_gpu_gemv.ENV_VAR, None)
 
     def router_rows():
         w = jax.random.normal(keys[0], (NL, H, E), jnp.float32).astype(jnp.bfloat16)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 class GroupMeta(NamedTuple):
@@ -130,3 +131,16 @@ def coerce_tiling(cls, tiling, name):
             raise ValueError(f"{name} tiling: unknown field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
         return cls(**dict(tiling))
     raise ValueError(f"{name} tiling must be a {cls.__name__}, a dict or None, got {type(tiling).__name__}")
+
+
+def for_weight_tile(nt, starts, tiles, compute) -> None:
+    """Inside a kernel that runs several weights in one launch (their N tiles laid end to end on one grid axis):
+    calls ``compute(i, nt - starts[i])`` for the weight ``i`` whose static tile range ``[starts[i], starts[i] +
+    tiles[i])`` holds program ``nt`` — one ``pl.when`` branch per weight, none for a single weight."""
+    if len(starts) == 1:
+        compute(0, nt)
+        return
+    for i, (lo, count) in enumerate(zip(starts, tiles)):
+        @pl.when(jnp.logical_and(nt >= lo, nt < lo + count))
+        def _(i=i, lo=lo):
+            compute(i, nt - lo)

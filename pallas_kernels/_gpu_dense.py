@@ -265,15 +265,7 @@ def dense_int4_gpu(x, weights, biases, *, out_dtype, tiling=None, interpret=Fals
             omask = jnp.logical_and(rmask[:, None], cmask[None, :])
             _store(o_ref.at[sp, pl.ds(row0, bm), pl.ds((starts[i] + local_nt) * bn, bn)], acc, mask=omask)
 
-        if len(specs) == 1:
-            compute(0, nt)
-        else:
-            for i in range(len(specs)):
-                lo, hi = starts[i], starts[i] + tiles[i]
-
-                @pl.when(jnp.logical_and(nt >= lo, nt < hi))
-                def _(i=i, lo=lo):
-                    compute(i, nt - lo)
+        _common.for_weight_tile(nt, starts, tiles, compute)
 
     # x permuted to nibble-plane order: xp[m, j, kw] = x[m, 8 kw + j] (a few KB; the weights are never touched),
     # flattened to [M, 8 · kw_x] so plane j starts at column j · kw_x.

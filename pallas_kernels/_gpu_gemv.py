@@ -249,17 +249,9 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                 acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ng, gw, bn), f32))
                 pltriton.store(dst, jnp.sum(jnp.sum(acc, axis=0), axis=0), mask=cmask)
 
-        if len(weights) == 1:
-            compute(0, nt)
-        else:
-            for i in range(len(weights)):
-                a, b = starts[i], starts[i] + tiles[i]
+        _common.for_weight_tile(nt, starts, tiles, compute)
 
-                @pl.when(jnp.logical_and(nt >= a, nt < b))
-                def _(i=i, a=a):
-                    compute(i, nt - a)
-
-    # x as [M, K/g, g] (a free reshape): group G's K rows; plane j of it is every 8th column from j
+    # x as [M, K/g, g/8, 8] (a free reshape): nibble plane j of group G is column j
     xp = x.reshape(m, groups, gw, 8)
     wargs = []
     for w in weights:

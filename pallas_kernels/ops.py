@@ -324,7 +324,7 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
     if rows.shape != (r,):
         raise ValueError(f"routed_matmul: rows must be [{r}], got {rows.shape}")
     e = wv.shape[0]
-    _check_grouped_args(x, wv, jnp.zeros((e,), jnp.int32), bv, epilogue)
+    _check_grouped_args(x, wv, jax.ShapeDtypeStruct((e,), jnp.int32), bv, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ids = ids.astype(jnp.int32)
     name = implementation if implementation is not None else _env_override()
