@@ -38,6 +38,14 @@ def child(args) -> dict:
     from gptoss_jax.params import QuantSpec
 
     cache_dir = enable_compilation_cache()
+    # where a (warm) compile's seconds go: tracing, lowering to MLIR, XLA compile or cache retrieval (jax's own
+    # monitoring events, summed over the process)
+    durations: dict = {}
+
+    def on_duration(event, secs, **_):
+        durations[event] = durations.get(event, 0.0) + secs
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
     config = GptOssConfig.from_preset(args.preset)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=())
@@ -67,6 +75,8 @@ def child(args) -> dict:
         "decode_compile_s": round(cold.get("compile_decode_s", 0.0), 3),
         "second_generate_s": round(warm["total_s"], 3),
         "compiles": model.generator.trace_counts,
+        "jax_durations_s": {k: round(v, 3) for k, v in sorted(durations.items()) if "compil" in k or "trace" in k
+                            or "mlir" in k or "cache" in k},
     }
 
 

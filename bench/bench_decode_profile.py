@@ -67,19 +67,36 @@ def main():
     events = events["traceEvents"] if isinstance(events, dict) else events
     pids = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n and "Host" not in n}
-    agg = collections.defaultdict(lambda: [0, 0.0])
+    agg = collections.defaultdict(lambda: [0, 0.0, ""])
     busy = 0.0
+    modules = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu:
+            module = (e.get("args") or {}).get("hlo_module", "")
+            modules[module] += 1
+            if module and "decode" not in module:
+                continue  # the prefill program's kernels
             a = agg[e["name"][:90]]
             a[0] += 1
             a[1] += e.get("dur", 0) / 1000
+            a[2] = (e.get("args") or {}).get("hlo_op", "")
             busy += e.get("dur", 0) / 1000
-    steps = s.stats.decode_tokens / args.batch + 1
-    print(json.dumps({"profiled_steps": steps, "gpu_busy_ms_per_step": round(busy / steps, 3),
-                      "kernels_per_step": round(sum(a[0] for a in agg.values()) / steps, 1)}))
-    for name, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:args.top]:
-        print(f"{t / steps:9.3f} ms/step {n / steps:7.1f}/step  {name}")
+    steps = s.stats.decode_tokens / args.batch
+    summary = {"profiled_steps": steps, "gpu_busy_ms_per_step": round(busy / steps, 3),
+               "kernels_per_step": round(sum(a[0] for a in agg.values()) / steps, 1),
+               "kernel_events_by_module": dict(modules)}
+    print(json.dumps(summary))
+    table = sorted(agg.items(), key=lambda kv: -kv[1][1])
+    for name, (n, t, op) in table[:args.top]:
+        print(f"{t / steps:9.3f} ms/step {n / steps:7.1f}/step  {name}  [{op}]")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        tag = os.environ.get("PROFILE_TAG", "profile")
+        with open(os.path.join(out, f"{tag}.json"), "w") as f:
+            json.dump({**summary, "decode_ms_per_step": ms, "kernels": [
+                dict(name=n, per_step=c / steps, ms_per_step=t / steps, hlo_op=op) for n, (c, t, op) in table]}, f,
+                indent=0)
 
 
 if __name__ == "__main__":

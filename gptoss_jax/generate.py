@@ -5,9 +5,9 @@ How a call runs:
 1. Prompts (token ids, different lengths) are padded on the right to a *length bucket* (a power of two, at least
    ``min_bucket``, capped by ``max_seq_len``) and prefilled in one jitted call, which also builds the KV cache and
    samples each row's first token. One compilation per (batch, bucket, cache size, sampling mode).
-2. Decoding runs in *chunks*: one jitted call generates up to ``chunk_size`` tokens per row with a
-   ``lax.while_loop`` (sampling, per-row finished flags and stop-token ids all on device, early exit once every row
-   is done). Each call pays a fixed host cost that grows with the number of parameter arrays (measured on an H200
+2. Decoding runs in *chunks*: one jitted call generates up to ``chunk_size`` tokens per row in one device loop
+   (sampling, per-row finished flags and stop-token ids all on device; on CPU / TPU a ``lax.while_loop`` that exits
+   once every row is done, on GPUs exactly ``chunk_size`` steps: :func:`decode_exits_early`). Each call pays a fixed host cost that grows with the number of parameter arrays (measured on an H200
    with a gpt-oss-20b-sized int4 model: ~3.7 ms per call against ~5 ms per decode step), so several tokens per call
    matter. The cache is donated from call to call, so it is updated in place.
 3. After each chunk the host receives the new tokens, checks stop strings (text only exists on the host), and
@@ -261,8 +261,44 @@ def _prefill_impl(graph, state, tokens, lengths, key, temperature, top_k, top_p,
     return first, cache
 
 
+EARLY_EXIT_ENV_VAR = "GPTOSS_DECODE_EARLY_EXIT"  # "1" / "0": force the decode loop's kind (A/B benches, tests)
+
+
+def decode_exits_early(state_leaves) -> bool:
+    """Whether a decode chunk runs as a ``lax.while_loop`` that stops once every row is finished (True) or as a loop
+    of exactly ``steps`` iterations (False), for a model whose parameters are ``state_leaves`` (jax arrays).
+
+    False on GPUs: XLA:GPU's while loop copies its predicate to the host after every iteration, a host-device sync
+    per decoded token that keeps the host from enqueuing step s + 1's ~1,200 kernels while the GPU runs step s (the
+    dispatch is then serial with the device); a loop whose trip count is known at compile time runs without it. The
+    price is at most ``steps − 1`` masked steps after the last row of a call finishes (rows that finished earlier
+    are masked in both kinds). CPU / TPU have no such sync and keep the early exit. ``GPTOSS_DECODE_EARLY_EXIT``
+    ("1" / "0") overrides (benches, tests); anything else raises ValueError."""
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(EARLY_EXIT_ENV_VAR) or "").strip()
+    if value:
+        if value not in ("0", "1"):
+            raise ValueError(f"{EARLY_EXIT_ENV_VAR}={value!r}: expected 0 or 1")
+        return value == "1"
+    for leaf in state_leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return next(iter(sharding.device_set)).platform != "gpu"
+    return True
+
+
+def decode_loop(cond, body, carry, *, steps: int, early_exit: bool):
+    """``lax.while_loop(cond, body, carry)`` (early exit) or ``steps`` iterations of ``body`` with a trip count XLA
+    knows at compile time (:func:`decode_exits_early` says why). ``cond`` must be ``carry[0] < steps`` and'ed with
+    the early-exit test, and ``body`` must mask finished rows, so both kinds give the same results."""
+    if early_exit:
+        return jax.lax.while_loop(cond, body, carry)
+    return jax.lax.fori_loop(0, steps, lambda _, c: body(c), carry)
+
+
 def _decode_impl(graph, state, cache, last_token, positions, finished, num_generated, step, max_new_tokens,
-                 stop_ids, key, temperature, top_k, top_p, *, steps, mode):
+                 stop_ids, key, temperature, top_k, top_p, *, steps, mode, early_exit=True):
     """Feeds each unfinished row's last token and samples up to `steps` more, stopping early once every row is
     finished. Returns the tokens [B, steps] (NO_TOKEN where nothing was emitted) and the updated loop state.
 
@@ -293,7 +329,7 @@ def _decode_impl(graph, state, cache, last_token, positions, finished, num_gener
         return i + 1, cache, token, pos, finished, n, step + 1, out
 
     carry = (jnp.int32(0), cache, last_token, positions, finished, num_generated, step, out)
-    _, cache, token, pos, finished, n, step, out = jax.lax.while_loop(cond, body, carry)
+    _, cache, token, pos, finished, n, step, out = decode_loop(cond, body, carry, steps=steps, early_exit=early_exit)
     return cache, out, token, pos, finished, n, step
 
 
@@ -318,7 +354,8 @@ def _logits_impl(graph, state, tokens, lengths):
 
 _prefill = jax.jit(_prefill_impl, static_argnums=0,
                    static_argnames=("cache_len", "cache_dtype", "cache_constraint", "mode", "prefill_chunk"))
-_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode"), donate_argnames=("cache",))
+_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode", "early_exit"),
+                  donate_argnames=("cache",))
 _score = jax.jit(_score_impl, static_argnums=0)
 _logits = jax.jit(_logits_impl, static_argnums=0)
 
@@ -339,6 +376,7 @@ class Generator:
         leaves, state_def = jax.tree_util.tree_flatten(self.state)
         self.state_leaves = leaves  # what the compiled functions receive (see StaticGraph)
         self.graph = static_graph(self.graphdef, state_def)  # the compiled functions' static argument
+        self.early_exit = decode_exits_early(leaves)  # the decode loop's kind (while vs fixed trip count)
         self.max_seq_len = int(max_seq_len)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if chunk_size < 1:
@@ -630,7 +668,7 @@ class GenerationStream:
             cache, out, last, positions, dev_finished, num_generated, step = _decode(
                 gen.graph, gen.state_leaves, cache, last, positions, np.asarray(finished + padding_done), num_generated, step,
                 max_new_tokens, stop_ids, key, temperature, top_k, top_p,
-                steps=self._chunk_size, mode=mode)
+                steps=self._chunk_size, mode=mode, early_exit=gen.early_exit)
             out, dev_finished, last, positions, num_generated, step = jax.device_get(
                 (out, dev_finished, last, positions, num_generated, step))
             elapsed = time.perf_counter() - t_chunk

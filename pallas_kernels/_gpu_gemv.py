@@ -185,6 +185,11 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     has_z = [w.zeros is not None for w in weights]
     exact = t.dequant == "exact"
     f32 = jnp.float32
+    n_full = all(n % bn == 0 for n in ns)  # no N tile runs past its weight: no column masks
+    g_full = groups % ng == 0  # no K step runs past K: no group masks
+
+    def _load(ref, mask):
+        return pltriton.load(ref) if mask is None else pltriton.load(ref, mask=mask, other=0)
 
     def kernel(*refs):
         wid_ref, xrow_ref, x_ref = refs[:3]
@@ -204,7 +209,7 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
             n = ns[i]
             n0 = local_nt * bn
             cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-            cmask = cols < n
+            cmask = None if n_full else cols < n
             dst = o_ref.at[sp, r, pl.ds((starts[i] + local_nt) * bn, bn)]
 
             @pl.when(wid < 0)
@@ -215,15 +220,21 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
             def _compute():
                 def body(st, acc):
                     g0 = st * ng
-                    gmask = (g0 + jax.lax.broadcasted_iota(jnp.int32, (ng,), 0)) < groups
-                    m2 = jnp.logical_and(gmask[:, None], cmask[None, :])
-                    m3 = jnp.broadcast_to(m2[:, None, :], (ng, gw, bn))
-                    words = pltriton.load(p_ref.at[wid, pl.ds(g0, ng), :, pl.ds(n0, bn)], mask=m3, other=0)
-                    s = pltriton.load(s_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0).astype(f32)
-                    z = None if z_ref is None else pltriton.load(
-                        z_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], mask=m2, other=0).astype(f32)
-                    xm = jnp.broadcast_to(gmask[:, None, None], (ng, gw, 1))
-                    xs = [pltriton.load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], mask=xm, other=0).astype(f32)
+                    # masks only where a tile can run past the data (statically known): each costs predicates on
+                    # every load, and this kernel is close to its instruction-issue limit
+                    gmask = None if g_full else (
+                        (g0 + jax.lax.broadcasted_iota(jnp.int32, (ng,), 0)) < groups)
+                    m2 = m3 = None
+                    if gmask is not None or cmask is not None:
+                        m2 = jnp.ones((ng, bn), bool)
+                        m2 = m2 if gmask is None else jnp.logical_and(m2, gmask[:, None])
+                        m2 = m2 if cmask is None else jnp.logical_and(m2, cmask[None, :])
+                        m3 = jnp.broadcast_to(m2[:, None, :], (ng, gw, bn))
+                    words = _load(p_ref.at[wid, pl.ds(g0, ng), :, pl.ds(n0, bn)], m3)
+                    s = _load(s_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], m2).astype(f32)
+                    z = None if z_ref is None else _load(z_ref.at[wid, pl.ds(g0, ng), pl.ds(n0, bn)], m2).astype(f32)
+                    xm = None if gmask is None else jnp.broadcast_to(gmask[:, None, None], (ng, gw, 1))
+                    xs = [_load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], xm).astype(f32)
                           for j in range(8)]  # plane j: K rows 8·(G·gw + r) + j, [ng, gw, 1] (stride-8 loads)
                     part = jnp.zeros((ng, gw, bn), f32)
                     if exact:

@@ -325,3 +325,57 @@ def test_text_streamer_matches_whole_text_decoding(tokenizer):
             assert streamed == final
             checked += 1
     assert checked > 100
+
+
+# ------------------------------------------------------------------------------------------- the decode loop's kind
+def test_decode_loop_kinds_run_early_exit_or_the_full_trip_count():
+    """decode_loop: the while kind stops at the first False cond, the fixed kind runs exactly `steps` bodies."""
+    import jax
+
+    from gptoss_jax.generate import decode_loop
+
+    def cond(c):
+        return (c[0] < 8) & (c[1] < 3)
+
+    def body(c):
+        return c[0] + 1, c[1] + 1
+
+    for early_exit, want in ((True, 3), (False, 8)):
+        i, n = jax.jit(lambda c, e=early_exit: decode_loop(cond, body, c, steps=8, early_exit=e))(
+            (jnp.int32(0), jnp.int32(0)))
+        assert int(i) == int(n) == want
+
+
+def test_decode_exits_early_follows_the_platform_and_the_env(monkeypatch):
+    import jax
+
+    from gptoss_jax.generate import EARLY_EXIT_ENV_VAR, decode_exits_early
+
+    leaves = [jnp.ones((2,))]
+    monkeypatch.delenv(EARLY_EXIT_ENV_VAR, raising=False)
+    assert decode_exits_early(leaves) is (jax.devices()[0].platform != "gpu")
+    monkeypatch.setenv(EARLY_EXIT_ENV_VAR, "0")
+    assert decode_exits_early(leaves) is False
+    monkeypatch.setenv(EARLY_EXIT_ENV_VAR, "1")
+    assert decode_exits_early(leaves) is True
+    monkeypatch.setenv(EARLY_EXIT_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=EARLY_EXIT_ENV_VAR):
+        decode_exits_early(leaves)
+
+
+def test_fixed_trip_count_decode_equals_early_exit(fp32_model, rng, monkeypatch):
+    """The GPU's loop kind (exactly chunk_size steps per call, finished rows masked) gives the same tokens, finish
+    reasons and sampled streams as the early-exit loop: greedy with a stop token mid-chunk, seeded top-p sampling, a
+    max_new_tokens that is not a multiple of the chunk size."""
+    prompts = random_prompts(rng, fp32_model.config.vocab_size, PROMPT_LENGTHS)
+    free = fp32_model.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=())
+    stop = free[1].tokens[5]
+    runs = [dict(max_new_tokens=NEW_TOKENS - 3, temperature=0.0, stop_token_ids=[stop]),
+            dict(max_new_tokens=21, temperature=0.8, top_p=0.9, seed=7, stop_token_ids=())]
+    assert fp32_model.generator.early_exit  # CPU
+    refs = [fp32_model.generate(prompts, **kw) for kw in runs]
+    monkeypatch.setattr(fp32_model.generator, "early_exit", False)
+    for kw, ref in zip(runs, refs):
+        got = fp32_model.generate(prompts, **kw)
+        assert [(r.tokens, r.finish_reason) for r in got] == [(r.tokens, r.finish_reason) for r in ref]
+    assert any(r.finish_reason == "stop_token" for r in refs[0])

@@ -61,6 +61,22 @@ def test_routed_kernel_matches_float64(g, sym, dtype, epilogue, dequant):
         assert max_rel_err(y, ref) <= 2 * max_rel_err(yx, ref) + 1e-3
 
 
+@pytest.mark.parametrize("bn,step_words", [(64, 16), (32, 8)])
+def test_routed_kernel_whole_tiles_without_masks_matches_float64(bn, step_words):
+    """N a multiple of bn and K a multiple of the K step: the kernel is traced without load / store masks."""
+    rng = np.random.default_rng(bn)
+    e, k, n, g = 3, 512, 128, 32
+    w = _int4(rng, (e,), k, n, g, False)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    ids = np.array([2, -1, 0, 1], np.int32)
+    rows = np.array([0, 0, 1, 1], np.int32)
+    y = routed_matmul(x, w, jnp.asarray(ids), rows=jnp.asarray(rows), epilogue="swiglu", swiglu_alpha=ALPHA,
+                      swiglu_limit=LIMIT, implementation="gpu", interpret=True,
+                      tiling=_gpu_gemv.GemvTiling(bn=bn, step_words=step_words))
+    ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids, rows, None, "swiglu", ALPHA, LIMIT)
+    assert max_rel_err(y, ref) <= 1e-5 and np.all(np.asarray(y[1]) == 0)
+
+
 def test_routed_kernel_reads_stacked_layers_in_place():
     rng = np.random.default_rng(1)
     layers, e, k, n = 3, 4, 256, 64
@@ -148,9 +164,10 @@ def test_auto_limits_env_override(monkeypatch):
     assert _gpu_gemv.auto_limits() == (_gpu_gemv.AUTO_MAX_ROWS, _gpu_gemv.AUTO_MAX_DENSE_ROWS)
 
 
-def test_routed_kernel_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("k,n", [(512, 256), (480, 96)])  # whole tiles (no masks), partial N and K tiles
+def test_routed_kernel_lowers_to_triton_for_cuda(k, n):
     """The compiled (non-interpreted) kernel lowers from this CPU host for cuda: one Triton call."""
-    e, k, n, g = 4, 512, 256, 32
+    e, g = 4, 32
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
 
     def f(x, p, s, z, ids):

@@ -431,6 +431,27 @@ def test_scheduler_mixed_batch_equals_generate_alone(model):
         engine.shutdown()
 
 
+def test_scheduler_with_the_gpus_fixed_trip_count_loop_equals_generate_alone(model, monkeypatch):
+    """The decode loop GPUs run (exactly chunk_size steps per call, no early exit: generate.decode_exits_early):
+    rows that finish mid-chunk, greedy and seeded sampling, each equal to its prompt run alone through generate's
+    early-exit loop."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(9, model.tokenizer.vocab_size, size=n).tolist() for n in (5, 11, 8)]
+    kws = [dict(temperature=0.0, max_new_tokens=3), dict(temperature=0.9, top_p=0.9, seed=2, max_new_tokens=9),
+           dict(temperature=0.0, max_new_tokens=6)]
+    refs = [model.generate(p, **kw).tokens for p, kw in zip(prompts, kws)]
+    monkeypatch.setattr(model.generator, "early_exit", False)
+    engine = Engine(model, max_batch=4, chunk_size=4).start()
+    try:
+        jobs = [_collect(engine, prompt=p, **kw) for p, kw in zip(prompts, kws)]
+        for ref, (_, events, done) in zip(refs, jobs):
+            assert done.wait(300)
+            streamed = [t for e in events if isinstance(e, Delta) for t in e.tokens]
+            assert events[-1].tokens == streamed == ref
+    finally:
+        engine.shutdown()
+
+
 def test_scheduler_cancel_timeout_queue_shutdown(model):
     engine = Engine(model, max_batch=1, max_queue=1, chunk_size=2).start()
     try:

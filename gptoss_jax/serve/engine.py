@@ -10,8 +10,8 @@ prefill / decode):
   *prefill* — the rows still reading their prompts are gathered out of the cache, advanced by one chunk of at most
   ``prefill_chunk`` tokens (a request whose prompt is longer is prefilled over several iterations, with decode chunks
   of the other rows in between), scattered back; a row whose prompt is complete samples its first token;
-  *decode* — the occupied slots decode up to ``chunk_size`` tokens in one ``lax.while_loop`` (as in
-  :mod:`gptoss_jax.generate`); rows that are empty or finished are masked (length 0: no cache write). When fewer
+  *decode* — the occupied slots decode up to ``chunk_size`` tokens in one device loop (as in
+  :mod:`gptoss_jax.generate`: a fixed trip count on GPUs, whose while loops sync with the host every step); rows that are empty or finished are masked (length 0: no cache write). When fewer
   than half the slots are busy, only the live rows are gathered into a batch bucket (a power of two) and scattered
   back, so a light load runs a small step instead of a ``max_batch`` one.
   Prefill of newcomers can be bounded (``prefill_budget`` prompt tokens per iteration) while other rows decode.
@@ -49,7 +49,7 @@ import numpy as np
 
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.generate import (DEFAULT_PREFILL_CHUNK, MAX_STOP_TOKEN_IDS, NO_TOKEN, TRACE_COUNTS, GenerationError,
-                                 SamplingParams, TextStreamer, batch_bucket, length_bucket)
+                                 SamplingParams, TextStreamer, batch_bucket, decode_loop, length_bucket)
 from gptoss_jax.kv_cache import init_cache
 from gptoss_jax.sampling import _sample as _sample_rows
 from gptoss_jax.sampling import greedy
@@ -222,7 +222,7 @@ def _pin(cache, carry, placement):
 
 
 def _decode_step_impl(graph, state, cache, last_token, positions, finished, num_generated, max_new_tokens, stop_ids,
-                      keys, temperature, top_k, top_p, *, steps: int, mode, top: int):
+                      keys, temperature, top_k, top_p, *, steps: int, mode, top: int, early_exit: bool = True):
     """Up to `steps` decode steps for every row of `cache` (finished rows masked). Per row: max_new_tokens [B], stop
     ids [B, K] (-1 padded), key data [B, 2]; step s of a row samples with fold_in(key, s) (s = tokens so far).
     Returns the cache, tokens [B, steps] (NO_TOKEN where none), logprobs (or None) and the loop state (last token,
@@ -258,12 +258,13 @@ def _decode_step_impl(graph, state, cache, last_token, positions, finished, num_
         return i + 1, cache, token, pos, finished, n, out, lp_out
 
     carry = (jnp.int32(0), cache, last_token, positions, finished, num_generated, out, lp_out)
-    _, cache, token, pos, finished, n, out, lp_out = jax.lax.while_loop(cond, body, carry)
+    _, cache, token, pos, finished, n, out, lp_out = decode_loop(cond, body, carry, steps=steps,
+                                                                 early_exit=early_exit)
     return cache, out, lp_out, (token, pos, finished, n)
 
 
 def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int, mode, top: int, compact: bool,
-                 placement=(None, None)):
+                 placement=(None, None), early_exit: bool = True):
     """One decode chunk whose inputs stay on the device: ``carry`` = (last token, position, finished, tokens so far),
     each [max_batch] in *slot space* (row i = slot i), is what the previous prefill / decode call returned, so call
     k + 1 can be dispatched before the host has read call k's tokens. ``params`` = (max_new_tokens, stop ids, key
@@ -277,13 +278,14 @@ def _decode_impl(graph, state, cache, carry, params, live, slots, *, steps: int,
     finished = finished | ~live
     if not compact:
         cache, out, lp, carry = _decode_step_impl(graph, state, cache, token, pos, finished, n, *params, steps=steps,
-                                                  mode=mode, top=top)
+                                                  mode=mode, top=top, early_exit=early_exit)
         cache, carry = _pin(cache, carry, placement)
         return cache, out, lp, carry
     take = functools.partial(jnp.take, indices=slots, axis=0, mode="clip")
     rows_in = (take(token), take(pos), jnp.take(finished, slots, mode="fill", fill_value=True), take(n))
     rows, out, lp, rows_out = _decode_step_impl(graph, state, _gather_rows(cache, slots), *rows_in,
-                                                *(take(p) for p in params), steps=steps, mode=mode, top=top)
+                                                *(take(p) for p in params), steps=steps, mode=mode, top=top,
+                                                early_exit=early_exit)
     cache = _scatter_rows(cache, slots, rows)
     carry = tuple(a.at[slots].set(r, mode="drop") for a, r in zip((token, pos, finished, n), rows_out))
     cache, carry = _pin(cache, carry, placement)
@@ -298,7 +300,8 @@ def _initial_carry(batch: int):
 
 _prefill_step = jax.jit(_prefill_step_impl, static_argnums=0, static_argnames=("first", "mode", "top", "placement"),
                         donate_argnames=("cache",))
-_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode", "top", "compact", "placement"),
+_decode = jax.jit(_decode_impl, static_argnums=0,
+                  static_argnames=("steps", "mode", "top", "compact", "placement", "early_exit"),
                   donate_argnames=("cache",))
 
 
@@ -638,7 +641,7 @@ class Engine:
             cache, _, _, carry = _decode(self.gen.graph, self.gen.state_leaves, cache, carry, self._params, live,
                                          np.full((rows,), b, np.int32), steps=self.chunk_size,
                                          mode=(True, False, False), top=0, compact=rows < b,
-                                         placement=self._placement)
+                                         placement=self._placement, early_exit=self.gen.early_exit)
             if rows >= b:
                 break
             rows = batch_bucket(rows * 2, self.gen.batch_multiple)
@@ -723,7 +726,7 @@ class Engine:
         self._cache, out, lp, self._carry = _decode(
             self.gen.graph, self.gen.state_leaves, self._cache, self._carry, self._params, mask, slot_ids,
             steps=self.chunk_size, mode=self._mode(live), top=self._top(live), compact=compact,
-            placement=self._placement)
+            placement=self._placement, early_exit=self.gen.early_exit)
         self._dispatch(_Call("decode", [(r, i, self._slots[i]) for r, i in enumerate(rows) if mask[i]], (out, lp)))
         return True
 
