@@ -6,6 +6,9 @@
 #      with every command-buffer kind XLA has (WHILE included); per-kernel tables as JSON, and the fixed run's
 #      optimized decode HLO, gzipped (the names of the small kernels that remain)
 #   C  bench/bench_compile.py: compile seconds cold and in a second process with the persistent cache
+#   R  bench/bench_router.py: the decode router kernels vs float64 (compiled) and vs the XLA op (timing)
+#   T  the batch-1 decode profile (as P, fixed loop) under GPTOSS_GEMV_TILING candidates per role ($TILINGS: lines
+#      "name=json"), to pick the row-wise kernel's per-role defaults from in-model kernel times
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,6 +39,17 @@ for s in ${STAGES:-W P C}; do
        first=$(ls "$OUT"/hlo/*decode*after_optimizations.txt 2>/dev/null | head -1)
        [ -n "$first" ] && gzip -c "$first" > "$OUT/decode_hlo_after_optimizations.txt.gz"
        rm -rf "$OUT/hlo" ;;
+    R) timeout "${BENCH_R_TIMEOUT:-90}" "$PY" bench/bench_router.py > "$OUT/router.log" 2>&1
+       tail -8 "$OUT/router.log" | cut -c1-300 ;;
+    T) while IFS= read -r line; do
+         [ -z "$line" ] && continue
+         name=${line%%=*}; tiling=${line#*=}
+         echo "--- $name $tiling"
+         GPTOSS_GEMV_TILING="$tiling" PROFILE_TAG="tiling_$name" timeout "${BENCH_P_TIMEOUT:-100}" "$PY" \
+           bench/bench_decode_profile.py --top 8 > "$OUT/tiling_$name.log" 2>&1
+         head -2 "$OUT/tiling_$name.log" | cut -c1-200
+         grep -E "rowwise|router" "$OUT/tiling_$name.log" | cut -c1-120
+       done <<< "${TILINGS:-default=}" ;;
     C) timeout "${BENCH_C_TIMEOUT:-170}" "$PY" bench/bench_compile.py > "$OUT/compile.log" 2>&1
        tail -3 "$OUT/compile.log" | cut -c1-900 ;;
     *) echo "unknown stage $s" >&2 ;;

@@ -33,6 +33,7 @@ from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_expert
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from gptoss_jax.kernels.attention import attention as pallas_attention
+from gptoss_jax.kernels import router_top_k
 
 
 class RMSNorm(nnx.Module):
@@ -124,17 +125,12 @@ class Router(nnx.Module):
         self.weight = layers.param(spec["weight"], rngs)  # [H, E], always 16/32-bit
         self.bias = layers.param(spec["bias"], rngs)
 
-    def __call__(self, x):
-        w = self.weight[...]
-        if x.dtype == w.dtype == jnp.bfloat16:
-            # bf16 x bf16 products are exact in float32, so this equals the f32 HIGHEST dot up to summation order;
-            # on the GPU it is a GEMM fusion instead of a slow f32 reduce at decode (BENCHMARKS.md)
-            logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        logits = logits + self.bias[...].astype(jnp.float32)
-        top_logits, experts = jax.lax.top_k(logits, self.top_k)
-        return experts, jax.nn.softmax(top_logits, axis=-1)
+    def __call__(self, x, layer=None):
+        """x [N, H] → (expert ids int32 [N, k], weights float32 [N, k]). layer: None, or this layer's index when
+        the router's arrays arrive stacked over all layers (read in place). The op picks XLA (a dot with float32
+        accumulation, lax.top_k, softmax) or, on cuda at decode sizes, two Pallas kernels (gptoss_jax.kernels
+        router_top_k)."""
+        return router_top_k(x, self.weight[...], self.bias[...], self.top_k, layer=layer)
 
 
 class Experts(nnx.Module):
@@ -190,7 +186,7 @@ class MoE(nnx.Module):
     def __call__(self, x, layer=None):
         """layer: None, or this layer's index when the expert arrays arrive stacked over all layers."""
         b, t, h = x.shape
-        experts, weights = self.router(x.reshape(b * t, h))  # [N, k] each
+        experts, weights = self.router(x.reshape(b * t, h), layer)  # [N, k] each
         if self.parallel is not None:  # experts split over a mesh: tokens go to them (gptoss_jax.moe_parallel)
             k = experts.shape[-1]
             return moe_forward(self.experts, x, experts.reshape(b, t, k), weights.reshape(b, t, k), self.parallel,
@@ -271,7 +267,8 @@ class GptOss(nnx.Module):
         The matmul weights (attention projections, experts) stay whole, stacked over layers, and each layer's
         matmuls read their slice in place from its index (the kernels offset their weight ids): slicing them as
         scan inputs would copy every layer's weights on every step, since a Pallas kernel cannot read a dynamic
-        slice of its operand in place. The small parameters (norms, sinks, router) are sliced per layer."""
+        slice of its operand in place (the router too: its decode kernels on cuda). The small parameters (norms,
+        sinks) are sliced per layer."""
         c = self.config
         p = layer_period(c)
         blocks = c.num_hidden_layers // p
@@ -298,7 +295,7 @@ class GptOss(nnx.Module):
         return x, new_cache
 
 
-_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")
+_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "router")
 
 
 def _read_in_place(path, value) -> bool:

@@ -93,22 +93,38 @@ class GemvTiling:
         return _common.coerce_tiling(cls, tiling, "gemv")
 
 
-TILING_ENV_VAR = "GPTOSS_GEMV_TILING"  # JSON object of GemvTiling fields: the default tiling (tuning runs)
+TILING_ENV_VAR = "GPTOSS_GEMV_TILING"  # JSON: GemvTiling fields for every role, or {role: fields} (tuning runs)
+ROLES = ("gate_up", "down", "qkv", "o")  # the decode matmuls this kernel runs (default tiling per role)
+# Per-role defaults: chosen on an H200 from the decode profile of the 120b model (bench/run_probe.sh, stage T;
+# docs/BENCHMARKS.md); an empty entry is GemvTiling().
+ROLE_TILINGS: dict = {"gate_up": {}, "down": {}, "qkv": {}, "o": {}}
 
 
-def default_tiling() -> GemvTiling:
-    """GemvTiling() with the fields of ``GPTOSS_GEMV_TILING`` (a JSON object, read at trace time) applied."""
+def default_tiling(role: str | None = None) -> GemvTiling:
+    """The tiling a call of ``role`` (one of ROLES; None: the plain GemvTiling()) runs with: ROLE_TILINGS[role],
+    overridden by ``GPTOSS_GEMV_TILING`` (read at trace time): a JSON object of GemvTiling fields (every role) or
+    of {role: fields}. Raises ValueError for a malformed value."""
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
 
+    fields = dict(ROLE_TILINGS.get(role, {})) if role else {}
     value = (os.environ.get(TILING_ENV_VAR) or "").strip()
-    if not value:
-        return GemvTiling()
-    try:
-        fields = json.loads(value)
-        return GemvTiling.coerce(fields)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{TILING_ENV_VAR}={value!r}: expected a JSON object of GemvTiling fields ({e})") from None
+    if value:
+        try:
+            given = json.loads(value)
+            if not isinstance(given, dict):
+                raise TypeError("not an object")
+            if any(k in ROLES for k in given):
+                bad = [k for k in given if k not in ROLES]
+                if bad:
+                    raise TypeError(f"unknown roles {bad} (roles: {list(ROLES)})")
+                given = given.get(role, {}) if role else {}
+            fields.update(given)
+            return GemvTiling.coerce(fields)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{TILING_ENV_VAR}={value!r}: expected a JSON object of GemvTiling fields, or of "
+                             f"{{role: fields}} ({e})") from None
+    return GemvTiling.coerce(fields) if fields else GemvTiling()
 
 
 def _pow2(v) -> bool:
@@ -155,7 +171,7 @@ def _splits(t: GemvTiling, rows: int, tiles_n: int, steps: int, interpret: bool)
 
 
 def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
-                     tiling=None, interpret=False):
+                     tiling=None, role=None, interpret=False):
     """Row ``r`` of each output = ``x[xrows[r]] @ W_i[wids[r]] + bias_i[wids[r]]`` (zeros where ``wids[r] < 0``).
 
     x [M, K] (any float dtype; products and sums in float32); weights: Int4Tensor s with leading weight axis
@@ -167,10 +183,10 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     m, k = x.shape
     r_rows = int(wids.shape[0])
     g = weights[0].group_size
-    reason = why_not(k, [w.group_size for w in weights], tiling)
+    t = default_tiling(role) if tiling is None else GemvTiling.coerce(tiling)
+    reason = why_not(k, [w.group_size for w in weights], t)
     if reason is not None:
         raise ValueError(reason)
-    t = default_tiling() if tiling is None else GemvTiling.coerce(tiling)
     bn = t.bn
     gw = g // 8
     groups = k // g
@@ -327,7 +343,8 @@ def routed_int4_gpu(x, w, expert_ids, rows, bias=None, *, out_dtype, epilogue=No
 
     wf = Int4Tensor(_flat(w.packed, stacked), _flat(w.scales, stacked), _flat(w.zeros, stacked), w.group_size)
     return rowwise_int4_gpu(x, [wf], wids, rows, [_flat(bias, stacked)], out_dtype=out_dtype, epilogue=epilogue,
-                            alpha=alpha, limit=limit, tiling=tiling, interpret=interpret)[0]
+                            alpha=alpha, limit=limit, tiling=tiling,
+                            role="gate_up" if epilogue == "swiglu" else "down", interpret=interpret)[0]
 
 
 def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None, interpret=False):
@@ -347,4 +364,4 @@ def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None,
     wid = jnp.asarray(0 if layer is None else layer, jnp.int32)
     wids = jnp.full((m,), wid, jnp.int32)
     return rowwise_int4_gpu(x, ws, wids, jnp.arange(m, dtype=jnp.int32), bs, out_dtype=out_dtype, tiling=tiling,
-                            interpret=interpret)
+                            role="qkv" if len(ws) > 1 else "o", interpret=interpret)

@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _gpu_dense, _gpu_gemv, registry
+from . import _gpu_dense, _gpu_gemv, _gpu_router, registry
 from .int4_layout import Int4Tensor, validate
 from .registry import MatmulCall, UnsupportedCallError
 from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
@@ -42,7 +42,8 @@ IMPLEMENTATIONS = tuple(registry.REGISTRY)
 ENV_VAR = "GPTOSS_KERNELS"
 
 __all__ = ["IMPLEMENTATIONS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "UnsupportedCallError", "clamped_swiglu",
-           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "routed_matmul"]
+           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "routed_matmul",
+           "router_top_k"]
 
 
 def _env_override() -> str | None:
@@ -363,3 +364,71 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
     if reason is not None or r > _gpu_gemv.auto_limits()[0]:
         return sorted_path(None)(x)
     return jax.lax.platform_dependent(x, default=sorted_path(None), cuda=kernel(False))
+
+
+def _router_xla(x, w, bias, k: int):
+    """The base op: XLA dot (bf16 x bf16 with float32 accumulation — the products are exact in float32 — else a
+    float32 HIGHEST dot), bias in float32, ``lax.top_k``, softmax over the k logits."""
+    if x.dtype == w.dtype == jnp.bfloat16:
+        logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    top, ids = jax.lax.top_k(logits + bias.astype(jnp.float32), k)
+    return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+
+
+def router_top_k(x, w, bias, k: int, *, layer=None, implementation: str | None = None, tiling: Any = None,
+                 interpret: Any = None):
+    """The MoE router: logits = x W + b (float32), the k largest per token, softmax over those k logits
+    (transformers' ``GptOssTopKRouter``; float64 reference ``reference.router_top_k_f64``).
+
+    Args:
+      x: [N, H] activations. w: [H, E] float router weight ([L, H, E] with ``layer``); bias: [E] ([L, E]).
+      k: experts per token (static). layer: None, or an int32 scalar: w / bias are stacked over layers and this
+        layer is read in place.
+      implementation: None (auto: on cuda, for at most ``_gpu_router.AUTO_MAX_TOKENS`` tokens, the two Pallas
+        kernels of ``_gpu_router`` — logits as a split-K GEMV, then top-k + softmax — else the XLA base op), "xla",
+        "gpu" (the kernels; interpreted off cuda unless ``interpret`` says otherwise) or "tpu" (= "xla": TPU runs
+        the XLA op). ``GPTOSS_KERNELS`` acts as ``implementation`` when None.
+      tiling: ``_gpu_router.RouterTiling`` (or a dict of its fields) for "gpu".
+
+    Returns:
+      (ids int32 [N, k]: descending logits, ties to the lower expert id; weights float32 [N, k], rows sum to 1).
+
+    Raises:
+      ValueError: bad shapes; UnsupportedCallError: "gpu" cannot run the call.
+    """
+    wv = w if layer is None else _layer_view(w)
+    bv = bias if layer is None else _layer_view(bias)
+    if x.ndim != 2 or wv.ndim != 2 or x.shape[1] != wv.shape[0] or bv.shape != (wv.shape[1],):
+        raise ValueError(f"router_top_k: expected x [N, H], w [H, E], bias [E] (stacked [L, ...] with layer), got "
+                         f"x {tuple(x.shape)}, w {tuple(w.shape)}, bias {tuple(bias.shape)}")
+    h, e = wv.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"router_top_k: k={k} must be in [1, {e}]")
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        registry.get(name)
+
+    def base(x_):
+        if layer is None:
+            return _router_xla(x_, w, bias, k)
+        return _router_xla(x_, w[layer], bias[layer], k)
+
+    def kernel(interp):
+        def fn(x_):
+            return _gpu_router.router_top_k_gpu(x_, w, bias, k, layer=layer, tiling=tiling, interpret=interp)
+        return fn
+
+    reason = _gpu_router.why_not(h, e, k, tiling)
+    if name == "gpu":
+        if reason is not None:
+            raise UnsupportedCallError(f"implementation='gpu' does not support router_top_k x {tuple(x.shape)}, "
+                                       f"w {tuple(wv.shape)}, k={k}: {reason}")
+        if interpret is not None:
+            return kernel(bool(interpret))(x)
+        return jax.lax.platform_dependent(x, default=kernel(True), cuda=kernel(False))
+    if name is not None or reason is not None or x.shape[0] > _gpu_router.AUTO_MAX_TOKENS:
+        return base(x)
+    return jax.lax.platform_dependent(x, default=base, cuda=kernel(False))
+

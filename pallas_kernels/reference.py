@@ -67,6 +67,18 @@ def routed_matmul_f64(x, weights, expert_ids, rows=None, bias=None, epilogue: st
         y = np.where(live[:, None], swiglu_f64(y, alpha, limit), 0.0)
     return y
 
+def router_top_k_f64(x, w, bias, k: int):
+    """gpt-oss's router in float64 (transformers' GptOssTopKRouter): logits = x W + b [N, E]; the k largest per
+    row (descending, ties to the lower expert id, as lax.top_k); softmax over those k logits.
+
+    Returns (ids int [N, k], weights float64 [N, k], logits float64 [N, E])."""
+    logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
+    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(logits, ids, axis=-1)
+    ex = np.exp(top - top[:, :1])
+    return ids, ex / ex.sum(-1, keepdims=True), logits
+
+
 def max_rel_err(y, ref) -> float:
     """max |y - ref| / max |ref| in float64; non-finite y never passes (inf)."""
     y = np.asarray(np.asarray(y).astype(np.float32), np.float64)

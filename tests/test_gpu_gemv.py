@@ -154,6 +154,23 @@ def test_default_tiling_env_override(monkeypatch):
     assert "dequant" in _gpu_gemv.why_not(256, [32])
 
 
+def test_default_tiling_per_role(monkeypatch):
+    """Each decode matmul (gate_up, down, qkv, o) has its own default; the env var sets all roles or some."""
+    monkeypatch.delenv(_gpu_gemv.TILING_ENV_VAR, raising=False)
+    monkeypatch.setattr(_gpu_gemv, "ROLE_TILINGS", {**_gpu_gemv.ROLE_TILINGS, "down": {"bn": 64, "splits": 2}})
+    assert _gpu_gemv.default_tiling("down") == _gpu_gemv.GemvTiling(bn=64, splits=2)
+    assert _gpu_gemv.default_tiling() == _gpu_gemv.GemvTiling()
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"o": {"num_warps": 2}, "down": {"bn": 32}}')
+    assert _gpu_gemv.default_tiling("o").num_warps == 2
+    assert _gpu_gemv.default_tiling("down") == _gpu_gemv.GemvTiling(bn=32, splits=2)  # env over the role default
+    assert _gpu_gemv.default_tiling("qkv") == _gpu_gemv.GemvTiling.coerce(_gpu_gemv.ROLE_TILINGS["qkv"])
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"num_warps": 8}')
+    assert all(_gpu_gemv.default_tiling(r).num_warps == 8 for r in _gpu_gemv.ROLES)
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"o": {}, "lm_head": {"bn": 64}}')
+    with pytest.raises(ValueError, match="lm_head"):
+        _gpu_gemv.default_tiling("o")
+
+
 def test_auto_limits_env_override(monkeypatch):
     monkeypatch.setenv(_gpu_gemv.ENV_VAR, "0,0")
     assert _gpu_gemv.auto_limits() == (0, 0)

@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
         text = exp.mlir_module()
         out[name] = {"mosaic": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
                      "scan_or_while": text.count("stablehlo.while"), "rowwise": text.count("int4_rowwise_gemv"),
-                     "sort": text.count("stablehlo.sort")}
+                     "sort": text.count("stablehlo.sort"), "router": text.count("router_logits")}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -95,8 +95,8 @@ def test_export_int4_model_for_cuda(mesh):
         assert r[fn]["mosaic"] == 0, r
     # decode (2 rows): the dense int4 projections are kernels too — q/k/v fused (one device) or per shard, and o
     assert r["decode"]["triton"] >= 4 * p, r
-    # decode (2 tokens x top-4 = 8 rows): the MoE runs straight from the router's ids (the row-wise kernel, gate_up
-    # and down) without sorting the assignments (the sorts left are the router's top-k); prefill (32 tokens) keeps
-    # the sorted grouped kernel
-    assert r["decode"]["rowwise"] >= 2 * p and r["decode"]["sort"] < r["prefill"]["sort"], r
-    assert r["prefill"]["rowwise"] == 0, r
+    # decode (2 tokens x top-4 = 8 rows): the router's top-k is a kernel (router_top_k) and the MoE runs straight
+    # from its ids (the row-wise kernel, gate_up and down): no sort at all; prefill (32 tokens) keeps lax.top_k
+    # and the sorted grouped kernel
+    assert r["decode"]["rowwise"] >= 2 * p and r["decode"]["router"] >= p and r["decode"]["sort"] == 0, r
+    assert r["prefill"]["rowwise"] == 0 and r["prefill"]["router"] == 0 and r["prefill"]["sort"] > 0, r
