@@ -8,7 +8,8 @@
 #   C  bench/bench_compile.py: compile seconds cold and in a second process with the persistent cache
 #   R  bench/bench_router.py: the decode router kernels vs float64 (compiled) and vs the XLA op (timing)
 #   T  the batch-1 decode profile (as P, fixed loop) under GPTOSS_GEMV_TILING candidates per role ($TILINGS: lines
-#      "name=json"), to pick the row-wise kernel's per-role defaults from in-model kernel times
+#      "name=gemv json[;router json]", the second part GPTOSS_ROUTER_TILING), to pick the row-wise kernel's per-role
+#      defaults (and the router's) from in-model kernel times
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -43,9 +44,10 @@ for s in ${STAGES:-W P C}; do
        tail -8 "$OUT/router.log" | cut -c1-300 ;;
     T) while IFS= read -r line; do
          [ -z "$line" ] && continue
-         name=${line%%=*}; tiling=${line#*=}
-         echo "--- $name $tiling"
-         GPTOSS_GEMV_TILING="$tiling" PROFILE_TAG="tiling_$name" timeout "${BENCH_P_TIMEOUT:-100}" "$PY" \
+         name=${line%%=*}; tiling=${line#*=}; router=""
+         case $tiling in *";"*) router=${tiling#*;}; tiling=${tiling%%;*} ;; esac
+         echo "--- $name $tiling $router"
+         GPTOSS_GEMV_TILING="$tiling" GPTOSS_ROUTER_TILING="$router" PROFILE_TAG="tiling_$name" timeout "${BENCH_P_TIMEOUT:-100}" "$PY" \
            bench/bench_decode_profile.py --top 8 > "$OUT/tiling_$name.log" 2>&1
          head -2 "$OUT/tiling_$name.log" | cut -c1-200
          grep -E "rowwise|router" "$OUT/tiling_$name.log" | cut -c1-120

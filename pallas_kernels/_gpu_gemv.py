@@ -95,9 +95,11 @@ class GemvTiling:
 
 TILING_ENV_VAR = "GPTOSS_GEMV_TILING"  # JSON: GemvTiling fields for every role, or {role: fields} (tuning runs)
 ROLES = ("gate_up", "down", "qkv", "o")  # the decode matmuls this kernel runs (default tiling per role)
-# Per-role defaults: chosen on an H200 from the decode profile of the 120b model (bench/run_probe.sh, stage T;
-# docs/BENCHMARKS.md); an empty entry is GemvTiling().
-ROLE_TILINGS: dict = {"gate_up": {}, "down": {}, "qkv": {}, "o": {}}
+# Per-role defaults, chosen on an H200 from the kernel times in the batch-1 decode profile of the 120b model
+# (bench/run_probe.sh stage T, docs/BENCHMARKS.md): q+k+v (M = 1, 8 MB) gains from 4x more, narrower programs
+# (535 -> 301 us per step), o from 8 warps (245 -> 230); gate_up and down were slower with every candidate tried.
+# An empty entry is GemvTiling().
+ROLE_TILINGS: dict = {"gate_up": {}, "down": {}, "qkv": {"bn": 32, "num_warps": 2}, "o": {"num_warps": 8}}
 
 
 def default_tiling(role: str | None = None) -> GemvTiling:

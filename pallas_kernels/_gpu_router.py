@@ -36,14 +36,33 @@ MAX_EXPERTS = 1024  # one row of logits lives in one program's registers
 
 @dataclasses.dataclass(frozen=True)
 class RouterTiling:
-    """kc: K rows per program of the logits GEMV (power of two; H / kc programs per token). num_warps: Triton."""
+    """kc: K rows per program of the logits GEMV (power of two; H / kc programs per token). num_warps: Triton
+    warps of the logits program; top_k_warps: of the top-k program (it reads the [H / kc, E] float32 partials)."""
 
     kc: int = 32
     num_warps: int = 4
+    top_k_warps: int = 4
 
     @classmethod
     def coerce(cls, tiling) -> "RouterTiling":
         return _common.coerce_tiling(cls, tiling, "router")
+
+
+TILING_ENV_VAR = "GPTOSS_ROUTER_TILING"  # JSON object of RouterTiling fields (tuning runs), read at trace time
+
+
+def default_tiling() -> RouterTiling:
+    """RouterTiling() with the fields of ``GPTOSS_ROUTER_TILING`` applied; ValueError for a malformed value."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(TILING_ENV_VAR) or "").strip()
+    if not value:
+        return RouterTiling()
+    try:
+        return RouterTiling.coerce(json.loads(value))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{TILING_ENV_VAR}={value!r}: expected a JSON object of RouterTiling fields ({e})") from None
 
 
 def _pow2_at_least(v: int) -> int:
@@ -58,7 +77,7 @@ def why_not(h: int, e: int, k: int, tiling=None) -> str | None:
         return f"top-k {k} must be in [1, {e}]"
     if e > MAX_EXPERTS:
         return f"{e} experts: at most {MAX_EXPERTS}"
-    t = RouterTiling() if tiling is None else RouterTiling.coerce(tiling)
+    t = default_tiling() if tiling is None else RouterTiling.coerce(tiling)
     if t.kc < 1 or t.kc & (t.kc - 1):
         return f"kc={t.kc} must be a power of two"
     return None
@@ -73,7 +92,7 @@ def router_top_k_gpu(x, w, bias, k: int, *, layer=None, tiling=None, interpret: 
     stacked = layer is not None
     n, h = x.shape
     e = int(w.shape[-1])
-    t = RouterTiling() if tiling is None else RouterTiling.coerce(tiling)
+    t = default_tiling() if tiling is None else RouterTiling.coerce(tiling)
     reason = why_not(h, e, k, t)
     if reason is not None:
         raise ValueError(reason)
@@ -145,7 +164,8 @@ def router_top_k_gpu(x, w, bias, k: int, *, layer=None, tiling=None, interpret: 
         pltriton.store(ids_ref.at[r, pl.ds(0, kp)], ids, mask=kmask)
         pltriton.store(wt_ref.at[r, pl.ds(0, kp)], wts, mask=kmask)
 
-    kwargs = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
+    kwargs = {} if interpret else {"compiler_params": pltriton.CompilerParams(num_warps=t.top_k_warps,
+                                                                              num_stages=1)}
     ids, wts = pl.pallas_call(
         top_k_kernel,
         out_shape=(jax.ShapeDtypeStruct((n, kp), jnp.int32), jax.ShapeDtypeStruct((n, kp), f32)),

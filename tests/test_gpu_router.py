@@ -117,3 +117,12 @@ def test_router_kernels_lower_to_triton_for_cuda_and_xla_elsewhere():
     assert cuda.count("__gpu$xla.gpu.triton") == 2 and "sort" not in cuda
     assert "__gpu$xla.gpu.triton" not in lower(1, "cpu")
     assert "__gpu$xla.gpu.triton" not in lower(_gpu_router.AUTO_MAX_TOKENS + 1, "cuda")
+
+
+def test_router_tiling_env_override(monkeypatch):
+    monkeypatch.setenv(_gpu_router.TILING_ENV_VAR, '{"kc": 64, "top_k_warps": 8}')
+    assert _gpu_router.default_tiling() == _gpu_router.RouterTiling(kc=64, top_k_warps=8)
+    for bad in ("{kc: 64}", '{"bn": 16}', "[1]"):
+        monkeypatch.setenv(_gpu_router.TILING_ENV_VAR, bad)
+        with pytest.raises(ValueError, match=_gpu_router.TILING_ENV_VAR):
+            _gpu_router.default_tiling()
