@@ -1,5 +1,5 @@
-"""The decode router kernels (``_gpu_router``: logits GEMV + top-k/softmax) vs the XLA op they replace, gpt-oss-120b
-shape (H 2880, E 128, top-4), bf16, on one GPU:
+"""The decode router kernels (``_gpu_router``: logits GEMV + top-k/softmax) and the decode RMSNorm kernel
+(``_gpu_norm``) vs the XLA ops they replace, gpt-oss-120b shape (H 2880, E 128, top-4), bf16, on one GPU:
 
     python3 bench/bench_router.py        # lines on stdout, $OUT/router.json
 
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gptoss_jax.kernels import router_top_k  # noqa: E402
+from gptoss_jax.kernels import rms_norm, router_top_k  # noqa: E402
 from gptoss_jax.kernels.reference import router_top_k_f64  # noqa: E402
 
 H, E, K, NL = 2880, 128, 4, 8
@@ -35,6 +35,7 @@ def main():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((NL, H, E)) * 0.02, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((NL, E)) * 0.1, jnp.bfloat16)
+    b_norm = jnp.asarray(rng.standard_normal((NL, H)), jnp.bfloat16)
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": []}
     for n in (1, 4, 16):
         x = jnp.asarray(rng.standard_normal((n, H)), jnp.bfloat16)
@@ -51,6 +52,16 @@ def main():
         res["checks"].append({"tokens": n, "ok": ok, "clear_rows": int(clear.sum())})
         print(f"CHECK router tokens={n}: {'OK' if ok else 'FAIL'} ({int(clear.sum())}/{n} rows without near-ties)",
               flush=True)
+    for n in (1, 16):  # the norm kernel, compiled, vs float64 (stacked scales read in place)
+        x = jnp.asarray(rng.standard_normal((n, H)) * 3, jnp.bfloat16)
+        y = jax.jit(lambda x_, s_, l_: rms_norm(x_, s_, 1e-5, layer=l_, implementation="gpu"))(x, b_norm, jnp.int32(3))
+        xf = np.asarray(x.astype(jnp.float32), np.float64)
+        ref = xf / np.sqrt(np.mean(xf * xf, -1, keepdims=True) + 1e-5) * np.asarray(
+            b_norm[3].astype(jnp.float32), np.float64)
+        err = float(np.max(np.abs(np.asarray(y.astype(jnp.float32), np.float64) - ref)) / np.max(np.abs(ref)))
+        ok = bool(np.isfinite(err) and err <= 8e-3)
+        res["checks"].append({"op": "rms_norm", "tokens": n, "ok": ok, "rel_err": err})
+        print(f"CHECK rms_norm rows={n}: {'OK' if ok else 'FAIL'} (rel err {err:.1e}, bf16 output)", flush=True)
     for n in (1, 8):
         sets = [(jnp.asarray(rng.standard_normal((n, H)), jnp.bfloat16), jnp.int32(i)) for i in range(NL)]
         for impl in ("xla", "gpu"):

@@ -28,6 +28,7 @@ from gptoss_jax.errors import GptOssError
 
 import collections
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax.kernels._common import lowering_platform, tracing_for
 from gptoss_jax.kv_cache import init_cache
 from gptoss_jax.sampling import sample_next_token
 from gptoss_jax.validation import seed_key
@@ -178,20 +180,25 @@ class StaticGraph:
 
     The state travels as a flat list of arrays (unflattened inside the trace): flattening an NNX State in Python
     costs about a microsecond per variable on every call, hundreds of variables for the real models.
+
+    ``platform`` (the lowering platform of the model's devices, e.g. "cuda"; None: unknown) is part of the key:
+    the compiled functions trace only that platform's kernel branches (``gptoss_jax.kernels._common.tracing_for``,
+    half the trace time of a decode step), so a graph on another platform must not share their traces.
     """
 
-    __slots__ = ("graphdef", "state_def", "_hash")
+    __slots__ = ("graphdef", "state_def", "platform", "_hash")
 
-    def __init__(self, graphdef, state_def):
-        self.graphdef, self.state_def = graphdef, state_def
-        self._hash = hash((graphdef, state_def))
+    def __init__(self, graphdef, state_def, platform: str | None = None):
+        self.graphdef, self.state_def, self.platform = graphdef, state_def, platform
+        self._hash = hash((graphdef, state_def, platform))
 
     def __hash__(self):
         return self._hash
 
     def __eq__(self, other):
         return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
-                                 and self.graphdef == other.graphdef and self.state_def == other.state_def)
+                                 and self.platform == other.platform and self.graphdef == other.graphdef
+                                 and self.state_def == other.state_def)
 
     def merge(self, state_leaves):
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.state_def, state_leaves))
@@ -200,9 +207,21 @@ class StaticGraph:
 _INTERNED: dict[StaticGraph, StaticGraph] = {}
 
 
-def static_graph(graphdef, state_def) -> StaticGraph:
-    key = StaticGraph(graphdef, state_def)
+def static_graph(graphdef, state_def, platform: str | None = None) -> StaticGraph:
+    key = StaticGraph(graphdef, state_def, platform)
     return _INTERNED.setdefault(key, key)
+
+
+def on_graph_platform(impl):
+    """Decorates a compiled function's implementation whose first argument is a StaticGraph: it is traced with only
+    the kernel branches of the graph's platform (``tracing_for(graph.platform)``)."""
+
+    @functools.wraps(impl)
+    def traced(graph, *args, **kwargs):
+        with tracing_for(graph.platform):
+            return impl(graph, *args, **kwargs)
+
+    return traced
 
 
 def _sample(logits, key, mode, temperature, top_k, top_p):
@@ -352,12 +371,12 @@ def _logits_impl(graph, state, tokens, lengths):
     return logits
 
 
-_prefill = jax.jit(_prefill_impl, static_argnums=0,
+_prefill = jax.jit(on_graph_platform(_prefill_impl), static_argnums=0,
                    static_argnames=("cache_len", "cache_dtype", "cache_constraint", "mode", "prefill_chunk"))
-_decode = jax.jit(_decode_impl, static_argnums=0, static_argnames=("steps", "mode", "early_exit"),
-                  donate_argnames=("cache",))
-_score = jax.jit(_score_impl, static_argnums=0)
-_logits = jax.jit(_logits_impl, static_argnums=0)
+_decode = jax.jit(on_graph_platform(_decode_impl), static_argnums=0,
+                  static_argnames=("steps", "mode", "early_exit"), donate_argnames=("cache",))
+_score = jax.jit(on_graph_platform(_score_impl), static_argnums=0)
+_logits = jax.jit(on_graph_platform(_logits_impl), static_argnums=0)
 
 
 class Generator:
@@ -375,7 +394,8 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         leaves, state_def = jax.tree_util.tree_flatten(self.state)
         self.state_leaves = leaves  # what the compiled functions receive (see StaticGraph)
-        self.graph = static_graph(self.graphdef, state_def)  # the compiled functions' static argument
+        # the compiled functions' static argument (with the platform whose kernel branches they trace)
+        self.graph = static_graph(self.graphdef, state_def, lowering_platform(leaves))
         self.early_exit = decode_exits_early(leaves)  # the decode loop's kind (while vs fixed trip count)
         self.max_seq_len = int(max_seq_len)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)

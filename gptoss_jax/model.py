@@ -33,7 +33,7 @@ from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_expert
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from gptoss_jax.kernels.attention import attention as pallas_attention
-from gptoss_jax.kernels import router_top_k
+from gptoss_jax.kernels import rms_norm, router_top_k
 
 
 class RMSNorm(nnx.Module):
@@ -43,10 +43,10 @@ class RMSNorm(nnx.Module):
         self.scale = layers.param(spec["scale"], rngs)
         self.eps = eps
 
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
+    def __call__(self, x, layer=None):
+        """x [..., H] → same shape and dtype. layer: None, or this layer's index when the scale arrives stacked over
+        all layers (read in place). On cuda at decode sizes one Pallas launch (gptoss_jax.kernels rms_norm)."""
+        return rms_norm(x, self.scale[...], self.eps, layer=layer)
 
 
 class Attention(nnx.Module):
@@ -207,10 +207,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(config, spec["mlp"], rngs=rngs, parallel=moe_parallel)
 
     def __call__(self, x, cos, sin, positions, valid, cache, attend_to_cache, window, layer=None, block=None):
-        attn_out, cache = self.attn(self.input_norm(x), cos, sin, positions, valid, cache, attend_to_cache, window,
-                                    layer, block)
+        attn_out, cache = self.attn(self.input_norm(x, layer), cos, sin, positions, valid, cache, attend_to_cache,
+                                    window, layer, block)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x), layer)
+        x = x + self.mlp(self.post_attn_norm(x, layer), layer)
         return x, cache
 
 
@@ -267,8 +267,8 @@ class GptOss(nnx.Module):
         The matmul weights (attention projections, experts) stay whole, stacked over layers, and each layer's
         matmuls read their slice in place from its index (the kernels offset their weight ids): slicing them as
         scan inputs would copy every layer's weights on every step, since a Pallas kernel cannot read a dynamic
-        slice of its operand in place (the router too: its decode kernels on cuda). The small parameters (norms,
-        sinks) are sliced per layer."""
+        slice of its operand in place (the router and the norms too: their decode kernels on cuda). The sinks are
+        sliced per layer."""
         c = self.config
         p = layer_period(c)
         blocks = c.num_hidden_layers // p
@@ -295,7 +295,7 @@ class GptOss(nnx.Module):
         return x, new_cache
 
 
-_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "router")
+_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "router", "input_norm", "post_attn_norm")
 
 
 def _read_in_place(path, value) -> bool:

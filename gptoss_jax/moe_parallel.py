@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax import params as P_
 from gptoss_jax import sharding
+from gptoss_jax.kernels._common import platform_switch
 
 STRATEGIES = ("auto", "replicated", "dispatch")
 DEFAULT_DISPATCH_MIN_TOKENS = 4096
@@ -130,7 +131,7 @@ def local_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=No
     if not experts_mod.routed_eligible(n * k):
         return grouped(x)
     # Decode on cuda: the row-wise kernel straight from the router's ids (routed_experts_forward)
-    return jax.lax.platform_dependent(
+    return platform_switch(
         x, cuda=lambda x: routed_experts_forward(experts_mod, x, expert_ids, weights, first, layer), default=grouped)
 
 

@@ -144,3 +144,52 @@ def for_weight_tile(nt, starts, tiles, compute) -> None:
         @pl.when(jnp.logical_and(nt >= lo, nt < lo + count))
         def _(i=i, lo=lo):
             compute(i, nt - lo)
+
+
+# ---------------------------------------------------------------------------------------------- platform branches
+# Every op binds its per-platform implementations with jax.lax.platform_dependent, so the platform a function is
+# *lowered for* decides (a CPU host exporting for TPU gets Mosaic kernels). The price is tracing: every branch of
+# every op is traced (a TPU kernel, a Triton kernel and the XLA op for one matmul) although one is lowered — about
+# half the trace time of a decode step. A caller that knows the platform its jitted function will run on (the
+# generation engine: its model's devices, a static argument of its jitted functions) declares it with
+# ``tracing_for(platform)`` and each op then traces only that platform's branch.
+import contextlib  # noqa: E402
+import contextvars  # noqa: E402
+
+_TRACE_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("gptoss_trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(platform: str | None):
+    """Within the block, :func:`platform_switch` calls only the branch for ``platform`` (a lowering platform name:
+    "cuda", "rocm", "tpu", "cpu"; None: every branch, via platform_dependent). Only for functions that will be
+    lowered for that platform alone — make the platform part of their jit cache key (a static argument)."""
+    token = _TRACE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TRACE_PLATFORM.reset(token)
+
+
+def platform_switch(*args, default, **branches):
+    """``jax.lax.platform_dependent(*args, default=default, **branches)``, or inside ``tracing_for(p)`` the branch
+    for ``p`` (``default`` when there is none) called directly."""
+    platform = _TRACE_PLATFORM.get()
+    if platform is None:
+        return jax.lax.platform_dependent(*args, default=default, **branches)
+    return branches.get(platform, default)(*args)
+
+
+def lowering_platform(arrays) -> str | None:
+    """The lowering platform name ("cuda", "rocm", "tpu", "cpu", ...) of the devices holding the first jax array
+    in ``arrays`` (None when none is a placed array)."""
+    for a in arrays:
+        sharding = getattr(a, "sharding", None)
+        if sharding is None:
+            continue
+        device = next(iter(sharding.device_set))
+        if device.platform != "gpu":
+            return device.platform
+        version = str(getattr(device.client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return None

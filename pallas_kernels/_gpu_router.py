@@ -31,6 +31,20 @@ from . import _common
 from ._gpu import AVAILABLE, pltriton
 
 AUTO_MAX_TOKENS = 16  # auto mode (cuda) takes these kernels for at most this many tokens (decode sizes)
+ENV_VAR = "GPTOSS_ROUTER_MAX_TOKENS"  # overrides AUTO_MAX_TOKENS at trace time ("0": never; A/B benches)
+
+
+def auto_max_tokens() -> int:
+    """Tokens up to which auto mode takes the kernels on cuda: ``GPTOSS_ROUTER_MAX_TOKENS`` or AUTO_MAX_TOKENS."""
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(ENV_VAR) or "").strip()
+    if not value:
+        return AUTO_MAX_TOKENS
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected an integer, e.g. 16 (0: never)") from None
 MAX_EXPERTS = 1024  # one row of logits lives in one program's registers
 
 
@@ -39,9 +53,9 @@ class RouterTiling:
     """kc: K rows per program of the logits GEMV (power of two; H / kc programs per token). num_warps: Triton
     warps of the logits program; top_k_warps: of the top-k program (it reads the [H / kc, E] float32 partials)."""
 
-    kc: int = 32
-    num_warps: int = 4
-    top_k_warps: int = 4
+    kc: int = 64  # in the 120b decode profile on an H200 (bench/run_probe.sh stage T): kc 64 + 8 top-k warps took
+    num_warps: int = 4  # 161 us per step for both kernels vs 190 with kc 32 + 4 warps (fewer partials to sum)
+    top_k_warps: int = 8
 
     @classmethod
     def coerce(cls, tiling) -> "RouterTiling":

@@ -559,7 +559,7 @@ def _auto(q, k, v, q_pos, k_pos, sinks, window, tiling, layer):
     branches = {platform: bind(name) for platform, name in auto_choices().items() if name != "xla"}
     if not branches:
         return bind("xla")(q, k, v, q_pos, k_pos, sinks, li)
-    return jax.lax.platform_dependent(q, k, v, q_pos, k_pos, sinks, li, default=bind("xla"), **branches)
+    return _common.platform_switch(q, k, v, q_pos, k_pos, sinks, li, default=bind("xla"), **branches)
 
 
 def attention(q, k, v, q_pos, k_pos, sinks, window: int | None = None, *, implementation: str | None = None,

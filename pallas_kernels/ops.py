@@ -8,7 +8,8 @@
 ``"gpu"`` (Pallas Triton, ``_gpu.py``).
 
 Selection follows the platform being **lowered for** (``jax.lax.platform_dependent``), not
-``jax.default_backend()``:
+``jax.default_backend()`` (a caller that knows its platform may trace only that branch: ``_common.tracing_for``,
+which the generation engine uses):
 
 * ``implementation=None`` (auto): for each of tpu / cuda, the first implementation of ``registry.AUTO_ORDER`` that
   supports the call is compiled (never interpreted); every other platform runs "xla". So ``jax.export(...,
@@ -33,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _gpu_dense, _gpu_gemv, _gpu_router, registry
+from . import _common, _gpu_dense, _gpu_gemv, _gpu_norm, _gpu_router, registry
 from .int4_layout import Int4Tensor, validate
 from .registry import MatmulCall, UnsupportedCallError
 from .swiglu import SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
@@ -42,8 +43,8 @@ IMPLEMENTATIONS = tuple(registry.REGISTRY)
 ENV_VAR = "GPTOSS_KERNELS"
 
 __all__ = ["IMPLEMENTATIONS", "SWIGLU_ALPHA", "SWIGLU_LIMIT", "UnsupportedCallError", "clamped_swiglu",
-           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "routed_matmul",
-           "router_top_k"]
+           "default_implementation", "dense_matmul", "dense_matmul_fused", "grouped_matmul", "rms_norm",
+           "routed_matmul", "router_top_k"]
 
 
 def _env_override() -> str | None:
@@ -125,7 +126,7 @@ def _dispatch(call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, lim
             # still lowers for the kernel's own platform.
             return impl.run(call, x_, w_, gs_, b_, tiling=t, interpret="portable", **kw)
 
-        return jax.lax.platform_dependent(x, w, group_sizes, bias, default=interpreted,
+        return _common.platform_switch(x, w, group_sizes, bias, default=interpreted,
                                           **{p: compiled for p in impl.platforms})
 
     branches = {}
@@ -136,7 +137,7 @@ def _dispatch(call: MatmulCall, x, w, group_sizes, bias, *, epilogue, alpha, lim
     base = _bind(registry.REGISTRY["xla"], call, None, kw)
     if not branches:
         return base(x, w, group_sizes, bias)
-    return jax.lax.platform_dependent(x, w, group_sizes, bias, default=base, **branches)
+    return _common.platform_switch(x, w, group_sizes, bias, default=base, **branches)
 
 
 def _bind(impl, call, tiling, kw):
@@ -280,10 +281,10 @@ def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None,
                                        f"[{x.shape[0]}, {x.shape[1]}] {x.dtype}, ws {shapes}: {reason}")
         if interpret is not None:
             return fused(bool(interpret))(x)
-        return jax.lax.platform_dependent(x, default=fused(True), cuda=fused(False))
+        return _common.platform_switch(x, default=fused(True), cuda=fused(False))
     if reason is not None or x.shape[0] > _gpu_dense.AUTO_MAX_M:
         return separate(None)
-    return jax.lax.platform_dependent(x, default=lambda x_: separate(None), cuda=fused(False))
+    return _common.platform_switch(x, default=lambda x_: separate(None), cuda=fused(False))
 
 
 def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | None = None,
@@ -358,12 +359,12 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
                                        f"w {tuple(wv.shape)}: {reason}")
         if interpret is not None:
             return kernel(bool(interpret))(x)
-        return jax.lax.platform_dependent(x, default=kernel(True), cuda=kernel(False))
+        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
     if name is not None:
         return sorted_path(name)(x)
     if reason is not None or r > _gpu_gemv.auto_limits()[0]:
         return sorted_path(None)(x)
-    return jax.lax.platform_dependent(x, default=sorted_path(None), cuda=kernel(False))
+    return _common.platform_switch(x, default=sorted_path(None), cuda=kernel(False))
 
 
 def _router_xla(x, w, bias, k: int):
@@ -386,7 +387,7 @@ def router_top_k(x, w, bias, k: int, *, layer=None, implementation: str | None =
       x: [N, H] activations. w: [H, E] float router weight ([L, H, E] with ``layer``); bias: [E] ([L, E]).
       k: experts per token (static). layer: None, or an int32 scalar: w / bias are stacked over layers and this
         layer is read in place.
-      implementation: None (auto: on cuda, for at most ``_gpu_router.AUTO_MAX_TOKENS`` tokens, the two Pallas
+      implementation: None (auto: on cuda, for at most ``_gpu_router.auto_max_tokens()`` (16) tokens, the two Pallas
         kernels of ``_gpu_router`` — logits as a split-K GEMV, then top-k + softmax — else the XLA base op), "xla",
         "gpu" (the kernels; interpreted off cuda unless ``interpret`` says otherwise) or "tpu" (= "xla": TPU runs
         the XLA op). ``GPTOSS_KERNELS`` acts as ``implementation`` when None.
@@ -427,8 +428,59 @@ def router_top_k(x, w, bias, k: int, *, layer=None, implementation: str | None =
                                        f"w {tuple(wv.shape)}, k={k}: {reason}")
         if interpret is not None:
             return kernel(bool(interpret))(x)
-        return jax.lax.platform_dependent(x, default=kernel(True), cuda=kernel(False))
-    if name is not None or reason is not None or x.shape[0] > _gpu_router.AUTO_MAX_TOKENS:
+        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
+    if name is not None or reason is not None or x.shape[0] > _gpu_router.auto_max_tokens():
         return base(x)
-    return jax.lax.platform_dependent(x, default=base, cuda=kernel(False))
+    return _common.platform_switch(x, default=base, cuda=kernel(False))
+
+
+def _rms_norm_xla(x, scale, eps: float):
+    """The base op: float32 inside, cast back to x.dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps: float, *, layer=None, implementation: str | None = None, interpret: Any = None):
+    """RMSNorm: x · rsqrt(mean(x², -1) + eps) · scale, float32 inside, in x.dtype (transformers' GptOssRMSNorm).
+
+    Args:
+      x: [..., H]. scale: [H] ([L, H] with ``layer``, an int32 scalar: that layer's row, read in place). eps: float.
+      implementation: None (auto: on cuda, for at most ``_gpu_norm.auto_max_rows()`` rows (16), the one-launch Pallas
+        kernel of ``_gpu_norm``, else the XLA op), "xla", "gpu" (the kernel; interpreted off cuda unless
+        ``interpret`` says otherwise) or "tpu" (= "xla"). ``GPTOSS_KERNELS`` acts as ``implementation`` when None.
+
+    Returns: x's shape and dtype. Raises: ValueError for mismatched shapes; UnsupportedCallError when "gpu" cannot
+    run the call.
+    """
+    sv = scale if layer is None else _layer_view(scale)
+    h = x.shape[-1]
+    if sv.shape != (h,):
+        raise ValueError(f"rms_norm: scale must be [{h}] ([L, {h}] with layer), got {tuple(scale.shape)}")
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        registry.get(name)
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= int(d)
+
+    def base(x_):
+        return _rms_norm_xla(x_, scale if layer is None else scale[layer], eps)
+
+    def kernel(interp):
+        def fn(x_):
+            y = _gpu_norm.rms_norm_gpu(x_.reshape(rows, h), scale, eps, layer=layer, interpret=interp)
+            return y.reshape(x_.shape)
+        return fn
+
+    reason = _gpu_norm.why_not(h)
+    if name == "gpu":
+        if reason is not None:
+            raise UnsupportedCallError(f"implementation='gpu' does not support rms_norm x {tuple(x.shape)}: {reason}")
+        if interpret is not None:
+            return kernel(bool(interpret))(x)
+        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
+    if name is not None or reason is not None or rows > _gpu_norm.auto_max_rows() or rows == 0:
+        return base(x)
+    return _common.platform_switch(x, default=base, cuda=kernel(False))
 

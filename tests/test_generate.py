@@ -379,3 +379,36 @@ def test_fixed_trip_count_decode_equals_early_exit(fp32_model, rng, monkeypatch)
         got = fp32_model.generate(prompts, **kw)
         assert [(r.tokens, r.finish_reason) for r in got] == [(r.tokens, r.finish_reason) for r in ref]
     assert any(r.finish_reason == "stop_token" for r in refs[0])
+
+
+def test_compiled_functions_trace_only_their_platforms_kernel_branches(fp32_model, rng):
+    """The engine's graph carries its devices' platform, and its jitted functions trace only that platform's
+    kernel branches (no platform_dependent switch left): same tokens as a graph that traces every branch."""
+    import jax
+
+    from gptoss_jax import generate as G
+    from gptoss_jax.kernels import _common
+
+    gen = fp32_model.generator
+    assert gen.graph.platform == _common.lowering_platform(gen.state_leaves) == jax.devices()[0].platform
+    assert _common.lowering_platform([np.ones(2)]) is None
+    x = jnp.ones((2, 64), jnp.float32)
+    w, b = jnp.ones((64, 8), jnp.float32), jnp.zeros((8,), jnp.float32)
+    from gptoss_jax.kernels import router_top_k
+
+    def f(x_):
+        return router_top_k(x_, w, b, 2)
+
+    assert "platform_index" in str(jax.make_jaxpr(f)(x))  # every branch, chosen at lowering
+    with _common.tracing_for("cpu"):  # a new function: jax caches the traces of the one above
+        assert "platform_index" not in str(jax.make_jaxpr(lambda x_: router_top_k(x_, w, b, 2))(x))
+    prompts = random_prompts(rng, fp32_model.config.vocab_size, PROMPT_LENGTHS)
+    ref = fp32_model.generate(prompts, max_new_tokens=9, temperature=0.0)
+    every = G.static_graph(gen.graphdef, gen.graph.state_def, None)
+    assert every != gen.graph and hash(every) != hash(gen.graph)
+    tokens, lengths = np.zeros((1, 16), np.int32), np.array([5], np.int32)
+    tokens[0, :5] = prompts[1][:5]
+    a = G._logits(every, gen.state_leaves, tokens, lengths)
+    b_ = G._logits(gen.graph, gen.state_leaves, tokens, lengths)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+    assert ref[0].tokens  # the platform-only graph generated

@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent("""
         text = exp.mlir_module()
         out[name] = {"mosaic": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
                      "scan_or_while": text.count("stablehlo.while"), "rowwise": text.count("int4_rowwise_gemv"),
-                     "sort": text.count("stablehlo.sort"), "router": text.count("router_logits")}
+                     "sort": text.count("stablehlo.sort"), "router": text.count("router_logits"),
+                     "norm": text.count("rmsnorm_rows")}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -99,4 +100,6 @@ def test_export_int4_model_for_cuda(mesh):
     # from its ids (the row-wise kernel, gate_up and down): no sort at all; prefill (32 tokens) keeps lax.top_k
     # and the sorted grouped kernel
     assert r["decode"]["rowwise"] >= 2 * p and r["decode"]["router"] >= p and r["decode"]["sort"] == 0, r
+    # the norms at decode: one launch each; prefill (32 rows) keeps XLA's, except the final norm of the last tokens
+    assert r["decode"]["norm"] > r["prefill"]["norm"] > 0, r
     assert r["prefill"]["rowwise"] == 0 and r["prefill"]["router"] == 0 and r["prefill"]["sort"] > 0, r

@@ -49,7 +49,8 @@ import numpy as np
 
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.generate import (DEFAULT_PREFILL_CHUNK, MAX_STOP_TOKEN_IDS, NO_TOKEN, TRACE_COUNTS, GenerationError,
-                                 SamplingParams, TextStreamer, batch_bucket, decode_loop, length_bucket)
+                                 SamplingParams, TextStreamer, batch_bucket, decode_loop, length_bucket,
+                                 on_graph_platform)
 from gptoss_jax.kv_cache import init_cache
 from gptoss_jax.sampling import _sample as _sample_rows
 from gptoss_jax.sampling import greedy
@@ -298,9 +299,10 @@ def _initial_carry(batch: int):
     return z, z, jnp.ones((batch,), bool), z
 
 
-_prefill_step = jax.jit(_prefill_step_impl, static_argnums=0, static_argnames=("first", "mode", "top", "placement"),
+_prefill_step = jax.jit(on_graph_platform(_prefill_step_impl), static_argnums=0,
+                        static_argnames=("first", "mode", "top", "placement"),
                         donate_argnames=("cache",))
-_decode = jax.jit(_decode_impl, static_argnums=0,
+_decode = jax.jit(on_graph_platform(_decode_impl), static_argnums=0,
                   static_argnames=("steps", "mode", "top", "compact", "placement", "early_exit"),
                   donate_argnames=("cache",))
 
