@@ -300,11 +300,7 @@ def decode_exits_early(state_leaves) -> bool:
         if value not in ("0", "1"):
             raise ValueError(f"{EARLY_EXIT_ENV_VAR}={value!r}: expected 0 or 1")
         return value == "1"
-    for leaf in state_leaves:
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None:
-            return next(iter(sharding.device_set)).platform != "gpu"
-    return True
+    return lowering_platform(state_leaves) not in ("cuda", "rocm")
 
 
 def decode_loop(cond, body, carry, *, steps: int, early_exit: bool):

@@ -193,3 +193,22 @@ def lowering_platform(arrays) -> str | None:
         version = str(getattr(device.client, "platform_version", "")).lower()
         return "rocm" if "rocm" in version else "cuda"
     return None
+
+
+def pow2_at_least(v: int) -> int:
+    """The smallest power of two >= v (>= 1): Triton block shapes must be powers of two."""
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def env_limit(name: str, default: int) -> int:
+    """An integer limit from the environment variable ``name`` (read at trace time; unset or empty: ``default``).
+    Raises ValueError naming the variable for anything else than an integer."""
+    import os  # noqa: PLC0415
+
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer, e.g. {default} (0: never)") from None

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import _common
 from ._gpu import AVAILABLE, pltriton
 
 AUTO_MAX_ROWS = 16  # auto mode (cuda) takes this kernel for at most this many rows (decode sizes)
@@ -23,20 +24,10 @@ ENV_VAR = "GPTOSS_NORM_MAX_ROWS"  # overrides AUTO_MAX_ROWS at trace time ("0": 
 
 def auto_max_rows() -> int:
     """Rows up to which auto mode takes the kernel on cuda: ``GPTOSS_NORM_MAX_ROWS`` or AUTO_MAX_ROWS."""
-    import os  # noqa: PLC0415
+    return _common.env_limit(ENV_VAR, AUTO_MAX_ROWS)
 
-    value = (os.environ.get(ENV_VAR) or "").strip()
-    if not value:
-        return AUTO_MAX_ROWS
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected an integer, e.g. 16 (0: never)") from None
+
 MAX_HIDDEN = 16384  # one row lives in one program's registers
-
-
-def _pow2_at_least(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 def why_not(h: int) -> str | None:
@@ -57,7 +48,7 @@ def rms_norm_gpu(x, scale, eps: float, *, layer=None, interpret: bool = False):
     reason = why_not(h)
     if reason is not None:
         raise ValueError(reason)
-    bh = _pow2_at_least(h)
+    bh = _common.pow2_at_least(h)
     full = bh == h
     lid = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     s2 = scale if layer is not None else scale[None]

@@ -36,15 +36,9 @@ ENV_VAR = "GPTOSS_ROUTER_MAX_TOKENS"  # overrides AUTO_MAX_TOKENS at trace time 
 
 def auto_max_tokens() -> int:
     """Tokens up to which auto mode takes the kernels on cuda: ``GPTOSS_ROUTER_MAX_TOKENS`` or AUTO_MAX_TOKENS."""
-    import os  # noqa: PLC0415
+    return _common.env_limit(ENV_VAR, AUTO_MAX_TOKENS)
 
-    value = (os.environ.get(ENV_VAR) or "").strip()
-    if not value:
-        return AUTO_MAX_TOKENS
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected an integer, e.g. 16 (0: never)") from None
+
 MAX_EXPERTS = 1024  # one row of logits lives in one program's registers
 
 
@@ -79,10 +73,6 @@ def default_tiling() -> RouterTiling:
         raise ValueError(f"{TILING_ENV_VAR}={value!r}: expected a JSON object of RouterTiling fields ({e})") from None
 
 
-def _pow2_at_least(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def why_not(h: int, e: int, k: int, tiling=None) -> str | None:
     """None when the kernels run a router with hidden size h, e experts and top-k k, else the reason."""
     if not AVAILABLE:
@@ -112,9 +102,9 @@ def router_top_k_gpu(x, w, bias, k: int, *, layer=None, tiling=None, interpret: 
         raise ValueError(reason)
     kc = t.kc
     chunks = _common.cdiv(h, kc)
-    be = _pow2_at_least(e)  # expert columns per program (masked past e)
-    sp = _pow2_at_least(chunks)  # partial rows the top-k program loads (masked past `chunks`)
-    kp = _pow2_at_least(k)
+    be = _common.pow2_at_least(e)  # expert columns per program (masked past e)
+    sp = _common.pow2_at_least(chunks)  # partial rows the top-k program loads (masked past `chunks`)
+    kp = _common.pow2_at_least(k)
     f32 = jnp.float32
     k_full, e_full = h % kc == 0, e == be
     lid = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
