@@ -2,6 +2,7 @@
 leaves nothing loadable at DST. Also `inspect`, --force and interruption."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -292,14 +293,20 @@ def test_cli_usage_errors(src, tmp_path):
 # running, most of its items unread, when the test signals it, even if the test process is scheduled late (unpaced,
 # the 1-second conversion of this tiny model once finished before the signal on the loaded 2-core machine).
 _PACED_CONVERT = """
-import runpy, sys, time
+import os, runpy, signal, sys, time
+# Ctrl-C as in a terminal: a test run started in the background by a non-interactive shell inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler (the conversion would run to the end and exit 0).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import gptoss_jax.convert.sources as s
 real = s.Source.read_item
-# slow from layer 2 on: once the test sees layers.1 written, seconds of work remain for its SIGINT to land in,
-# however loaded the machine (a uniform 0.1 s pace let a loaded CI box finish the whole run before the signal)
+marker = os.environ["PACE_MARKER"]
+# From layer 2 on, each read first drops a marker file (the test's cue that the conversion is under way, whatever
+# the writer's file layout) and then sleeps, so seconds of work remain for the SIGINT to land in however loaded the
+# machine is.
 def paced(self, name):
-    late = name.startswith("layers.") and int(name.split(".")[1]) >= 2
-    time.sleep(1.0 if late else 0.05)
+    if name.startswith("layers.") and int(name.split(".")[1]) >= 2:
+        open(marker, "a").close()
+        time.sleep(1.0)
     return real(self, name)
 s.Source.read_item = paced
 sys.argv[0] = "gptoss-convert"
@@ -315,16 +322,20 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     config = CONFIG.replace(num_hidden_layers=8, layer_types=default_layer_types(8))
     src, dst = tmp_path / "src", tmp_path / "dst"
     writers.synthetic_source(config, src, group=32, symmetric=False)
+    marker = tmp_path / "reading-late-layers"
     cmd = [sys.executable, "-c", _PACED_CONVERT, str(src), str(dst), "--quiet", "--no-hash"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PACE_MARKER": str(marker)})
     deadline = time.monotonic() + 240
+    sent = False
     while time.monotonic() < deadline and proc.poll() is None:
-        tmp = list(tmp_path.glob("dst.tmp-*"))
-        if tmp and (tmp[0] / checkpoint.PARAMS_DIR / "layers.1").exists():
+        if marker.exists():
             proc.send_signal(signal.SIGINT)
+            sent = True
             break
         time.sleep(0.005)
     _, err = proc.communicate(timeout=120)
+    assert sent, f"the conversion ended (exit {proc.returncode}) before reading layer 2: {err[-2000:]}"
     assert proc.returncode == cli.EXIT_INTERRUPTED, err[-2000:]
     assert "interrupted" in err
     assert not dst.exists()
