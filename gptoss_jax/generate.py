@@ -486,8 +486,9 @@ class TextStreamer:
 
     Byte-level tokenizers can emit incomplete or invalid UTF-8 (decoded as U+FFFD), where a window's decode need not
     agree with the whole text's. Once a row's text shows U+FFFD the row switches to exact mode for good: the whole
-    text is decoded on each call and the shortest token prefix holding a stop string is found by decoding prefixes
-    (the slow path, only for such rows), so results never depend on the windowing.
+    text is decoded after each token and searched for the stop strings (the slow path, only for such rows), so the
+    kept tokens are the shortest prefix whose text holds a stop and the final text is theirs, never depending on
+    the windowing or on the chunking of the tokens.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ()):
@@ -507,11 +508,17 @@ class TextStreamer:
         for t in ids:
             self._ids.append(int(t))
             if self._exact:
+                if self._stops and self._exact_stop():
+                    return len(self._ids)
                 continue
             before = self._decode(self._ids[self._prefix:self._read])
             after = self._decode(self._ids[self._prefix:])
             if "\ufffd" in after:
+                # Until now every prefix decoded cleanly (and was searched above); from here on each prefix is
+                # decoded whole, since a window's decode need not agree with it.
                 self._exact = True
+                if self._stops and self._exact_stop():
+                    return len(self._ids)
                 continue
             if len(after) > len(before):
                 self._text += after[len(before):]
@@ -527,14 +534,20 @@ class TextStreamer:
                 self._searched = max(0, len(self._text) - max(len(s) for s in self._stops) + 1)
         if self._exact:
             self._text = self._decode(self._ids)
-            hits = [(i, s) for s in self._stops if (i := self._text.find(s)) >= 0]
-            if hits:
-                cut = min(hits)[0]
-                keep = next(n for n in range(1, len(self._ids) + 1)
-                            if any(s in self._decode(self._ids[:n]) for s in self._stops))
-                self._final = self._text[:cut]
-                return keep
         return None
+
+    def _exact_stop(self) -> bool:
+        """Exact mode, after each token: whether the text of all tokens so far contains a stop string; if so the
+        final text is that text cut at the first one. Checking every prefix is what makes the kept tokens the
+        shortest prefix holding a stop and the final text exactly theirs: with invalid UTF-8, a stop can appear in
+        a prefix's text (e.g. U+FFFD of a still incomplete byte sequence) and not in a longer one's."""
+        text = self._decode(self._ids)
+        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        if not hits:
+            return False
+        self._text = text
+        self._final = text[:min(hits)]
+        return True
 
     def final_text(self) -> str:
         """The row's whole text once it finished (pending bytes flushed, cut at a stop string)."""

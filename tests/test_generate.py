@@ -327,6 +327,33 @@ def test_text_streamer_matches_whole_text_decoding(tokenizer):
     assert checked > 100
 
 
+def test_text_streamer_stop_seen_only_in_an_incomplete_utf8_prefix(tokenizer):
+    """A case the random test above found in CI: the stop string is U+FFFD, which the text of a prefix shows for a
+    byte sequence still incomplete there but which the next token completes (to 'Ҷ'). The kept tokens are that
+    shortest prefix and the final text is exactly theirs, cut at the stop — not the whole text's, cut elsewhere."""
+    import random
+
+    from gptoss_jax.generate import TextStreamer
+    decode = tokenizer.decode
+    rnd = random.Random(766)  # replays the failing draw: ids, stop, chunk sizes
+    ids = [rnd.randrange(9, tokenizer.vocab_size) for _ in range(30)]
+    full = decode(ids)
+    a = rnd.randrange(0, len(full) - 3)
+    stop = full[a:a + rnd.randrange(1, 4)]
+    assert stop == "\ufffd" and not full.startswith(stop)
+    st, streamed, keep, pos = TextStreamer(decode, (stop,)), "", None, 0
+    while pos < len(ids) and keep is None:
+        n = rnd.randrange(1, 6)
+        keep = st.add(ids[pos:pos + n])
+        pos += n
+        streamed += st.take()
+    final = st.final_text()
+    streamed += st.take()
+    text = decode(ids[:keep])
+    assert stop in text and stop not in decode(ids[:keep - 1])
+    assert final == streamed == text[:text.index(stop)]
+
+
 # ------------------------------------------------------------------------------------------- the decode loop's kind
 def test_decode_loop_kinds_run_early_exit_or_the_full_trip_count():
     """decode_loop: the while kind stops at the first False cond, the fixed kind runs exactly `steps` bodies."""
