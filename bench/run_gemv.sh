@@ -7,14 +7,7 @@
 #   S  bench/bench_serve.py, the same weights scheme: 64 and 256 concurrent streaming clients, 256 slots
 #   OFF  stage A's batch-1 run with the row-wise paths off (GPTOSS_GEMV_MAX_ROWS=0,0), for a same-run ratio
 # STAGES="K A S" by default; results under $OUT (default ./bench_out).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/bench_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+. "$(dirname "$0")/_setup.sh"
 BENCH=(--preset gpt-oss-120b --random-weights --dtype bfloat16 --group-size 32 --asymmetric)
 for s in ${STAGES:-K A S}; do
   echo "=== stage $s ($(date +%T))"

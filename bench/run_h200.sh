@@ -25,16 +25,7 @@
 # BENCH_TOTAL_S (default 540 = 9 min). Inside a stage, runs that would start in its last BENCH_MARGIN_S seconds
 # are skipped (recorded in the JSON as "skipped"); `timeout` ends a stage at its budget at the latest, and the JSON
 # already holds every finished run.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/bench_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-# The 120b weights take ~65 GB and long prompts need room: let XLA's allocator use most of the 141 GB
-# (jax's default pool is 75 % of it). bytes_limit in the JSON shows what was granted.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+. "$(dirname "$0")/_setup.sh"
 TOTAL=${BENCH_TOTAL_S:-540}
 MARGIN=${BENCH_MARGIN_S:-40}
 START=$(date +%s)

@@ -10,14 +10,7 @@
 #   T  the batch-1 decode profile (as P, fixed loop) under GPTOSS_GEMV_TILING candidates per role ($TILINGS: lines
 #      "name=gemv json[;router json]", the second part GPTOSS_ROUTER_TILING), to pick the row-wise kernel's per-role
 #      defaults (and the router's) from in-model kernel times
-set -uo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-OUT=${OUT:-$ROOT/bench_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+. "$(dirname "$0")/_setup.sh"
 CB_ALL="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 for s in ${STAGES:-W P C}; do
   echo "=== stage $s ($(date +%T))"

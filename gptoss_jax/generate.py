@@ -7,9 +7,9 @@ How a call runs:
    samples each row's first token. One compilation per (batch, bucket, cache size, sampling mode).
 2. Decoding runs in *chunks*: one jitted call generates up to ``chunk_size`` tokens per row in one device loop
    (sampling, per-row finished flags and stop-token ids all on device; on CPU / TPU a ``lax.while_loop`` that exits
-   once every row is done, on GPUs exactly ``chunk_size`` steps: :func:`decode_exits_early`). Each call pays a fixed host cost that grows with the number of parameter arrays (measured on an H200
-   with a gpt-oss-20b-sized int4 model: ~3.7 ms per call against ~5 ms per decode step), so several tokens per call
-   matter. The cache is donated from call to call, so it is updated in place.
+   once every row is done, on GPUs exactly ``chunk_size`` steps: :func:`decode_exits_early`). Each call pays a
+   fixed host cost that grows with the number of parameter arrays (measured on an H200 with a gpt-oss-20b-sized
+   int4 model: ~3.7 ms per call against ~5 ms per decode step), so several tokens per call matter. The cache is donated from call to call, so it is updated in place.
 3. After each chunk the host receives the new tokens, checks stop strings (text only exists on the host), and
    streams the new tokens/text to the caller.
 
@@ -283,9 +283,10 @@ def _prefill_impl(graph, state, tokens, lengths, key, temperature, top_k, top_p,
 EARLY_EXIT_ENV_VAR = "GPTOSS_DECODE_EARLY_EXIT"  # "1" / "0": force the decode loop's kind (A/B benches, tests)
 
 
-def decode_exits_early(state_leaves) -> bool:
+def decode_exits_early(platform: str | None) -> bool:
     """Whether a decode chunk runs as a ``lax.while_loop`` that stops once every row is finished (True) or as a loop
-    of exactly ``steps`` iterations (False), for a model whose parameters are ``state_leaves`` (jax arrays).
+    of exactly ``steps`` iterations (False), for a model on ``platform`` (a lowering platform name, e.g. "cuda", as
+    :class:`StaticGraph` carries it; None: unknown).
 
     False on GPUs: XLA:GPU's while loop copies its predicate to the host after every iteration, a host-device sync
     per decoded token that keeps the host from enqueuing step s + 1's ~1,200 kernels while the GPU runs step s (the
@@ -300,7 +301,7 @@ def decode_exits_early(state_leaves) -> bool:
         if value not in ("0", "1"):
             raise ValueError(f"{EARLY_EXIT_ENV_VAR}={value!r}: expected 0 or 1")
         return value == "1"
-    return lowering_platform(state_leaves) not in ("cuda", "rocm")
+    return platform not in ("cuda", "rocm")
 
 
 def decode_loop(cond, body, carry, *, steps: int, early_exit: bool):
@@ -392,7 +393,7 @@ class Generator:
         self.state_leaves = leaves  # what the compiled functions receive (see StaticGraph)
         # the compiled functions' static argument (with the platform whose kernel branches they trace)
         self.graph = static_graph(self.graphdef, state_def, lowering_platform(leaves))
-        self.early_exit = decode_exits_early(leaves)  # the decode loop's kind (while vs fixed trip count)
+        self.early_exit = decode_exits_early(self.graph.platform)  # the decode loop's kind (while vs fixed count)
         self.max_seq_len = int(max_seq_len)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if chunk_size < 1:
@@ -532,7 +533,7 @@ class TextStreamer:
                     self._final = self._text[:cut]
                     return keep
                 self._searched = max(0, len(self._text) - max(len(s) for s in self._stops) + 1)
-        if self._exact:
+        if self._exact and not self._stops:  # with stop strings, _exact_stop decoded the whole text already
             self._text = self._decode(self._ids)
         return None
 
@@ -541,11 +542,10 @@ class TextStreamer:
         final text is that text cut at the first one. Checking every prefix is what makes the kept tokens the
         shortest prefix holding a stop and the final text exactly theirs: with invalid UTF-8, a stop can appear in
         a prefix's text (e.g. U+FFFD of a still incomplete byte sequence) and not in a longer one's."""
-        text = self._decode(self._ids)
+        self._text = text = self._decode(self._ids)
         hits = [i for s in self._stops if (i := text.find(s)) >= 0]
         if not hits:
             return False
-        self._text = text
         self._final = text[:min(hits)]
         return True
 

@@ -14,6 +14,8 @@ batch-1 decode step (M = 4 rows, 4 distinct experts) that is 4 items: only the 4
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -153,9 +155,6 @@ def for_weight_tile(nt, starts, tiles, compute) -> None:
 # half the trace time of a decode step. A caller that knows the platform its jitted function will run on (the
 # generation engine: its model's devices, a static argument of its jitted functions) declares it with
 # ``tracing_for(platform)`` and each op then traces only that platform's branch.
-import contextlib  # noqa: E402
-import contextvars  # noqa: E402
-
 _TRACE_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("gptoss_trace_platform", default=None)
 
 

@@ -28,6 +28,7 @@ All paths accumulate in float32, add the bias in float32, apply the epilogue in 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -246,9 +247,7 @@ def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None,
         if b is not None and tuple(b.shape) != (w.shape[1],):
             raise ValueError(f"dense_matmul_fused: biases[{i}] must be [{w.shape[1]}], got {tuple(b.shape)}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    name = implementation if implementation is not None else _env_override()
-    if name is not None:
-        registry.get(name)
+    name = _chosen(implementation)
 
     def separate(impl, interp=interpret):
         return tuple(dense_matmul(x, w, b, implementation=impl, tiling=tiling, out_dtype=out_dtype, interpret=interp,
@@ -285,6 +284,30 @@ def dense_matmul_fused(x, ws, biases=None, *, implementation: str | None = None,
     if reason is not None or x.shape[0] > _gpu_dense.AUTO_MAX_M:
         return separate(None)
     return _common.platform_switch(x, default=lambda x_: separate(None), cuda=fused(False))
+
+
+def _chosen(implementation: str | None) -> str | None:
+    """The explicit implementation (argument, else ``GPTOSS_KERNELS``), checked against the registry; None = auto."""
+    name = implementation if implementation is not None else _env_override()
+    if name is not None:
+        registry.get(name)
+    return name
+
+
+def _decode_kernel_or_base(x, name, reason, auto_ok: bool, kernel, base, interpret, what: str):
+    """The binding the decode-only GPU kernels share (routed_matmul, router_top_k, rms_norm): ``kernel(interp)``
+    builds the Pallas call, ``base`` the fallback. "gpu": the kernel (UnsupportedCallError naming ``what`` when
+    ``reason``), compiled on cuda and interpreted elsewhere unless ``interpret`` says; another explicit name, a
+    reason or ``not auto_ok``: ``base``; auto: the kernel on cuda, ``base`` elsewhere."""
+    if name == "gpu":
+        if reason is not None:
+            raise UnsupportedCallError(f"implementation='gpu' does not support {what}: {reason}")
+        if interpret is not None:
+            return kernel(bool(interpret))(x)
+        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
+    if name is not None or reason is not None or not auto_ok:
+        return base(x)
+    return _common.platform_switch(x, default=base, cuda=kernel(False))
 
 
 def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | None = None,
@@ -329,9 +352,7 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
     _check_grouped_args(x, wv, jax.ShapeDtypeStruct((e,), jnp.int32), bv, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ids = ids.astype(jnp.int32)
-    name = implementation if implementation is not None else _env_override()
-    if name is not None:
-        registry.get(name)
+    name = _chosen(implementation)
     swiglu = dict(epilogue=epilogue, alpha=swiglu_alpha, limit=swiglu_limit)
 
     def kernel(interp):
@@ -353,18 +374,8 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
 
     int4 = isinstance(w, Int4Tensor)
     reason = _gpu_gemv.why_not(wv.shape[1], [wv.group_size], tiling) if int4 else "the kernel takes int4 weights"
-    if name == "gpu":
-        if reason is not None:
-            raise UnsupportedCallError(f"implementation='gpu' does not support routed_matmul x {tuple(x.shape)}, "
-                                       f"w {tuple(wv.shape)}: {reason}")
-        if interpret is not None:
-            return kernel(bool(interpret))(x)
-        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
-    if name is not None:
-        return sorted_path(name)(x)
-    if reason is not None or r > _gpu_gemv.auto_limits()[0]:
-        return sorted_path(None)(x)
-    return _common.platform_switch(x, default=sorted_path(None), cuda=kernel(False))
+    return _decode_kernel_or_base(x, name, reason, r <= _gpu_gemv.auto_limits()[0], kernel, sorted_path(name),
+                                  interpret, f"routed_matmul x {tuple(x.shape)}, w {tuple(wv.shape)}")
 
 
 def _router_xla(x, w, bias, k: int):
@@ -407,9 +418,7 @@ def router_top_k(x, w, bias, k: int, *, layer=None, implementation: str | None =
     h, e = wv.shape
     if not 1 <= k <= e:
         raise ValueError(f"router_top_k: k={k} must be in [1, {e}]")
-    name = implementation if implementation is not None else _env_override()
-    if name is not None:
-        registry.get(name)
+    name = _chosen(implementation)
 
     def base(x_):
         if layer is None:
@@ -422,16 +431,8 @@ def router_top_k(x, w, bias, k: int, *, layer=None, implementation: str | None =
         return fn
 
     reason = _gpu_router.why_not(h, e, k, tiling)
-    if name == "gpu":
-        if reason is not None:
-            raise UnsupportedCallError(f"implementation='gpu' does not support router_top_k x {tuple(x.shape)}, "
-                                       f"w {tuple(wv.shape)}, k={k}: {reason}")
-        if interpret is not None:
-            return kernel(bool(interpret))(x)
-        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
-    if name is not None or reason is not None or x.shape[0] > _gpu_router.auto_max_tokens():
-        return base(x)
-    return _common.platform_switch(x, default=base, cuda=kernel(False))
+    return _decode_kernel_or_base(x, name, reason, x.shape[0] <= _gpu_router.auto_max_tokens(), kernel, base,
+                                  interpret, f"router_top_k x {tuple(x.shape)}, w {tuple(wv.shape)}, k={k}")
 
 
 def _rms_norm_xla(x, scale, eps: float):
@@ -457,12 +458,8 @@ def rms_norm(x, scale, eps: float, *, layer=None, implementation: str | None = N
     h = x.shape[-1]
     if sv.shape != (h,):
         raise ValueError(f"rms_norm: scale must be [{h}] ([L, {h}] with layer), got {tuple(scale.shape)}")
-    name = implementation if implementation is not None else _env_override()
-    if name is not None:
-        registry.get(name)
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= int(d)
+    name = _chosen(implementation)
+    rows = math.prod(x.shape[:-1])
 
     def base(x_):
         return _rms_norm_xla(x_, scale if layer is None else scale[layer], eps)
@@ -474,13 +471,6 @@ def rms_norm(x, scale, eps: float, *, layer=None, implementation: str | None = N
         return fn
 
     reason = _gpu_norm.why_not(h)
-    if name == "gpu":
-        if reason is not None:
-            raise UnsupportedCallError(f"implementation='gpu' does not support rms_norm x {tuple(x.shape)}: {reason}")
-        if interpret is not None:
-            return kernel(bool(interpret))(x)
-        return _common.platform_switch(x, default=kernel(True), cuda=kernel(False))
-    if name is not None or reason is not None or rows > _gpu_norm.auto_max_rows() or rows == 0:
-        return base(x)
-    return _common.platform_switch(x, default=base, cuda=kernel(False))
+    return _decode_kernel_or_base(x, name, reason, 0 < rows <= _gpu_norm.auto_max_rows(), kernel, base, interpret,
+                                  f"rms_norm x {tuple(x.shape)}")
 

@@ -289,6 +289,18 @@ def test_logits_shapes(fp32_model, rng):
     np.testing.assert_allclose(ragged[0], fp32_model.logits(short), rtol=1e-5, atol=1e-5)
 
 
+def _stream_in_random_chunks(streamer, ids, rnd):
+    """Feeds ids in chunks of 1-5 (drawn from rnd) until a stop; returns (keep, streamed text, final text)."""
+    streamed, keep, pos = "", None, 0
+    while pos < len(ids) and keep is None:
+        n = rnd.randrange(1, 6)
+        keep = streamer.add(ids[pos:pos + n])
+        pos += n
+        streamed += streamer.take()
+    final = streamer.final_text()
+    return keep, streamed + streamer.take(), final
+
+
 def test_text_streamer_matches_whole_text_decoding(tokenizer):
     """The incremental TextStreamer gives exactly what decoding each row's whole text gives: the same final text,
     the same streamed text, and the shortest token prefix holding a stop string — for random token streams fed in
@@ -307,14 +319,7 @@ def test_text_streamer_matches_whole_text_decoding(tokenizer):
         a = rnd.randrange(0, len(full) - 3)
         stop = full[a:a + rnd.randrange(1, 4)]
         for stops in ((), (stop,)):
-            st, streamed, keep, pos = TextStreamer(decode, stops), "", None, 0
-            while pos < len(ids) and keep is None:
-                n = rnd.randrange(1, 6)
-                keep = st.add(ids[pos:pos + n])
-                pos += n
-                streamed += st.take()
-            final = st.final_text()
-            streamed += st.take()
+            keep, streamed, final = _stream_in_random_chunks(TextStreamer(decode, stops), ids, rnd)
             if stops:
                 assert keep is not None, (stop, full)
                 text = decode(ids[:keep])  # the text when the stop string appeared (may differ from the whole
@@ -341,14 +346,7 @@ def test_text_streamer_stop_seen_only_in_an_incomplete_utf8_prefix(tokenizer):
     a = rnd.randrange(0, len(full) - 3)
     stop = full[a:a + rnd.randrange(1, 4)]
     assert stop == "\ufffd" and not full.startswith(stop)
-    st, streamed, keep, pos = TextStreamer(decode, (stop,)), "", None, 0
-    while pos < len(ids) and keep is None:
-        n = rnd.randrange(1, 6)
-        keep = st.add(ids[pos:pos + n])
-        pos += n
-        streamed += st.take()
-    final = st.final_text()
-    streamed += st.take()
+    keep, streamed, final = _stream_in_random_chunks(TextStreamer(decode, (stop,)), ids, rnd)
     text = decode(ids[:keep])
     assert stop in text and stop not in decode(ids[:keep - 1])
     assert final == streamed == text[:text.index(stop)]
@@ -377,8 +375,9 @@ def test_decode_exits_early_follows_the_platform_and_the_env(monkeypatch):
     import jax
 
     from gptoss_jax.generate import EARLY_EXIT_ENV_VAR, decode_exits_early
+    from gptoss_jax.kernels._common import lowering_platform
 
-    leaves = [jnp.ones((2,))]
+    leaves = lowering_platform([jnp.ones((2,))])
     monkeypatch.delenv(EARLY_EXIT_ENV_VAR, raising=False)
     assert decode_exits_early(leaves) is (jax.devices()[0].platform != "gpu")
     monkeypatch.setenv(EARLY_EXIT_ENV_VAR, "0")

@@ -11,9 +11,10 @@ prefill / decode):
   ``prefill_chunk`` tokens (a request whose prompt is longer is prefilled over several iterations, with decode chunks
   of the other rows in between), scattered back; a row whose prompt is complete samples its first token;
   *decode* — the occupied slots decode up to ``chunk_size`` tokens in one device loop (as in
-  :mod:`gptoss_jax.generate`: a fixed trip count on GPUs, whose while loops sync with the host every step); rows that are empty or finished are masked (length 0: no cache write). When fewer
-  than half the slots are busy, only the live rows are gathered into a batch bucket (a power of two) and scattered
-  back, so a light load runs a small step instead of a ``max_batch`` one.
+  :mod:`gptoss_jax.generate`: a fixed trip count on GPUs, whose while loops sync with the host every step); rows
+  that are empty or finished are masked (length 0: no cache write). When fewer than half the slots are busy, only
+  the live rows are gathered into a batch bucket (a power of two) and scattered back, so a light load runs a small
+  step instead of a ``max_batch`` one.
   Prefill of newcomers can be bounded (``prefill_budget`` prompt tokens per iteration) while other rows decode.
 * Host work is off the critical path (JAX's asynchronous dispatch): the decode state — each slot's last token,
   position, finished flag, tokens so far — stays on the device as a slot-indexed *carry* that every call returns
