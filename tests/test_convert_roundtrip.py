@@ -52,7 +52,11 @@ def check_logits(model, dst, config, what):
     chex.assert_type(logits, jnp.float32)
     err = testing.rel_err(logits, ref)
     assert err <= TOL, f"{what}: int4 model rel err {err}"
-    assert np.array_equal(np.argmax(np.asarray(logits), -1), np.argmax(ref, -1)), f"{what}: top-1 differs"
+    # same top-1 everywhere, except at a float32 near-tie of the reference (the ids are fresh random draws: a run in
+    # CI met one), where our pick must be within 1e-4 of the reference's top logit (relative to the logits' scale)
+    ours, ref_top = np.argmax(np.asarray(logits), -1), np.argmax(ref, -1)
+    gap = np.take_along_axis(ref, ref_top[..., None], -1)[..., 0] - np.take_along_axis(ref, ours[..., None], -1)[..., 0]
+    assert np.all((ours == ref_top) | (gap <= 1e-4 * np.max(np.abs(ref)))), f"{what}: top-1 differs"
     return err
 
 
