@@ -33,7 +33,7 @@ from gptoss_jax.moe_parallel import MoEParallel, attention_forward, local_expert
 from gptoss_jax.params import QuantSpec, layer_period, model_specs, stack_layers
 from gptoss_jax.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 from gptoss_jax.kernels.attention import attention as pallas_attention
-from gptoss_jax.kernels import rms_norm, router_top_k
+from gptoss_jax.kernels import decode_attention_update, rms_norm, router_top_k
 
 
 class RMSNorm(nnx.Module):
@@ -77,6 +77,16 @@ class Attention(nnx.Module):
             q, k, v = (p(x, parallel=par, split_out=True, layer=layer) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k, v = (a.reshape(b, t, self.num_kv_heads, self.head_dim) for a in (k, v))
+        sinks = self.sinks[...]  # [L, H] read in place when the layers are stacked (the scan), else [H]
+        sink_layer = layer if sinks.ndim == 2 else None
+        if t == 1 and cache is not None and attend_to_cache and par is None:
+            # Decode: RoPE, the cache write and attention as one op (on cuda one Pallas launch instead of ~10
+            # small kernels; elsewhere the same steps as below, gptoss_jax.kernels.decode_attention_update).
+            out, ck, cv, cp = decode_attention_update(
+                q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], valid[:, 0], cache.k, cache.v,
+                cache.pos, sinks, window, block=block, sink_layer=sink_layer)
+            return self.o_proj(out.reshape(b, t, -1), layer=layer), LayerCache(ck, cv, cp)
+        sinks = sinks if sink_layer is None else sinks[sink_layer]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         key_pos = jnp.where(valid, positions, -1)  # -1 marks a key nobody may see (padding)
@@ -100,9 +110,9 @@ class Attention(nnx.Module):
         if at is None and keys.dtype != q.dtype:  # a cache in another dtype (the kernels convert tiles as they read)
             keys, values = keys.astype(q.dtype), values.astype(q.dtype)
         if par is None:
-            out = attention(q, keys, values, positions, key_pos, self.sinks[...], window, layer=at)
+            out = attention(q, keys, values, positions, key_pos, sinks, window, layer=at)
         else:  # on a mesh: per device under shard_map (a Pallas kernel is not auto-partitioned)
-            out = attention_forward(q, keys, values, positions, key_pos, self.sinks[...], window, par, layer=at)
+            out = attention_forward(q, keys, values, positions, key_pos, sinks, window, par, layer=at)
         return self.o_proj(out.reshape(b, t, -1), parallel=par, layer=layer), new_cache
 
 
@@ -162,8 +172,9 @@ class Experts(nnx.Module):
         return layers.routed_eligible(self.gate_up, rows) and layers.routed_eligible(self.down, rows)
 
     def routed(self, x, expert_ids, rows, layer=None, interpret=False):
-        """x [N, H] tokens, expert_ids / rows int32 [R] (an id outside [0, E): zero row) → [R, H]: the same MLPs
-        without grouping the rows, straight from the router's ids (the row-wise GPU kernel, decode sizes)."""
+        """x [N, H] tokens, expert_ids int32 [R] (an id outside [0, E): zero row), rows int32 [R] or an int k (row r
+        is token r // k) → [R, H]: the same MLPs without grouping the rows, straight from the router's ids (the
+        row-wise GPU kernel, decode sizes)."""
         h = layers.routed_linear(x, self.gate_up, expert_ids, rows, self.gate_up_bias[...],
                                  swiglu=(self.alpha, self.limit), layer=layer, interpret=interpret)
         return layers.routed_linear(h, self.down, expert_ids, None, self.down_bias[...], layer=layer,
@@ -267,8 +278,7 @@ class GptOss(nnx.Module):
         The matmul weights (attention projections, experts) stay whole, stacked over layers, and each layer's
         matmuls read their slice in place from its index (the kernels offset their weight ids): slicing them as
         scan inputs would copy every layer's weights on every step, since a Pallas kernel cannot read a dynamic
-        slice of its operand in place (the router and the norms too: their decode kernels on cuda). The sinks are
-        sliced per layer."""
+        slice of its operand in place (the router, the norms and the sinks too: their decode kernels on cuda)."""
         c = self.config
         p = layer_period(c)
         blocks = c.num_hidden_layers // p
@@ -295,7 +305,7 @@ class GptOss(nnx.Module):
         return x, new_cache
 
 
-_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "router", "input_norm", "post_attn_norm")
+_IN_PLACE = ("q_proj", "k_proj", "v_proj", "o_proj", "sinks", "experts", "router", "input_norm", "post_attn_norm")
 
 
 def _read_in_place(path, value) -> bool:

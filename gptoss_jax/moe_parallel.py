@@ -143,9 +143,11 @@ def routed_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=N
     n, h = x.shape
     k = expert_ids.shape[-1]
     count = _num_local_experts(experts_mod)
-    ids = expert_ids.reshape(n * k).astype(jnp.int32) - first
-    ids = jnp.where(jnp.logical_and(ids >= 0, ids < count), ids, -1)  # other shards' experts: zero rows
-    y = experts_mod.routed(x, ids, jnp.arange(n * k, dtype=jnp.int32) // k, layer=layer, interpret=interpret)
+    ids = expert_ids.reshape(n * k).astype(jnp.int32)
+    if not (isinstance(first, int) and first == 0):
+        ids = ids - first  # other shards' experts fall outside [0, count): zero rows (the kernel checks the range)
+    # rows = k: row r reads token r // k, computed in the kernel (no index arrays: no XLA kernels before the launch)
+    y = experts_mod.routed(x, ids, k, layer=layer, interpret=interpret)
     return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights.reshape(n, k).astype(jnp.float32))
 
 

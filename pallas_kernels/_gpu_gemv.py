@@ -40,6 +40,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from . import _common
@@ -173,15 +174,21 @@ def _splits(t: GemvTiling, rows: int, tiles_n: int, steps: int, interpret: bool)
 
 
 def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
-                     tiling=None, role=None, interpret=False):
+                     tiling=None, role=None, interpret=False, id_limit=None, id_offset=None, offset_scale=1):
     """Row ``r`` of each output = ``x[xrows[r]] @ W_i[wids[r]] + bias_i[wids[r]]`` (zeros where ``wids[r] < 0``).
 
     x [M, K] (any float dtype; products and sums in float32); weights: Int4Tensor s with leading weight axis
-    ``[W, K, N_i]`` (experts, or layers of a stacked dense weight), same K and group size; wids, xrows int32 [R];
-    biases: None or per weight None / ``[W, N_i]``. epilogue None or "swiglu" (one weight: output [R, N/2], gate =
-    even, up = odd columns, gptoss_jax.kernels.swiglu). Returns a tuple of [R, N_i] in out_dtype."""
+    ``[W, K, N_i]`` (experts, or layers of a stacked dense weight), same K and group size; wids int32 [R]; xrows
+    int32 [R], or a static int ``k``: row r reads ``x[r // k]`` (the token of the router's flattened top-k; computed
+    in the kernel, no index array). With ``id_limit`` (static int) the ids are raw: ``wids[r]`` outside
+    ``[0, id_limit)`` gives a zero row and a live id reads weight ``wids[r] + id_offset · offset_scale``
+    (``id_offset`` an int32 scalar, e.g. the layer of experts stacked over layers) — computed in the kernel, so no
+    XLA kernel prepares indices. biases: None or per weight None / ``[W, N_i]``. epilogue None or "swiglu" (one
+    weight: output [R, N/2], gate = even, up = odd columns, gptoss_jax.kernels.swiglu). Returns a tuple of
+    [R, N_i] in out_dtype."""
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
+    row_div = int(xrows) if isinstance(xrows, int) else None
     m, k = x.shape
     r_rows = int(wids.shape[0])
     g = weights[0].group_size
@@ -210,15 +217,17 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
         return pltriton.load(ref) if mask is None else pltriton.load(ref, mask=mask, other=0)
 
     def kernel(*refs):
-        wid_ref, xrow_ref, x_ref = refs[:3]
+        wid_ref, xrow_ref, off_ref, x_ref = refs[:4]
         o_ref = refs[-1]
-        wrefs, pos = [], 3
+        wrefs, pos = [], 4
         for hz in has_z:
             wrefs.append((refs[pos], refs[pos + 1], refs[pos + 2] if hz else None))
             pos += 3 if hz else 2
         r, nt, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         wid = wid_ref[r]
-        xr = xrow_ref[r]
+        if id_limit is not None:
+            wid = jnp.where(jnp.logical_and(wid >= 0, wid < id_limit), wid + off_ref[0] * offset_scale, -1)
+        xr = r // row_div if row_div is not None else xrow_ref[r]
         lo = sp * sps
         hi = jnp.minimum(lo + sps, steps)
 
@@ -298,7 +307,11 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
             arrs[0] = jnp.pad(arrs[0], ((0, 0), (0, gpad), (0, 0), (0, npad)))
             for a in range(1, len(arrs)):
                 arrs[a] = jnp.pad(arrs[a], ((0, 0), (0, gpad), (0, npad)))
-    args = [wids.astype(jnp.int32), xrows.astype(jnp.int32), xp] + [a for arrs in wargs for a in arrs]
+    # index operands a Pallas call needs even when unused: numpy constants (no XLA kernel computes them)
+    xrows_arg = np.zeros((1,), np.int32) if row_div is not None else xrows.astype(jnp.int32)
+    off_arg = (np.zeros((1,), np.int32) if id_offset is None
+               else jnp.reshape(jnp.asarray(id_offset, jnp.int32), (1,)))
+    args = [wids.astype(jnp.int32), xrows_arg, off_arg, xp] + [a for arrs in wargs for a in arrs]
     kwargs = {}
     if not interpret:
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
@@ -312,6 +325,9 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     )(*args)
     # One fusion per weight: sum the K splits, add each row's bias, epilogue, cast (zero rows stay zero).
     y = jnp.sum(out, axis=0) if splits > 1 else out[0]
+    if id_limit is not None:  # the ids as the kernel resolved them (XLA fuses this into the epilogue)
+        wids = jnp.where(jnp.logical_and(wids >= 0, wids < id_limit),
+                         wids + (0 if id_offset is None else jnp.asarray(id_offset, jnp.int32) * offset_scale), -1)
     live = (wids >= 0)[:, None]
     res = []
     for i, (n, b) in enumerate(zip(ns, biases)):
@@ -335,18 +351,17 @@ def routed_int4_gpu(x, w, expert_ids, rows, bias=None, *, out_dtype, epilogue=No
     """Row r = x[rows[r]] @ w[expert_ids[r]] (+ bias): the MoE straight from the router's ids (module docstring).
 
     w: Int4Tensor [E, K, N] (or [L, E, K, N] with ``layer``, read in place); expert_ids int32 [R] (ids outside
-    [0, E) give zero rows); rows int32 [R]; bias None or [E, N] ([L, E, N])."""
+    [0, E) give zero rows); rows int32 [R], or an int k (row r reads x[r // k], see rowwise_int4_gpu); bias None or
+    [E, N] ([L, E, N]). The ids go to the kernel as they are: range check and layer offset happen there."""
     stacked = layer is not None
     e = w.packed.shape[1 if stacked else 0]
-    ids = expert_ids.astype(jnp.int32)
-    live = jnp.logical_and(ids >= 0, ids < e)
-    wids = jnp.where(live, ids + (jnp.asarray(layer, jnp.int32) * e if stacked else 0), -1)
     from .int4_layout import Int4Tensor  # noqa: PLC0415
 
     wf = Int4Tensor(_flat(w.packed, stacked), _flat(w.scales, stacked), _flat(w.zeros, stacked), w.group_size)
-    return rowwise_int4_gpu(x, [wf], wids, rows, [_flat(bias, stacked)], out_dtype=out_dtype, epilogue=epilogue,
-                            alpha=alpha, limit=limit, tiling=tiling,
-                            role="gate_up" if epilogue == "swiglu" else "down", interpret=interpret)[0]
+    return rowwise_int4_gpu(x, [wf], expert_ids.astype(jnp.int32), rows, [_flat(bias, stacked)], out_dtype=out_dtype,
+                            epilogue=epilogue, alpha=alpha, limit=limit, tiling=tiling,
+                            role="gate_up" if epilogue == "swiglu" else "down", interpret=interpret, id_limit=e,
+                            id_offset=layer if stacked else None, offset_scale=e)[0]
 
 
 def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None, interpret=False):
@@ -363,7 +378,8 @@ def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None,
             b = None if b is None else b[None]
         ws.append(w)
         bs.append(b)
-    wid = jnp.asarray(0 if layer is None else layer, jnp.int32)
-    wids = jnp.full((m,), wid, jnp.int32)
-    return rowwise_int4_gpu(x, ws, wids, jnp.arange(m, dtype=jnp.int32), bs, out_dtype=out_dtype, tiling=tiling,
-                            role="qkv" if len(ws) > 1 else "o", interpret=interpret)
+    # every row reads weight `layer` (0 when not stacked): constant ids, the layer as the kernel's id offset
+    n_w = ws[0].packed.shape[0]
+    return rowwise_int4_gpu(x, ws, np.zeros((m,), np.int32), 1, bs, out_dtype=out_dtype, tiling=tiling,
+                            role="qkv" if len(ws) > 1 else "o", interpret=interpret, id_limit=n_w,
+                            id_offset=layer if stacked else None)

@@ -28,6 +28,7 @@ All paths accumulate in float32, add the bias in float32, apply the epilogue in 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -321,8 +322,9 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
       w: [E, K, N] float array or Int4Tensor ([L, E, K, N] with ``layer``).
       expert_ids: int [R], one expert per output row; an id outside [0, E) gives a zero row (an assignment to an
         expert another shard holds).
-      rows: int [R], the x row of each output row (the token of a (token, expert) assignment: ``r // k`` for the
-        router's flattened top-k); default ``range(R)`` (then R must equal M).
+      rows: int [R], the x row of each output row; or a Python int k: row r reads ``x[r // k]`` (the token of a
+        (token, expert) assignment of the router's flattened top-k; R = M·k; the kernel computes it, no index
+        array); default ``range(R)`` (then R must equal M).
       bias, epilogue, swiglu_alpha, swiglu_limit, out_dtype, layer: as in :func:`grouped_matmul`.
       implementation: None (auto), "xla", "tpu" or "gpu". "gpu" is the row-wise int4 GEMV kernel
         (``_gpu_gemv``, int4 weights whose group size / 8 is a power of two; interpreted off cuda unless
@@ -344,8 +346,16 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
     if rows is None:
         if x.shape[0] != r:
             raise ValueError(f"routed_matmul: without rows, x needs one row per id: x {x.shape}, {r} ids")
-        rows = jnp.arange(r, dtype=jnp.int32)
-    rows = jnp.asarray(rows, jnp.int32)
+        rows = 1
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        if rows < 1 or r != x.shape[0] * rows:
+            raise ValueError(f"routed_matmul: rows={rows} (row r reads x[r // {rows}]) needs R = M · {rows}; got "
+                             f"x {x.shape}, {r} ids")
+        row_div = rows
+        rows = jnp.arange(r, dtype=jnp.int32) // row_div  # for the sorted path (the kernel computes it itself)
+    else:
+        row_div = None
+        rows = jnp.asarray(rows, jnp.int32)
     if rows.shape != (r,):
         raise ValueError(f"routed_matmul: rows must be [{r}], got {rows.shape}")
     e = wv.shape[0]
@@ -357,7 +367,8 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
 
     def kernel(interp):
         def fn(x_):
-            return _gpu_gemv.routed_int4_gpu(x_, w, ids, rows, bias, out_dtype=out_dtype, layer=layer, tiling=tiling,
+            return _gpu_gemv.routed_int4_gpu(x_, w, ids, rows if row_div is None else row_div, bias,
+                                             out_dtype=out_dtype, layer=layer, tiling=tiling,
                                              interpret=interp, **swiglu)
         return fn
 
@@ -474,3 +485,74 @@ def rms_norm(x, scale, eps: float, *, layer=None, implementation: str | None = N
     return _decode_kernel_or_base(x, name, reason, 0 < rows <= _gpu_norm.auto_max_rows(), kernel, base, interpret,
                                   f"rms_norm x {tuple(x.shape)}")
 
+
+
+def decode_attention_update(q, k, v, cos, sin, positions, valid, k_cache, v_cache, pos_cache, sinks,
+                            window: int | None = None, *, block, sink_layer=None, implementation: str | None = None,
+                            interpret: Any = None, splits: int | None = None):
+    """One decode step of gpt-oss attention: RoPE on the new query and key, the KV-cache write, and GQA attention
+    with sinks over the updated cache (``_gpu_decode_attention``; semantics of ``gptoss_jax.rope.apply_rope`` +
+    ``gptoss_jax.kv_cache.update_stacked_cache`` (T = 1) + :func:`gptoss_jax.kernels.attention.attention`).
+
+    Args:
+      q: [B, H, D] the new token's queries before RoPE; k, v: [B, KV, D] its keys (before RoPE) and values.
+      cos, sin: float32 [B, D/2] rotary factors of each row's position (attention factor included).
+      positions: int32 [B] (or [B, 1]) each row's position, ≥ 0; valid: bool [B] (or [B, 1]), False = write nothing.
+      k_cache, v_cache: [NB, B, S, KV, D], pos_cache: int32 [NB, B, S] — a KV cache stacked over blocks;
+        ``block`` (int32 scalar, may be traced) picks this layer's.
+      sinks: [H] per-head sink logits, or [L, H] with ``sink_layer`` (int32 scalar: read in place).
+      window: sliding window in tokens, None = full causal.
+      implementation: None (auto: on cuda the one-launch Pallas kernel, for at most ``GPTOSS_DECODE_ATTENTION_MAX_ROWS``
+        rows (4096); elsewhere, or with several devices, the base op: RoPE, scatter, then ``attention``), "xla" / "tpu" (the base op with that attention), "gpu" (the kernel;
+        interpreted off cuda unless ``interpret`` says). ``GPTOSS_KERNELS`` acts as ``implementation`` when None.
+      splits: the kernel's key-range split count (None: by cache length).
+
+    Returns: (out [B, H, D] in q.dtype, k_cache, v_cache, pos_cache) — the caches updated (in place when donated or
+    a loop carry).
+
+    Raises: ValueError naming the argument for inconsistent shapes; UnsupportedCallError when "gpu" cannot run it.
+    """
+    from . import _gpu_decode_attention as gda  # noqa: PLC0415
+    from .attention import attention  # noqa: PLC0415
+
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"decode_attention_update: q must be [B, H, D] and k, v [B, KV, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, h, d = q.shape
+    kv = k.shape[1]
+    if h % kv:
+        raise ValueError(f"decode_attention_update: {h} query heads are not a multiple of {kv} KV heads (k, v)")
+    if k_cache.ndim != 5 or v_cache.shape != k_cache.shape or k_cache.shape[1] != b or k_cache.shape[3:] != (kv, d):
+        raise ValueError(f"decode_attention_update: k_cache, v_cache must be [NB, {b}, S, {kv}, {d}]; got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if tuple(pos_cache.shape) != tuple(k_cache.shape[:3]):
+        raise ValueError(f"decode_attention_update: pos_cache must be {tuple(k_cache.shape[:3])}, got "
+                         f"{tuple(pos_cache.shape)}")
+    if tuple(cos.shape) != (b, d // 2) or tuple(sin.shape) != (b, d // 2):
+        raise ValueError(f"decode_attention_update: cos, sin must be [{b}, {d // 2}]; got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    positions, valid = jnp.reshape(positions, (-1,)), jnp.reshape(valid, (-1,))
+    if positions.shape != (b,) or valid.shape != (b,):
+        raise ValueError(f"decode_attention_update: positions and valid must be [{b}]; got {tuple(positions.shape)}, "
+                         f"{tuple(valid.shape)}")
+    if tuple(sinks.shape[-1:]) != (h,) or sinks.ndim != (1 if sink_layer is None else 2):
+        raise ValueError(f"decode_attention_update: sinks must be [{h}] ([L, {h}] with sink_layer), got "
+                         f"{tuple(sinks.shape)}")
+    window = None if window is None else int(window)
+    name = _chosen(implementation)
+    if name is None and jax.device_count() > 1:
+        name = "xla"  # pallas_call is not auto-partitioned (as attention's own rule)
+    args = (k, v, cos, sin, positions, valid, k_cache, v_cache, pos_cache, sinks, window)
+
+    def base(q_):
+        fn = attention if name is None else functools.partial(attention, implementation=name)
+        return gda.reference_decode_attention_update(q_, *args, block=block, sink_layer=sink_layer, attention_fn=fn)
+
+    def kernel(interp):
+        def fn(q_):
+            return gda.decode_attention_update_gpu(q_, *args, block=block, sink_layer=sink_layer, splits=splits,
+                                                   interpret=interp)
+        return fn
+
+    return _decode_kernel_or_base(q, name, gda.why_not(h, kv, d), b <= gda.auto_max_rows(), kernel, base, interpret,
+                                  f"decode_attention_update q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
         out[name] = {"mosaic": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
                      "scan_or_while": text.count("stablehlo.while"), "rowwise": text.count("int4_rowwise_gemv"),
                      "sort": text.count("stablehlo.sort"), "router": text.count("router_logits"),
-                     "norm": text.count("rmsnorm_rows")}
+                     "norm": text.count("rmsnorm_rows"), "attn_update": text.count("decode_attention_update")}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -103,3 +103,8 @@ def test_export_int4_model_for_cuda(mesh):
     # the norms at decode: one launch each; prefill (32 rows) keeps XLA's, except the final norm of the last tokens
     assert r["decode"]["norm"] > r["prefill"]["norm"] > 0, r
     assert r["prefill"]["rowwise"] == 0 and r["prefill"]["router"] == 0 and r["prefill"]["sort"] > 0, r
+    if mesh == "none":
+        # decode on one device: RoPE + KV-cache write + attention are one kernel per block position (the export
+        # also holds the other platforms' branches: the base op's scatters)
+        assert r["decode"]["attn_update"] >= p, r
+        assert r["prefill"]["attn_update"] == 0, r
