@@ -9,7 +9,9 @@
 #   R  bench/bench_router.py: the decode router kernels vs float64 (compiled) and vs the XLA op (timing)
 #   T  the batch-1 decode profile (as P, fixed loop) under GPTOSS_GEMV_TILING candidates per role ($TILINGS: lines
 #      "name=gemv json[;router json]", the second part GPTOSS_ROUTER_TILING), to pick the row-wise kernel's per-role
-#      defaults (and the router's) from in-model kernel times
+#      defaults (and the router's) from in-model kernel times; e.g. the default against the "mant" dequantization
+#      (GemvTiling.dequant, pallas_kernels/_gpu_gemv.py docstring) for the MoE matmuls:
+#        STAGES=T TILINGS=$'default=\nmant={"gate_up":{"dequant":"mant"},"down":{"dequant":"mant"}}' bench/run_probe.sh
 . "$(dirname "$0")/_setup.sh"
 CB_ALL="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 for s in ${STAGES:-W P C}; do

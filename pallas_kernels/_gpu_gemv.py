@@ -23,6 +23,29 @@ stride-8 load); each K step multiplies its partial sum by the scale row once per
 (``acc += part · s``), and the accumulator is reduced to ``[bn]`` once at the end. Exact for any input: bf16 x is
 exact in float32, and the accumulation is float32 as in the other kernels.
 
+Three dequantization modes (``GemvTiling.dequant``; ops per int32 word of 8 nibbles, per column):
+
+* ``"exact"``: ``((w >> 4j) & 0xF) | 0x4B000000`` minus ``2^23 + z`` is ``q - z`` exactly; then one FMA with x:
+  7 shifts + 8 LOP3 + 8 FADD + 8 FMA.
+* ``"fold"`` (default): the code shifted to mantissa bits 19..22 of 1.0 is ``1 + q/16`` exactly; the FMA takes it
+  as is and the zero point leaves once per group, ``(sum x·(1 + q/16) − (1 + z/16)·sum x)·16·s``: 8 shifts + 8 LOP3
+  + 8 FMA (+ the per-row sum of x). The subtraction of two group sums of terms of size ``|x|`` rounds to ~1e-7
+  relative of ``sum |x|``, not of the result.
+* ``"mant"``: nibbles 0..4 are masked *in place* (no shift) into the mantissa of 1.0:
+  ``(w & (0xF << 4p)) | 0x3F800000`` is the float ``1 + q·2^(4p-23)`` exactly (mantissa bits 4p..4p+3, p <= 4);
+  minus ``1 + z·2^(4p-23)`` (exact: an integer z <= 15 times a power of two, 24 significant bits at most) it is
+  ``(q - z)·2^(4p-23)`` exactly (Sterbenz: both operands in [1, 2)); the FMA multiplies it by
+  ``x_j·2^(23-4p)``, an exact power-of-two scaling of the x plane done once per loaded x value, so each product is
+  ``x_j·(q - z)`` rounded once — the same float32 operations as "exact", bit for bit. Nibbles 5..7 (bits 20..31
+  overlap the exponent) reach positions p = 2, 3, 4 by one shift of the word by 12 (arithmetic is fine: the smeared
+  sign bits land in 20..31, which the masks drop). Per word: 1 shift + 8 LOP3 + 8 FADD + 8 FMA, i.e. 9 integer ops
+  instead of 16 (Hopper: 64 int32 vs 128 fp32 ops/clk/SM) for one more fp op per nibble than "fold" — 25
+  instructions per word against 24, so it can win only where the integer pipe, not instruction issue, limits. The
+  zero point sits in the subtrahend (5 FMAs per group and column; constants when symmetric, z = 8): applying it
+  once per group through ``sum x`` as "fold" does would keep the same per-nibble subtract (of 1.0; without it the
+  ``x·2^(23-4p)`` term swamps ``x·q``) and add the sum of x. Valid for ``|x| < 2^104`` (x·2^23 must stay finite in
+  float32; activations are many orders below).
+
 Layout (``int4_layout``): ``packed [W, K/8, N]`` int32, word row ``kw`` holds K rows ``8·kw + j`` in nibble ``j``;
 viewed (a free reshape) as ``[W, K/g, g/8, N]`` so a K step loads whole quantization groups as a 3-D tile; x is
 viewed as ``[M, K/g, g/8, 8]`` and nibble plane ``j`` of group ``G`` reads column ``j`` of it (every 8th) (no permuted
@@ -51,6 +74,8 @@ MAGIC = 0x4B000000  # float32 bits of 2^23: OR a 4-bit code into the mantissa to
 MAGIC_F = float(2 ** 23)
 ONE = 0x3F800000  # float32 bits of 1.0: a code in mantissa bits 19..22 gives 1 + code/16
 FOLD_MASK = 0xF << 19
+MANT_POSITIONS = 5  # "mant": nibbles 0..4 sit in mantissa bits 0..19 in place; 5..7 reach them by one shift by 12
+DEQUANT_MODES = ("fold", "exact", "mant")
 STEP_WORDS = 32  # word rows (K/8) per K step when groups are smaller: [32, bn] int32 = 16 KB at bn = 128
 TARGET_PROGRAMS = 1024
 INTERPRET_TARGET_PROGRAMS = 2
@@ -79,8 +104,11 @@ def auto_limits() -> tuple[int, int]:
 class GemvTiling:
     """Launch shape of the row-wise kernel. bn: output columns per program (power of two >= 16). splits: split-K
     factor (None: about TARGET_PROGRAMS programs). num_warps / num_stages: Triton launch parameters. step_words: K/8
-    word rows per K step (power of two; whole groups). dequant: "fold" (3 integer/float ops per nibble, zero point
-    applied once per group, ~1e-7 relative rounding) or "exact" (q − z exactly per nibble, one more op)."""
+    word rows per K step (power of two; whole groups). dequant (module docstring): "fold" (3 integer/float ops
+    per nibble, zero point applied once per group, ~1e-7 relative rounding), "exact" (q − z exactly per nibble, one
+    more op) or "mant" (the results of "exact" bit for bit with 9 integer ops per word instead of 16: nibbles masked
+    in place into the mantissa of 1.0, x pre-scaled by 2^(23-4p); requires |x| < 2^104). ValueError from the
+    kernel (why_not) for any other value."""
 
     bn: int = 128
     splits: int | None = None
@@ -152,8 +180,8 @@ def why_not(k: int, group_sizes, tiling=None) -> str | None:
         return f"bn={t.bn} must be a power of two >= 16"
     if not _pow2(t.step_words):
         return f"step_words={t.step_words} must be a power of two"
-    if t.dequant not in ("fold", "exact"):
-        return f"dequant={t.dequant!r} must be 'fold' or 'exact'"
+    if t.dequant not in DEQUANT_MODES:
+        return f"dequant={t.dequant!r} must be one of {', '.join(map(repr, DEQUANT_MODES))}"
     return None
 
 
@@ -209,6 +237,7 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     sps = _common.cdiv(steps, splits)  # K steps per split
     has_z = [w.zeros is not None for w in weights]
     exact = t.dequant == "exact"
+    mant = t.dequant == "mant"
     f32 = jnp.float32
     n_full = all(n % bn == 0 for n in ns)  # no N tile runs past its weight: no column masks
     g_full = groups % ng == 0  # no K step runs past K: no group masks
@@ -264,6 +293,22 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                     xs = [_load(x_ref.at[xr, pl.ds(g0, ng), :, pl.ds(j, 1)], xm).astype(f32)
                           for j in range(8)]  # plane j: K rows 8·(G·gw + r) + j, [ng, gw, 1] (stride-8 loads)
                     part = jnp.zeros((ng, gw, bn), f32)
+                    if mant:
+                        # nibble at mantissa bits 4p..4p+3 (p <= 4) OR-ed into 1.0 is 1 + q·2^(4p-23); minus
+                        # 1 + z·2^(4p-23) is (q - z)·2^(4p-23) exactly (Sterbenz: both in [1, 2)); times x·2^(23-4p)
+                        # (exact power-of-two scaling, once per loaded x value) that is x·(q - z): the products and
+                        # sums of "exact" mode, bit for bit, with one LOP3 per nibble and one shift per word.
+                        # Nibbles 5..7 (bits 20..31 overlap the exponent) move to p = 2..4 with one shift by 12;
+                        # arithmetic is fine: the smeared sign lands in bits 20..31, which the masks drop.
+                        hi_words = words >> 12
+                        zfs = [1.0 + 8.0 * 2.0 ** (4 * p - 23) if z is None else
+                               (z * 2.0 ** (4 * p - 23) + 1.0)[:, None, :] for p in range(MANT_POSITIONS)]
+                        for j in range(8):
+                            p = j if j < MANT_POSITIONS else j - 3
+                            code = ((words if j < MANT_POSITIONS else hi_words) & (0xF << (4 * p))) | ONE
+                            d = jax.lax.bitcast_convert_type(code, f32) - zfs[p]
+                            part = part + (xs[j] * 2.0 ** (23 - 4 * p)) * d
+                        return acc + part * s[:, None, :]
                     if exact:
                         # 2^23 + q (code OR-ed into the mantissa of 2^23) minus 2^23 + z: q - z exactly
                         zf = (jnp.full((ng, bn), 8.0, f32) if z is None else z) + MAGIC_F

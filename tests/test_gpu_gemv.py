@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptoss_jax.kernels import (Int4Tensor, UnsupportedCallError, dense_matmul, dense_matmul_fused, quantize,
-                                routed_matmul)
+from gptoss_jax.kernels import (Int4Tensor, UnsupportedCallError, dense_matmul, dense_matmul_fused, from_unsigned,
+                                quantize, routed_matmul)
 from gptoss_jax.kernels import _gpu_gemv
+from gptoss_jax.kernels.int4_layout import unpack
 from gptoss_jax.kernels.reference import dequantize_f64, max_rel_err, routed_matmul_f64
 
 ALPHA, LIMIT = 1.702, 7.0
@@ -36,6 +37,10 @@ def _f64(a):
     (16, False, jnp.float32, "swiglu", "fold"),  # 8 groups per K step, K tail masked
     (64, True, jnp.float32, None, "fold"),
     (256, False, jnp.float32, None, "fold"),  # one group per step
+    (32, False, jnp.float32, "swiglu", "mant"),
+    (64, True, jnp.bfloat16, None, "mant"),
+    (16, False, jnp.float32, None, "mant"),  # 8 groups per K step, K tail masked
+    (256, True, jnp.float32, "swiglu", "mant"),
 ])
 def test_routed_kernel_matches_float64(g, sym, dtype, epilogue, dequant):
     rng = np.random.default_rng(g + sym)
@@ -93,9 +98,11 @@ def test_routed_kernel_reads_stacked_layers_in_place():
 
 
 @settings(max_examples=6, deadline=None)
-@given(st.integers(1, 5), st.sampled_from([16, 32, 64]), st.integers(1, 3), st.booleans(), st.integers(0, 2**31 - 1))
-def test_routed_kernel_property(rows_n, g, kgroups_steps, sym, seed):
-    """Any number of rows, group sizes, K lengths (whole and partial K steps) and N: equals the float64 reference."""
+@given(st.integers(1, 5), st.sampled_from([16, 32, 64]), st.integers(1, 3), st.booleans(), st.integers(0, 2**31 - 1),
+       st.sampled_from(_gpu_gemv.DEQUANT_MODES))
+def test_routed_kernel_property(rows_n, g, kgroups_steps, sym, seed, dequant):
+    """Any number of rows, group sizes, K lengths (whole and partial K steps), N and dequantization mode: equals the
+    float64 reference."""
     rng = np.random.default_rng(seed)
     e = 3
     k = g * max(1, (kgroups_steps * 256) // g - 1)  # K not a multiple of the 256-row step
@@ -103,7 +110,8 @@ def test_routed_kernel_property(rows_n, g, kgroups_steps, sym, seed):
     w = _int4(rng, (e,), k, n, g, sym)
     x = jnp.asarray(rng.standard_normal((rows_n, k)), jnp.float32)
     ids = rng.integers(-1, e, rows_n).astype(np.int32)
-    y = routed_matmul(x, w, jnp.asarray(ids), implementation="gpu", interpret=True)
+    y = routed_matmul(x, w, jnp.asarray(ids), implementation="gpu", interpret=True,
+                      tiling=_gpu_gemv.GemvTiling(dequant=dequant))
     ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids)
     assert np.all(np.isfinite(np.asarray(y)))
     assert np.max(np.abs(np.asarray(y) - ref)) <= 1e-5 * max(1.0, float(np.max(np.abs(ref))))
@@ -152,6 +160,8 @@ def test_default_tiling_env_override(monkeypatch):
             _gpu_gemv.default_tiling()
     monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"dequant": "fast"}')
     assert "dequant" in _gpu_gemv.why_not(256, [32])
+    monkeypatch.setenv(_gpu_gemv.TILING_ENV_VAR, '{"dequant": "mant"}')
+    assert _gpu_gemv.default_tiling().dequant == "mant" and _gpu_gemv.why_not(256, [32]) is None
 
 
 def test_default_tiling_per_role(monkeypatch):
@@ -181,14 +191,20 @@ def test_auto_limits_env_override(monkeypatch):
     assert _gpu_gemv.auto_limits() == (_gpu_gemv.AUTO_MAX_ROWS, _gpu_gemv.AUTO_MAX_DENSE_ROWS)
 
 
-@pytest.mark.parametrize("k,n", [(512, 256), (480, 96)])  # whole tiles (no masks), partial N and K tiles
-def test_routed_kernel_lowers_to_triton_for_cuda(k, n):
+@pytest.mark.parametrize("k,n,dequant", [
+    (512, 256, "fold"), (480, 96, "fold"),  # whole tiles (no masks), partial N and K tiles
+    (512, 256, "mant"), (480, 96, "mant"), (512, 256, "exact"), (512, 256, "mant-symmetric"),
+])
+def test_routed_kernel_lowers_to_triton_for_cuda(k, n, dequant):
     """The compiled (non-interpreted) kernel lowers from this CPU host for cuda: one Triton call."""
     e, g = 4, 32
     spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    sym = dequant.endswith("-symmetric")  # zeros None: the zero point 8 is a constant in the kernel
+    dequant = dequant.removesuffix("-symmetric")
 
     def f(x, p, s, z, ids):
-        return routed_matmul(x, Int4Tensor(p, s, z, g), ids, implementation="gpu", interpret=False)
+        return routed_matmul(x, Int4Tensor(p, s, None if sym else z, g), ids, implementation="gpu", interpret=False,
+                             tiling=_gpu_gemv.GemvTiling(dequant=dequant))
 
     low = jax.jit(f).trace(spec((4, k), jnp.bfloat16), spec((e, k // 8, n), jnp.int32),
                            spec((e, k // g, n), jnp.bfloat16), spec((e, k // g, n), jnp.uint8),
@@ -224,3 +240,38 @@ def test_routed_moe_equals_grouped_moe(first):
         assert got.shape == (n, cfg.hidden_size) and got.dtype == jnp.float32
         scale = float(jnp.max(jnp.abs(want)))
         assert scale > 0 and float(jnp.max(jnp.abs(got - want))) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("dtype,sym", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.float32, True),
+                                       (jnp.bfloat16, True)])
+def test_dequant_modes_large_x_every_code_match_float64(dtype, sym):
+    """|x| ~ 1e4 (up to ~5e4) and every code 0..15 in every nibble position (nibble 7 holds the word's sign bit;
+    5..7 take "mant"'s shifted path), zero points 0 and 15 present: each mode is within 1e-6 of the float64
+    reference (float32 output, so only the kernel's own rounding counts), and "mant" gives "exact"'s results bit for
+    bit (the same float32 products x·(q - z), module docstring)."""
+    rng = np.random.default_rng(11 + sym)
+    e, k, n, g = 2, 512, 48, 32  # 48 columns: a partial N tile (bn 128)
+    q = rng.integers(0, 16, (e, k, n)).astype(np.uint8)
+    for j in range(8):
+        q[:, 8 * np.arange(16) + j, 0] = np.arange(16)  # codes 0..15 at nibble j in column 0
+    zeros = None if sym else rng.integers(0, 16, (e, k // g, n)).astype(np.uint8)
+    if zeros is not None:
+        zeros[:, 0, :2] = (0, 15)
+    scales = (rng.uniform(0.5, 2.0, (e, k // g, n)) * rng.choice([-1e-2, 1e-2], (e, k // g, n))).astype(np.float32)
+    w = from_unsigned(jnp.asarray(q), jnp.asarray(scales), None if zeros is None else jnp.asarray(zeros),
+                      group_size=g)
+    codes = unpack(np.asarray(w.packed))  # the stored words' nibbles
+    assert all(set(np.unique(codes[:, j::8])) == set(range(16)) for j in range(8))
+    x = jnp.asarray(rng.standard_normal((3, k)) * 1e4, dtype)
+    assert 2e4 < float(jnp.max(jnp.abs(x.astype(jnp.float32)))) < 1e5
+    ids = np.array([1, 0, -1, 1], np.int32)
+    rows = np.array([0, 1, 1, 2], np.int32)
+    ref = routed_matmul_f64(_f64(x), dequantize_f64(w), ids, rows)
+    ys = {}
+    for dequant in _gpu_gemv.DEQUANT_MODES:
+        y = routed_matmul(x, w, jnp.asarray(ids), rows=jnp.asarray(rows), out_dtype=jnp.float32,
+                          implementation="gpu", interpret=True, tiling=_gpu_gemv.GemvTiling(dequant=dequant))
+        assert y.dtype == jnp.float32 and y.shape == ref.shape
+        ys[dequant] = np.asarray(y)
+        assert max_rel_err(y, ref) <= 1e-6, (dequant, max_rel_err(y, ref))  # inf (fails) for NaN / inf
+    assert np.array_equal(ys["mant"], ys["exact"]) and np.all(ys["mant"][2] == 0)
