@@ -12,6 +12,10 @@
 #      defaults (and the router's) from in-model kernel times; e.g. the default against the "mant" dequantization
 #      (GemvTiling.dequant, pallas_kernels/_gpu_gemv.py docstring) for the MoE matmuls:
 #        STAGES=T TILINGS=$'default=\nmant={"gate_up":{"dequant":"mant"},"down":{"dequant":"mant"}}' bench/run_probe.sh
+#   E  the batch-1 decode profile (as T) under environment variants ($ENVS: lines "name=VAR=value VAR2=value"), an
+#      A/B of kernels behind their auto-mode switches in one run, e.g.
+#        STAGES=E ENVS=$'new=\nold_attention=GPTOSS_DECODE_ATTENTION_MAX_ROWS=0' bench/run_probe.sh
+#   K  bench/check_decode_attention.py: the one-launch decode attention kernel vs float64 (compiled) and timed
 . "$(dirname "$0")/_setup.sh"
 CB_ALL="FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 for s in ${STAGES:-W P C}; do
@@ -47,6 +51,17 @@ for s in ${STAGES:-W P C}; do
          head -2 "$OUT/tiling_$name.log" | cut -c1-200
          grep -E "rowwise|router" "$OUT/tiling_$name.log" | cut -c1-120
        done <<< "${TILINGS:-default=}" ;;
+    E) while IFS= read -r line; do
+         [ -z "$line" ] && continue
+         name=${line%%=*}; vars=${line#*=}
+         echo "--- $name $vars"
+         env $vars PROFILE_TAG="env_$name" timeout "${BENCH_P_TIMEOUT:-100}" "$PY" \
+           bench/bench_decode_profile.py --top 30 > "$OUT/env_$name.log" 2>&1
+         head -2 "$OUT/env_$name.log" | cut -c1-300
+         sed -n 3,14p "$OUT/env_$name.log" | cut -c1-140
+       done <<< "${ENVS:-default=}" ;;
+    K) timeout "${BENCH_K_TIMEOUT:-150}" "$PY" bench/check_decode_attention.py > "$OUT/decode_attention.log" 2>&1
+       grep -E "CHECK|Error|error" "$OUT/decode_attention.log" | cut -c1-200 | head -20 ;;
     C) timeout "${BENCH_C_TIMEOUT:-170}" "$PY" bench/bench_compile.py > "$OUT/compile.log" 2>&1
        tail -3 "$OUT/compile.log" | cut -c1-900 ;;
     *) echo "unknown stage $s" >&2 ;;

@@ -42,7 +42,7 @@ BLOCK_K = 128  # keys per loop step (as the flash decode kernel)
 MIN_ROWS = 16  # Triton's smallest dot: the G query heads of a KV head are padded to this many rows
 # Split the key range over several programs only when each split gets at least this many key blocks: a split
 # costs float32 partials and an XLA merge kernel, worth it only for long caches.
-MIN_BLOCKS_PER_SPLIT = 4
+MIN_BLOCKS_PER_SPLIT = 8
 TARGET_PROGRAMS = 1024
 NUM_WARPS = 4
 NUM_STAGES = 2

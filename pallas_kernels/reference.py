@@ -110,3 +110,42 @@ def attention_f64(q, k, v, q_pos, k_pos, sinks, window=None):
             p = p / (p.sum(axis=1, keepdims=True) + np.exp(sinks[hh] - top))
             out[bi, :, hh] = p @ v[bi, :, hh // g]
     return out
+
+
+def decode_attention_update_f64(q, k, v, cos, sin, positions, valid, k_cache, v_cache, pos_cache, sinks, window,
+                                block: int, sink_layer=None, compute_dtype=None, cache_dtype=None):
+    """One decode step in float64 (``gptoss_jax.kernels.decode_attention_update``'s contract): RoPE (rotate-half,
+    float32 as ``gptoss_jax.rope.apply_rope``, rounded to ``compute_dtype`` and then the cache's ``cache_dtype``, as
+    the model stores keys), the write of each valid row's key, value and position into slot ``position mod S`` of
+    cache block ``block``, then :func:`attention_f64` over that block with the key/value rounded to
+    ``compute_dtype`` (as the kernels read them). Shapes as the op; dtypes are ml_dtypes/jnp dtypes or None (no
+    rounding). Returns (out [B, H, D], k_cache, v_cache, pos_cache) as float64 / int arrays."""
+    import ml_dtypes  # noqa: F401,PLC0415  (registers bfloat16 with numpy)
+
+    def rnd(x, dtype):
+        return x if dtype is None else np.asarray(np.asarray(x, np.float32).astype(dtype).astype(np.float32),
+                                                  np.float64)
+
+    f = lambda a: np.asarray(np.asarray(a).astype(np.float32), np.float64)  # noqa: E731
+    q, k, v, kc, vc = f(q), f(k), f(v), f(k_cache).copy(), f(v_cache).copy()
+    pc = np.asarray(pos_cache).copy()
+    cos32, sin32 = np.asarray(cos, np.float32)[:, None, :], np.asarray(sin, np.float32)[:, None, :]
+    half = q.shape[-1] // 2
+
+    def rope(x):
+        x = x.astype(np.float32)
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos32 - x2 * sin32, x2 * cos32 + x1 * sin32], axis=-1).astype(np.float64)
+
+    qr = rnd(rope(q), compute_dtype)
+    kr = rnd(rnd(rope(k), compute_dtype), cache_dtype)
+    pos, ok = np.asarray(positions).reshape(-1), np.asarray(valid).reshape(-1).astype(bool)
+    s = kc.shape[2]
+    for r in np.nonzero(ok)[0]:
+        kc[block, r, pos[r] % s] = kr[r]
+        vc[block, r, pos[r] % s] = rnd(v[r], cache_dtype)
+        pc[block, r, pos[r] % s] = pos[r]
+    sk = np.asarray(sinks) if sink_layer is None else np.asarray(sinks)[sink_layer]
+    out = attention_f64(qr[:, None], rnd(kc[block], compute_dtype), rnd(vc[block], compute_dtype), pos[:, None],
+                        pc[block], sk, window)
+    return out[:, 0], kc, vc, pc

@@ -11,13 +11,10 @@ from hypothesis import strategies as st
 
 from gptoss_jax.kernels import _gpu_decode_attention as gda
 from gptoss_jax.kernels import decode_attention_update
+from gptoss_jax.kernels.reference import decode_attention_update_f64
 from gptoss_jax.kernels.registry import UnsupportedCallError
 
 pytestmark = pytest.mark.skipif(not gda.AVAILABLE, reason="Pallas Triton backend missing")
-
-
-def _round(x, dtype):
-    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(dtype).astype(jnp.float32), np.float64)
 
 
 def _problem(seed, *, b=3, h=16, kv=2, d=64, s=48, nb=3, window=None, dtype=jnp.bfloat16, cache_dtype=None,
@@ -52,52 +49,6 @@ def _problem(seed, *, b=3, h=16, kv=2, d=64, s=48, nb=3, window=None, dtype=jnp.
                 valid=jnp.asarray(valid), k_cache=kc, v_cache=vc, pos_cache=jnp.asarray(pc))
 
 
-def _reference_f64(pr, sinks, window, block, sink_layer):
-    """Float64: RoPE rounded to the activation dtype (as the model does), the cache write, attention with sinks."""
-    qd, cd = pr["q"].dtype, pr["k_cache"].dtype
-    q, k, v = (np.asarray(pr[n].astype(jnp.float32), np.float64) for n in ("q", "k", "v"))
-    cos, sin = np.asarray(pr["cos"], np.float64), np.asarray(pr["sin"], np.float64)
-    half = q.shape[-1] // 2
-
-    def rope(x):
-        x = x.astype(np.float32)
-        c, s = cos[:, None, :].astype(np.float32), sin[:, None, :].astype(np.float32)
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-    qr = _round(rope(q), qd)
-    kr = _round(_round(rope(k), qd), cd)
-    kc = np.asarray(pr["k_cache"].astype(jnp.float32), np.float64).copy()
-    vc = np.asarray(pr["v_cache"].astype(jnp.float32), np.float64).copy()
-    pc = np.asarray(pr["pos_cache"]).copy()
-    b, h, d = q.shape
-    s, kvh = kc.shape[2], kc.shape[3]
-    g = h // kvh
-    pos = np.asarray(pr["positions"])
-    valid = np.asarray(pr["valid"])
-    for r in range(b):
-        if valid[r]:
-            kc[block, r, pos[r] % s] = kr[r]
-            vc[block, r, pos[r] % s] = _round(v[r], cd)
-            pc[block, r, pos[r] % s] = pos[r]
-    sk = np.asarray(sinks, np.float64) if sink_layer is None else np.asarray(sinks, np.float64)[sink_layer]
-    out = np.zeros((b, h, d))
-    for r in range(b):
-        kp = pc[block, r]
-        vis = (kp >= 0) & (kp <= pos[r])
-        if window is not None:
-            vis &= kp > pos[r] - window
-        for hh in range(h):
-            keys = _round(kc[block, r, :, hh // g], qd)
-            vals = _round(vc[block, r, :, hh // g], qd)
-            sc = keys @ qr[r, hh] * d ** -0.5
-            sc = np.where(vis, sc, -np.inf)
-            top = max(sc.max(), sk[hh])
-            e = np.exp(sc - top)
-            out[r, hh] = (e @ vals) / (e.sum() + np.exp(sk[hh] - top))
-    return out, kc, vc, pc
-
-
 def _check(pr, window, *, block=1, sink_layer=None, splits=None, block_k=None, seed=0):
     rng = np.random.default_rng(seed + 99)
     h = pr["q"].shape[1]
@@ -109,7 +60,9 @@ def _check(pr, window, *, block=1, sink_layer=None, splits=None, block_k=None, s
     chex.assert_shape(out, pr["q"].shape)
     chex.assert_type(out, pr["q"].dtype)
     chex.assert_trees_all_equal_shapes_and_dtypes((kc, vc, pc), (pr["k_cache"], pr["v_cache"], pr["pos_cache"]))
-    ref, rkc, rvc, rpc = _reference_f64(pr, sinks, window, block, sink_layer)
+    names = ("q", "k", "v", "cos", "sin", "positions", "valid", "k_cache", "v_cache", "pos_cache")
+    ref, rkc, rvc, rpc = decode_attention_update_f64(*(pr[n] for n in names), sinks, window, block, sink_layer,
+                                                     compute_dtype=pr["q"].dtype, cache_dtype=pr["k_cache"].dtype)
     got = np.asarray(out.astype(jnp.float32), np.float64)
     assert np.all(np.isfinite(got))
     tol = 2e-5 if pr["q"].dtype == jnp.float32 else 2e-2
