@@ -173,10 +173,11 @@ def routed_eligible(w, rows: int) -> bool:
 
 
 def routed_linear(x, w, expert_ids, rows=None, bias=None, *, swiglu: tuple[float, float] | None = None,
-                  layer=None, interpret: bool = False):
+                  layer=None, interpret: bool = False, combine_weights=None):
     """Row r = x[rows[r]] @ W[expert_ids[r]] (+ bias) with the row-wise int4 GPU kernel (compiled: call it when
     lowering for cuda, see gptoss_jax.moe_parallel.local_experts_forward; ``interpret`` for tests). Ids outside
-    [0, E) give zero rows."""
+    [0, E) give zero rows. combine_weights [T, k]: the tokens' weighted sums [T, N] float32 instead of the rows
+    (gptoss_jax.kernels.routed_matmul)."""
     epilogue = {} if swiglu is None else dict(epilogue="swiglu", swiglu_alpha=swiglu[0], swiglu_limit=swiglu[1])
     return routed_matmul(x, operand(w), expert_ids, rows=rows, bias=bias, out_dtype=x.dtype, layer=layer,
-                         implementation="gpu", interpret=interpret, **epilogue)
+                         implementation="gpu", interpret=interpret, combine_weights=combine_weights, **epilogue)

@@ -171,14 +171,15 @@ class Experts(nnx.Module):
         """Whether :meth:`routed` can run ``rows`` rows in auto mode on cuda (static; layers.routed_eligible)."""
         return layers.routed_eligible(self.gate_up, rows) and layers.routed_eligible(self.down, rows)
 
-    def routed(self, x, expert_ids, rows, layer=None, interpret=False):
+    def routed(self, x, expert_ids, rows, layer=None, interpret=False, combine_weights=None):
         """x [N, H] tokens, expert_ids int32 [R] (an id outside [0, E): zero row), rows int32 [R] or an int k (row r
         is token r // k) → [R, H]: the same MLPs without grouping the rows, straight from the router's ids (the
-        row-wise GPU kernel, decode sizes)."""
+        row-wise GPU kernel, decode sizes). combine_weights [N, k] (R = N·k): the tokens' weighted sums over
+        their k rows, [N, H] float32, the combine done by the down kernel."""
         h = layers.routed_linear(x, self.gate_up, expert_ids, rows, self.gate_up_bias[...],
                                  swiglu=(self.alpha, self.limit), layer=layer, interpret=interpret)
         return layers.routed_linear(h, self.down, expert_ids, None, self.down_bias[...], layer=layer,
-                                    interpret=interpret)
+                                    interpret=interpret, combine_weights=combine_weights)
 
 
 class MoE(nnx.Module):

@@ -147,8 +147,9 @@ def routed_experts_forward(experts_mod, x, expert_ids, weights, first=0, layer=N
     if not (isinstance(first, int) and first == 0):
         ids = ids - first  # other shards' experts fall outside [0, count): zero rows (the kernel checks the range)
     # rows = k: row r reads token r // k, computed in the kernel (no index arrays: no XLA kernels before the launch)
-    y = experts_mod.routed(x, ids, k, layer=layer, interpret=interpret)
-    return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights.reshape(n, k).astype(jnp.float32))
+    # the combine (router weights, sum over k) happens in the down kernel: its output is [n, h] float32 already
+    return experts_mod.routed(x, ids, k, layer=layer, interpret=interpret,
+                              combine_weights=weights.reshape(n, k).astype(jnp.float32))
 
 
 def dense_int4_forward(x, w, bias, par: MoEParallel, *, split_out: bool, layer=None):

@@ -202,7 +202,8 @@ def _splits(t: GemvTiling, rows: int, tiles_n: int, steps: int, interpret: bool)
 
 
 def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
-                     tiling=None, role=None, interpret=False, id_limit=None, id_offset=None, offset_scale=1):
+                     tiling=None, role=None, interpret=False, id_limit=None, id_offset=None, offset_scale=1,
+                     combine_weights=None):
     """Row ``r`` of each output = ``x[xrows[r]] @ W_i[wids[r]] + bias_i[wids[r]]`` (zeros where ``wids[r] < 0``).
 
     x [M, K] (any float dtype; products and sums in float32); weights: Int4Tensor s with leading weight axis
@@ -213,10 +214,19 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     (``id_offset`` an int32 scalar, e.g. the layer of experts stacked over layers) — computed in the kernel, so no
     XLA kernel prepares indices. biases: None or per weight None / ``[W, N_i]``. epilogue None or "swiglu" (one
     weight: output [R, N/2], gate = even, up = odd columns, gptoss_jax.kernels.swiglu). Returns a tuple of
-    [R, N_i] in out_dtype."""
+    [R, N_i] in out_dtype.
+
+    combine_weights (one weight, no epilogue): float32 [T, k] with R = T·k — the MoE combine in the kernel: each
+    program scales its partial sum by its row's weight (and split 0 adds the row's bias times it), so one XLA
+    reduction over (splits, k) gives the tokens' weighted sums: returns ([T, N] float32,) — no [R, N] rows, no
+    separate multiply / reduce kernels after the launch."""
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
     row_div = int(xrows) if isinstance(xrows, int) else None
+    combining = combine_weights is not None
+    has_cb = combining and biases[0] is not None
+    if combining and (len(weights) != 1 or epilogue is not None or combine_weights.size != wids.shape[0]):
+        raise ValueError("combine_weights: one weight, no epilogue, and one weight per row ([T, k], R = T·k)")
     m, k = x.shape
     r_rows = int(wids.shape[0])
     g = weights[0].group_size
@@ -252,6 +262,8 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
         for hz in has_z:
             wrefs.append((refs[pos], refs[pos + 1], refs[pos + 2] if hz else None))
             pos += 3 if hz else 2
+        if combining:
+            cw_ref, cb_ref = refs[pos], (refs[pos + 1] if has_cb else None)
         r, nt, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         wid = wid_ref[r]
         if id_limit is not None:
@@ -330,7 +342,14 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
                     return acc + (part - sx * zf) * (s * 16.0)[:, None, :]
 
                 acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((ng, gw, bn), f32))
-                pltriton.store(dst, jnp.sum(jnp.sum(acc, axis=0), axis=0), mask=cmask)
+                val = jnp.sum(jnp.sum(acc, axis=0), axis=0)
+                if combining:  # the MoE combine: this row's router weight (and its bias once, in split 0)
+                    cw = cw_ref[r]
+                    if cb_ref is not None:
+                        bias = _load(cb_ref.at[wid, pl.ds(n0, bn)], cmask).astype(f32)
+                        val = val + jnp.where(sp == 0, bias, 0.0)
+                    val = val * cw
+                pltriton.store(dst, val, mask=cmask)
 
         _common.for_weight_tile(nt, starts, tiles, compute)
 
@@ -357,6 +376,11 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
     off_arg = (np.zeros((1,), np.int32) if id_offset is None
                else jnp.reshape(jnp.asarray(id_offset, jnp.int32), (1,)))
     args = [wids.astype(jnp.int32), xrows_arg, off_arg, xp] + [a for arrs in wargs for a in arrs]
+    if combining:
+        cb = biases[0]
+        if cb is not None and interpret:
+            cb = jnp.pad(cb, ((0, 0), (0, _common.cdiv(ns[0], bn) * bn - ns[0])))
+        args += [combine_weights.astype(f32).reshape(-1)] + ([cb] if has_cb else [])
     kwargs = {}
     if not interpret:
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
@@ -368,6 +392,10 @@ def rowwise_int4_gpu(x, weights, wids, xrows, biases=None, *, out_dtype, epilogu
         name="int4_rowwise_gemv",
         **kwargs,
     )(*args)
+    if combining:  # one reduction over (splits, k): the tokens' weighted sums, biases included (by the kernel)
+        t_rows = combine_weights.shape[0]
+        y = out[:, :, :ns[0]].reshape(splits, t_rows, r_rows // t_rows, ns[0])
+        return (jnp.sum(y, axis=(0, 2)),)
     # One fusion per weight: sum the K splits, add each row's bias, epilogue, cast (zero rows stay zero).
     y = jnp.sum(out, axis=0) if splits > 1 else out[0]
     if id_limit is not None:  # the ids as the kernel resolved them (XLA fuses this into the epilogue)
@@ -392,12 +420,14 @@ def _flat(a, layer_count_axis: bool):
 
 
 def routed_int4_gpu(x, w, expert_ids, rows, bias=None, *, out_dtype, epilogue=None, alpha=None, limit=None,
-                    layer=None, tiling=None, interpret=False):
+                    layer=None, tiling=None, interpret=False, combine_weights=None):
     """Row r = x[rows[r]] @ w[expert_ids[r]] (+ bias): the MoE straight from the router's ids (module docstring).
 
     w: Int4Tensor [E, K, N] (or [L, E, K, N] with ``layer``, read in place); expert_ids int32 [R] (ids outside
     [0, E) give zero rows); rows int32 [R], or an int k (row r reads x[r // k], see rowwise_int4_gpu); bias None or
-    [E, N] ([L, E, N]). The ids go to the kernel as they are: range check and layer offset happen there."""
+    [E, N] ([L, E, N]). The ids go to the kernel as they are: range check and layer offset happen there.
+    combine_weights: None, or float32 [T, k] (R = T·k): returns the tokens' weighted sums [T, N] float32 instead
+    of the rows (rowwise_int4_gpu)."""
     stacked = layer is not None
     e = w.packed.shape[1 if stacked else 0]
     from .int4_layout import Int4Tensor  # noqa: PLC0415
@@ -406,7 +436,7 @@ def routed_int4_gpu(x, w, expert_ids, rows, bias=None, *, out_dtype, epilogue=No
     return rowwise_int4_gpu(x, [wf], expert_ids.astype(jnp.int32), rows, [_flat(bias, stacked)], out_dtype=out_dtype,
                             epilogue=epilogue, alpha=alpha, limit=limit, tiling=tiling,
                             role="gate_up" if epilogue == "swiglu" else "down", interpret=interpret, id_limit=e,
-                            id_offset=layer if stacked else None, offset_scale=e)[0]
+                            id_offset=layer if stacked else None, offset_scale=e, combine_weights=combine_weights)[0]
 
 
 def dense_rowwise_gpu(x, weights, biases, *, out_dtype, layer=None, tiling=None, interpret=False):

@@ -314,7 +314,7 @@ def _decode_kernel_or_base(x, name, reason, auto_ok: bool, kernel, base, interpr
 def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | None = None,
                   swiglu_alpha: float = SWIGLU_ALPHA, swiglu_limit: float = SWIGLU_LIMIT,
                   implementation: str | None = None, tiling: Any = None, out_dtype=None, interpret: Any = None,
-                  layer=None):
+                  layer=None, combine_weights=None):
     """MoE matmul straight from the router: row r = x[rows[r]] @ w[expert_ids[r]] (+ bias[expert_ids[r]]).
 
     Args:
@@ -332,8 +332,12 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
         at most ``_gpu_gemv.auto_limits()[0]`` rows — sorts the rows by expert and runs :func:`grouped_matmul` with
         that implementation, then un-sorts: the same result, more kernels.
 
+      combine_weights: None, or float [T, k] with R = T·k (no epilogue): the MoE combine — returns each token's
+        weighted sum over its k rows, ``sum_j combine_weights[t, j] · row(t·k + j)``, as float32 [T, N] (the GPU
+        kernel applies the weights to its partial sums: no [R, N] rows are written).
+
     Returns:
-      [R, N] (or [R, N/2] with swiglu) in out_dtype (default x.dtype).
+      [R, N] (or [R, N/2] with swiglu) in out_dtype (default x.dtype); with combine_weights [T, N] float32.
 
     Raises:
       ValueError: bad shapes or arguments; UnsupportedCallError: "gpu" cannot run the call.
@@ -362,13 +366,25 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
     _check_grouped_args(x, wv, jax.ShapeDtypeStruct((e,), jnp.int32), bv, epilogue)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     ids = ids.astype(jnp.int32)
+    if combine_weights is not None:
+        combine_weights = jnp.asarray(combine_weights, jnp.float32)
+        if epilogue is not None or combine_weights.ndim != 2 or combine_weights.size != r:
+            raise ValueError(f"routed_matmul: combine_weights must be [T, k] with T·k = {r} rows and no epilogue, "
+                             f"got {tuple(combine_weights.shape)} (epilogue {epilogue!r})")
     name = _chosen(implementation)
     swiglu = dict(epilogue=epilogue, alpha=swiglu_alpha, limit=swiglu_limit)
+
+    def combined(y):  # the combine on rows (paths without the kernel's)
+        if combine_weights is None:
+            return y
+        t_, k_ = combine_weights.shape
+        return jnp.sum(y.astype(jnp.float32).reshape(t_, k_, -1) * combine_weights[..., None], axis=1)
 
     def kernel(interp):
         def fn(x_):
             return _gpu_gemv.routed_int4_gpu(x_, w, ids, rows if row_div is None else row_div, bias,
                                              out_dtype=out_dtype, layer=layer, tiling=tiling,
+                                             combine_weights=combine_weights,
                                              interpret=interp, **swiglu)
         return fn
 
@@ -380,7 +396,7 @@ def routed_matmul(x, w, expert_ids, *, rows=None, bias=None, epilogue: str | Non
             sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
             y = grouped_matmul(x_[rows[order]], w, sizes, bias=bias, epilogue=epilogue, swiglu_alpha=swiglu_alpha,
                                swiglu_limit=swiglu_limit, implementation=impl, out_dtype=out_dtype, interpret=interpret, layer=layer)
-            return jnp.zeros_like(y).at[order].set(y)  # rows past the groups (dead ids) came out as zeros
+            return combined(jnp.zeros_like(y).at[order].set(y))  # rows past the groups (dead ids): zeros
         return fn
 
     int4 = isinstance(w, Int4Tensor)

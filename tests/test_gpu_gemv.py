@@ -275,3 +275,31 @@ def test_dequant_modes_large_x_every_code_match_float64(dtype, sym):
         ys[dequant] = np.asarray(y)
         assert max_rel_err(y, ref) <= 1e-6, (dequant, max_rel_err(y, ref))  # inf (fails) for NaN / inf
     assert np.array_equal(ys["mant"], ys["exact"]) and np.all(ys["mant"][2] == 0)
+
+
+@pytest.mark.parametrize("stacked,with_bias,rows_k", [(False, True, 2), (True, False, 2), (True, True, 3)])
+def test_routed_kernel_combine_weights_matches_float64(stacked, with_bias, rows_k):
+    """The MoE combine in the kernel (combine_weights): each token's weighted sum over its k rows, biases weighted
+    too, dead ids contributing nothing — against float64, and the sorted path agrees."""
+    rng = np.random.default_rng(7 + rows_k)
+    e, k, n, g, t = 4, 512, 96, 32, 3
+    layers_n = 2
+    w = _int4(rng, (layers_n, e) if stacked else (e,), k, n, g, False)
+    b = jnp.asarray(rng.standard_normal((layers_n, e, n) if stacked else (e, n)), jnp.float32) if with_bias else None
+    x = jnp.asarray(rng.standard_normal((t * rows_k, k)), jnp.float32)
+    ids = rng.integers(-1, e + 1, size=t * rows_k).astype(np.int32)  # -1 and E: dead rows
+    cw = rng.random((t, rows_k)).astype(np.float32)
+    layer = 1 if stacked else None
+    kw = dict(bias=b, layer=None if layer is None else jnp.int32(layer), combine_weights=jnp.asarray(cw))
+    y = routed_matmul(x, w, jnp.asarray(ids), implementation="gpu", interpret=True, **kw)
+    wf = dequantize_f64(w)[layer] if stacked else dequantize_f64(w)
+    bf = None if b is None else (_f64(b)[layer] if stacked else _f64(b))
+    rows = routed_matmul_f64(_f64(x), wf, ids, None, bf)
+    ref = np.sum(rows.reshape(t, rows_k, n) * cw[..., None], axis=1)
+    assert y.shape == (t, n) and y.dtype == jnp.float32
+    assert max_rel_err(y, ref) <= 1e-5
+    yx = routed_matmul(x, w, jnp.asarray(ids), implementation="xla", **kw)
+    assert max_rel_err(yx, ref) <= 1e-5
+    with pytest.raises(ValueError, match="combine_weights"):
+        routed_matmul(x, w, jnp.asarray(ids), implementation="gpu", interpret=True, epilogue="swiglu",
+                      layer=kw["layer"], combine_weights=jnp.asarray(cw))
